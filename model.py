@@ -1,0 +1,391 @@
+"""
+The one GPT skeleton, and the vanilla (causal softmax attention) token mixer.
+
+Every model in this repository is this GPT: token embedding (+ optional learned positions),
+N x Block(norm -> mixer -> residual, norm -> MLP -> residual), a final norm and an LM head
+tied to the token embedding. The four model files differ only in the *token mixer*:
+
+    model.py                 CausalSelfAttention   (softmax attention, static KV cache)
+    model_delta.py           DeltaNetMixer         (delta rule, fixed-size recurrent state)
+    model_delta_product.py   GatedDeltaProductMixer (n_h Householder steps per token + forget gate)
+    model_nsa.py             NSAMixer              (compressed + selected + sliding-window attention)
+
+A mixer module implements this interface (see CausalSelfAttention for the reference one):
+
+    __init__(config, layer_idx)
+    forward(x, state=None, pos=0) -> y
+        x, y: (B, T, C). With state=None: causal over the T positions (training, no cache).
+        With a state: x continues a sequence whose first `pos` tokens the state has already
+        absorbed; the mixer reads and updates the state in place (prefill when T > 1,
+        one decoding step when T == 1).
+    init_state(batch_size, max_len, device, dtype) -> dict[str, Tensor]
+        Preallocated decoding state for sequences of up to max_len tokens. Static shapes,
+        so decode steps can be captured by torch.compile / CUDA graphs.
+    flops_per_token(T) -> int
+        Forward FLOPs per token that the parameters don't account for (e.g. QK^T and AV),
+        at context length T; feeds estimate_mfu and the FLOPs axis of the bake-off.
+    post_init()  (optional)
+        Mixer-specific initialisation, run after the generic one (gates, decay rates...).
+
+Its output projection is named `c_proj` so it gets GPT-2's scaled residual init.
+Parameters flagged `p._no_weight_decay = True` are excluded from weight decay.
+"""
+
+import importlib
+import inspect
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+# model_type -> module that exposes GPTConfig and GPT for it. Imported lazily, so the CPU
+# path never imports fla / triton.
+MODEL_TYPES = {
+    'vanilla': 'model',
+    'delta': 'model_delta',
+    'delta_product': 'model_delta_product',
+    'nsa': 'model_nsa',
+}
+
+
+def get_model_module(model_type):
+    """The module (GPTConfig, GPT) for a model_type, with a clear error for unknown ones."""
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"unknown model_type {model_type!r}; valid choices: {', '.join(MODEL_TYPES)}")
+    return importlib.import_module(MODEL_TYPES[model_type])
+
+
+def build_model(model_type, **kwargs):
+    """GPT for `model_type`, built from GPTConfig(**kwargs); unknown keys raise and name the valid ones."""
+    mod = get_model_module(model_type)
+    valid = {f.name for f in fields(mod.GPTConfig)}
+    unknown = sorted(set(kwargs) - valid)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown} for model_type {model_type!r}; "
+                         f"valid keys: {', '.join(sorted(valid))}")
+    return mod.GPT(mod.GPTConfig(**{**kwargs, 'model_type': model_type}))
+
+
+def state_nbytes(state):
+    """Bytes held by a decoding state (a DecodeState, a dict of tensors, or a list of them)."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, DecodeState):
+        return state_nbytes(state.layers)
+    if isinstance(state, dict):
+        return sum(state_nbytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_nbytes(v) for v in state)
+    return 0
+
+
+def count_params(config, gpt_cls):
+    """Total trainable parameters of gpt_cls(config), built on the meta device (no memory, no init cost)."""
+    with torch.device('meta'):
+        return gpt_cls(config).get_num_params(non_embedding=False)
+
+
+def solve_d_ff(config, gpt_cls, multiple=8):
+    """The parameter-matching solver: the MLP width (a multiple of `multiple`) that brings this model's
+    *total* trainable parameters (embeddings included, tied head counted once) closest to the vanilla
+    GPT with the same n_layer, n_embd, vocab_size, block_size and bias. The mixer keeps the widths its
+    config gives it; only the MLP absorbs the difference, since params are linear in d_ff."""
+    from dataclasses import replace
+    target = count_params(GPTConfig(n_layer=config.n_layer, n_embd=config.n_embd, vocab_size=config.vocab_size,
+                                    block_size=config.block_size, bias=config.bias, n_head=1), GPT)
+    base_ff = 4 * config.n_embd
+    here = count_params(replace(config, d_ff=base_ff), gpt_cls)
+    per_unit = config.n_layer * (2 * config.n_embd + (1 if config.bias else 0))  # params per unit of d_ff
+    d_ff = base_ff + (target - here) / per_unit
+    return max(multiple, int(round(d_ff / multiple)) * multiple)
+
+
+class DecodeState:
+    """Per-layer mixer states plus the number of tokens absorbed so far (`pos`)."""
+
+    def __init__(self, layers, max_len):
+        self.layers = layers      # list (one per layer) of dict[str, Tensor]
+        self.max_len = max_len    # capacity in tokens (KV caches); recurrent states ignore it
+        self.pos = 0
+
+    def reset(self):
+        """Forget everything: zero every buffer (recurrent states must restart from 0)."""
+        for layer in self.layers:
+            for t in layer.values():
+                t.zero_()
+        self.pos = 0
+
+    def nbytes(self):
+        return state_nbytes(self.layers)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal softmax attention through SDPA, with a preallocated static KV cache."""
+
+    def __init__(self, config, layer_idx=0):
+        super().__init__()
+        if config.n_embd % config.n_head != 0:
+            raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
+        self.n_head = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
+
+    def forward(self, x, state=None, pos=0):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        dropout_p = self.dropout if self.training else 0.0
+        if state is None or pos == 0:
+            # training, or a prefill from an empty cache: plain causal attention over x alone
+            if state is not None:
+                state['k'][:, :, :T] = k
+                state['v'][:, :, :T] = v
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            kc, vc = state['k'], state['v']  # (B, nh, max_len, hs)
+            end = pos + T
+            if end > kc.size(2):
+                raise RuntimeError(f"KV cache overflow: {end} tokens > capacity {kc.size(2)}")
+            kc[:, :, pos:end] = k
+            vc[:, :, pos:end] = v
+            # query i (absolute position pos+i) sees keys 0..pos+i
+            mask = torch.arange(end, device=x.device)[None, :] <= (pos + torch.arange(T, device=x.device))[:, None]
+            y = F.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end], attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+    def init_state(self, batch_size, max_len, device, dtype):
+        shape = (batch_size, self.n_head, max_len, self.head_dim)
+        return {'k': torch.zeros(shape, device=device, dtype=dtype),
+                'v': torch.zeros(shape, device=device, dtype=dtype)}
+
+    def flops_per_token(self, T):
+        # QK^T and AV, counted over the full T x T square like nanoGPT/PaLM (not halved for causality)
+        return 2 * 2 * self.n_head * self.head_dim * T
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        d_ff = config.d_ff or 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, d_ff, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(d_ff, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block around any token mixer."""
+
+    def __init__(self, config, mixer_cls, layer_idx):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mixer = mixer_cls(config, layer_idx)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, state=None, pos=0):
+        x = x + self.mixer(self.ln_1(x), state, pos)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+@dataclass
+class GPTConfig:
+    model_type: str = 'vanilla'
+    block_size: int = 256     # training context length (and the learned position table's size)
+    vocab_size: int = 65      # shakespeare_char
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    d_ff: int = 0             # MLP hidden width; 0 -> 4 * n_embd; -1 -> solved to match vanilla's parameters (solve_d_ff)
+    dropout: float = 0.0
+    bias: bool = False        # bias in Linears and LayerNorms (nanoGPT's shakespeare_char uses False)
+    pos_emb: str = 'learned'  # 'learned' (absolute, GPT-2) or 'none' (the mixer encodes position itself)
+
+
+# a tiny configuration of this model, for tests and smoke runs (each model file has one)
+TINY = dict(n_layer=2, n_head=4, n_embd=64, block_size=64)
+
+
+class GPT(nn.Module):
+    mixer_cls = CausalSelfAttention   # the only thing a model file overrides
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.vocab_size is not None and config.block_size is not None
+        if config.pos_emb not in ('learned', 'none'):
+            raise ValueError(f"pos_emb must be 'learned' or 'none', got {config.pos_emb!r}")
+        if config.d_ff < 0:
+            config.d_ff = solve_d_ff(config, type(self))
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == 'learned' else None,
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, self.mixer_cls, i) for i in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+
+        self.apply(self._init_weights)
+        # GPT-2: scaled init of the projections that write into the residual stream
+        for pn, p in self.named_parameters():
+            if pn.endswith('c_proj.weight'):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        for block in self.transformer.h:
+            if hasattr(block.mixer, 'post_init'):
+                block.mixer.post_init()
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    # ----------------------------------------------------------------------------- sizes
+    def get_num_params(self, non_embedding=True):
+        """Trainable parameters. Like nanoGPT, non_embedding=True leaves out the learned position
+        table; the token embedding stays, since it is also the (tied) LM head."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.transformer.wpe is not None:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    @property
+    def max_context(self):
+        """Longest context the model can attend to: block_size with a learned position table,
+        else None (unbounded: recurrent state, or positions encoded inside the mixer)."""
+        return self.config.block_size if self.config.pos_emb == 'learned' else None
+
+    def flops_per_token(self, T=None):
+        """Training FLOPs (fwd+bwd) per token at context T: 6N plus 3x the mixers' extra forward FLOPs."""
+        T = T or self.config.block_size
+        mix = sum(block.mixer.flops_per_token(T) for block in self.transformer.h)
+        return 6 * self.get_num_params() + 3 * mix
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops, T=None):
+        """Model FLOPs utilisation: achieved FLOP/s over `peak_flops` (the device's measured bf16 peak)."""
+        T = T or self.config.block_size
+        return self.flops_per_token(T) * T * fwdbwd_per_iter / dt / peak_flops
+
+    # ----------------------------------------------------------------------------- forward
+    def forward(self, idx, targets=None, state=None, last_only=False):
+        """idx (B, T) -> (logits, loss). logits are (B, T, V), or (B, 1, V) with last_only.
+        With a DecodeState, idx continues the sequence the state holds, and the state advances."""
+        B, T = idx.size()
+        pos = state.pos if state is not None else 0
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.transformer.wpe is not None:
+            if pos + T > self.config.block_size:
+                raise ValueError(f"sequence of {pos + T} tokens exceeds block_size {self.config.block_size} "
+                                 f"(learned positions); crop it, as generate() does")
+            x = x + self.transformer.wpe(torch.arange(pos, pos + T, dtype=torch.long, device=idx.device))
+        x = self.transformer.drop(x)
+        layer_states = state.layers if state is not None else [None] * len(self.transformer.h)
+        for block, s in zip(self.transformer.h, layer_states):
+            x = block(x, s, pos)
+        if state is not None:
+            state.pos += T
+        if last_only:
+            x = x[:, [-1], :]
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    # ----------------------------------------------------------------------------- decoding
+    def init_state(self, batch_size, max_len, device=None, dtype=None):
+        """A fresh DecodeState for sequences of up to max_len tokens. dtype is the activations'
+        dtype (KV caches use it; recurrent states keep fp32 inside the mixer)."""
+        p = next(self.parameters())
+        device = device if device is not None else p.device
+        dtype = dtype if dtype is not None else p.dtype
+        layers = [blk.mixer.init_state(batch_size, max_len, device, dtype) for blk in self.transformer.h]
+        return DecodeState(layers, max_len)
+
+    def decode_state_bytes(self, batch_size, context_len, dtype=torch.bfloat16):
+        """Bytes the decoding state takes at this context (built on the meta device: nothing allocated)."""
+        return self.init_state(batch_size, context_len, device='meta', dtype=dtype).nbytes()
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
+        """Sample max_new_tokens tokens after idx (B, T). temperature=0 is greedy.
+
+        Long prompts: a model with learned positions (max_context = block_size) conditions on the
+        last block_size tokens only, nanoGPT's sliding window. With the cache, once the window is
+        full every new token slides it and re-prefills it (the position table has no slot past
+        block_size), so cached and uncached decoding compute the same function. Models without
+        learned positions condition on the whole sequence, with a state sized for it.
+        """
+        ctx = self.max_context
+        crop = (lambda s: s) if ctx is None else (lambda s: s[:, -ctx:])
+        if not use_cache:
+            for _ in range(max_new_tokens):
+                logits, _ = self(crop(idx), last_only=True)
+                idx = torch.cat((idx, self._sample(logits[:, -1, :], temperature, top_k)), dim=1)
+            return idx
+        total = idx.size(1) + max_new_tokens
+        dtype = torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type) else None
+        state = self.init_state(idx.size(0), total if ctx is None else min(total, ctx), dtype=dtype)
+        logits, _ = self(crop(idx), state=state, last_only=True)  # prefill
+        for i in range(max_new_tokens):
+            nxt = self._sample(logits[:, -1, :], temperature, top_k)
+            idx = torch.cat((idx, nxt), dim=1)
+            if i == max_new_tokens - 1:
+                break
+            if ctx is not None and state.pos >= ctx:  # window full: slide it and re-prefill
+                state.reset()
+                logits, _ = self(crop(idx), state=state, last_only=True)
+            else:
+                logits, _ = self(nxt, state=state, last_only=True)
+        return idx
+
+    @staticmethod
+    def _sample(logits, temperature, top_k):
+        if temperature == 0:
+            return logits.argmax(dim=-1, keepdim=True)
+        logits = logits.float() / temperature
+        if top_k is not None:
+            v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+            logits[logits < v[:, [-1]]] = -float('Inf')
+        return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+
+    # ----------------------------------------------------------------------------- training
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW; weight decay on matrices (>= 2D) except parameters flagged _no_weight_decay.
+        Fused kernel on CUDA."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2 and not getattr(p, '_no_weight_decay', False)]
+        no_decay = [p for p in params if not (p.dim() >= 2 and not getattr(p, '_no_weight_decay', False))]
+        groups = [{'params': decay, 'weight_decay': weight_decay},
+                  {'params': no_decay, 'weight_decay': 0.0}]
+        use_fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({'fused': True} if use_fused else {}))

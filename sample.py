@@ -1,0 +1,107 @@
+"""
+Sample from a trained model of any model_type (nanoGPT's sample.py options).
+
+    python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3 --max_new_tokens=500
+    python sample.py --out_dir=out-delta --start=FILE:prompt.txt --temperature=0.8 --top_k=200
+
+Decodes incrementally with the model's cache/state (--use_cache=False recomputes the whole context per token).
+"""
+
+import os
+import pickle
+import sys
+from contextlib import nullcontext
+
+import torch
+
+import model as model_lib
+from train_runner import ConfigError, _parse_value, pick_device
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+DEFAULTS = dict(
+    out_dir='out-shakespeare-char',
+    ckpt='best',             # 'best' (ckpt_best.pt) or 'last' (ckpt_last.pt)
+    start='\n',              # or "FILE:prompt.txt"
+    num_samples=3,
+    max_new_tokens=500,
+    temperature=0.8,         # 0 -> greedy
+    top_k=200,
+    seed=1337,
+    device='auto',
+    dtype='auto',
+    use_cache=True,
+    compile=False,
+)
+
+
+def parse_args(argv):
+    cfg = dict(DEFAULTS)
+    for arg in argv:
+        if not arg.startswith('--') or '=' not in arg:
+            raise ConfigError(f"expected --key=value, got {arg!r}; valid keys: {', '.join(DEFAULTS)}")
+        k, v = arg[2:].split('=', 1)
+        if k not in DEFAULTS:
+            raise ConfigError(f"unknown option --{k}; valid keys: {', '.join(DEFAULTS)}")
+        cfg[k] = v if k in ('start', 'out_dir') else _parse_value(v)
+    return cfg
+
+
+def load_model(out_dir, which='best', device='cpu'):
+    """(model, checkpoint dict) from out_dir/ckpt_{which}.pt, whatever its model_type."""
+    path = os.path.join(out_dir, f'ckpt_{which}.pt')
+    if not os.path.exists(path):
+        have = sorted(f for f in os.listdir(out_dir) if f.endswith('.pt')) if os.path.isdir(out_dir) else []
+        raise FileNotFoundError(f"no checkpoint {path}; found: {have or 'nothing'} (train first, or pass --ckpt=last)")
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    mcfg = ckpt['model_config']
+    mod = model_lib.get_model_module(mcfg['model_type'])
+    model = mod.GPT(mod.GPTConfig(**mcfg))
+    model.load_state_dict(ckpt['model'])
+    return model.to(device).eval(), ckpt
+
+
+def main(argv):
+    cfg = parse_args(argv)
+    device = pick_device(cfg['device'])
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    dtype = cfg['dtype'] if cfg['dtype'] != 'auto' else ('bfloat16' if device_type == 'cuda' else 'float32')
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=ptdtype)
+    torch.manual_seed(cfg['seed'])
+    torch.cuda.manual_seed(cfg['seed']) if device_type == 'cuda' else None
+
+    model, ckpt = load_model(cfg['out_dir'], cfg['ckpt'], device)
+    if cfg['compile']:
+        model = torch.compile(model)
+    dataset = ckpt['config'].get('dataset', 'shakespeare_char')
+    meta_path = os.path.join(HERE, 'data', dataset, 'meta.pkl')
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"{meta_path} missing: run data/{dataset}/prepare.py")
+    with open(meta_path, 'rb') as f:
+        meta = pickle.load(f)
+    stoi, itos = meta['stoi'], meta['itos']
+
+    start = cfg['start']
+    if start.startswith('FILE:'):
+        with open(start[5:], 'r', encoding='utf-8') as f:
+            start = f.read()
+    unknown = sorted(set(start) - set(stoi))
+    if unknown:
+        raise ConfigError(f"prompt has characters outside the vocabulary: {unknown!r}")
+    x = torch.tensor([stoi[c] for c in start], dtype=torch.long, device=device)[None, ...]
+    print(f"{ckpt['model_config']['model_type']} from {cfg['out_dir']} (iter {ckpt['iter_num']}, "
+          f"val loss {ckpt.get('val_loss', float('nan')):.4f}), cache={'on' if cfg['use_cache'] else 'off'}")
+    with torch.no_grad(), ctx:
+        for _ in range(cfg['num_samples']):
+            y = model.generate(x, cfg['max_new_tokens'], temperature=cfg['temperature'], top_k=cfg['top_k'],
+                               use_cache=cfg['use_cache'])
+            print(''.join(itos[int(i)] for i in y[0].tolist()))
+            print('---------------')
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

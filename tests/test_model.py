@@ -1,0 +1,121 @@
+"""Properties every model must have, whatever its mixer: the decoding cache computes the same function
+as the full forward, batch rows don't interact, the future doesn't leak, and parameters are matched."""
+import pytest
+import torch
+
+import model as model_lib
+
+MODEL_TYPES = list(model_lib.MODEL_TYPES)
+VANILLA_PARAMS = 10_745_088
+
+
+def tiny(model_type, **kw):
+    """A tiny model in float64: greedy decoding of a random-init model compares near-tied logits, and
+    float64 keeps rounding differences between equivalent code paths far below any real gap."""
+    mod = model_lib.get_model_module(model_type)
+    torch.manual_seed(0)
+    m = model_lib.build_model(model_type, **{**mod.TINY, **kw})
+    return m.double().eval()
+
+
+@pytest.mark.parametrize('model_type', MODEL_TYPES)
+def test_parameter_matching(model_type):
+    n = model_lib.build_model(model_type).get_num_params(non_embedding=False)
+    if model_type == 'vanilla':
+        assert n == VANILLA_PARAMS  # nanoGPT's shakespeare_char model, 10.745M with learned positions
+    assert abs(n - VANILLA_PARAMS) / VANILLA_PARAMS < 0.03, f"{model_type}: {n:,} params"
+
+
+@pytest.mark.parametrize('model_type', MODEL_TYPES)
+def test_batch_rows_are_independent(model_type):
+    m = tiny(model_type)
+    T = m.config.block_size
+    idx = torch.randint(0, 65, (3, T))
+    logits, _ = m(idx)
+    idx2 = idx.clone()
+    idx2[1] = torch.randint(0, 65, (T,))  # change row 1 only
+    logits2, _ = m(idx2)
+    torch.testing.assert_close(logits2[0], logits[0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(logits2[2], logits[2], rtol=0, atol=1e-10)
+    assert not torch.allclose(logits2[1], logits[1])
+
+
+@pytest.mark.parametrize('model_type', MODEL_TYPES)
+def test_future_tokens_dont_change_past_logits(model_type):
+    m = tiny(model_type)
+    T = m.config.block_size
+    idx = torch.randint(0, 65, (2, T))
+    logits, _ = m(idx)
+    for t in (0, T // 2 - 1, T - 2):
+        idx2 = idx.clone()
+        idx2[:, t + 1:] = torch.randint(0, 65, (2, T - t - 1))
+        logits2, _ = m(idx2)
+        torch.testing.assert_close(logits2[:, :t + 1], logits[:, :t + 1], rtol=0, atol=1e-10)
+        assert not torch.allclose(logits2[:, t + 1:], logits[:, t + 1:])
+
+
+@pytest.mark.parametrize('model_type', MODEL_TYPES)
+def test_prefill_then_steps_equals_full_forward(model_type):
+    m = tiny(model_type)
+    T = m.config.block_size
+    idx = torch.randint(0, 65, (2, T))
+    full, _ = m(idx)
+    for split in (1, 17, T - 1):
+        state = m.init_state(2, T)
+        parts = [m(idx[:, :split], state=state)[0]]
+        for t in range(split, T):
+            parts.append(m(idx[:, t:t + 1], state=state)[0])
+        assert state.pos == T
+        torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize('model_type', MODEL_TYPES)
+@pytest.mark.parametrize('where', ['one', 'near_block', 'beyond_block'])
+def test_cached_generate_equals_uncached(model_type, where):
+    m = tiny(model_type)
+    bs = m.config.block_size
+    plen = {'one': 1, 'near_block': bs - 3, 'beyond_block': bs + 9}[where]
+    torch.manual_seed(1)
+    prompt = torch.randint(0, 65, (2, plen))
+    a = m.generate(prompt, 12, temperature=0, use_cache=True)
+    b = m.generate(prompt, 12, temperature=0, use_cache=False)
+    assert a.shape == (2, plen + 12)
+    assert torch.equal(a, b)
+
+
+def test_vanilla_cache_is_a_real_cache():
+    """The cache must be used: a decode step reads keys from it, so corrupting it changes the output."""
+    m = tiny('vanilla')
+    idx = torch.randint(0, 65, (1, 20))
+    state = m.init_state(1, 32)
+    m(idx, state=state)
+    ok, _ = m(idx[:, -1:], state=state)
+    state.pos -= 1
+    for layer in state.layers:
+        layer['k'][:, :, :5] += 1.0
+    bad, _ = m(idx[:, -1:], state=state)
+    assert not torch.allclose(ok, bad)
+
+
+@pytest.mark.parametrize('model_type', MODEL_TYPES)
+def test_decode_state_bytes(model_type):
+    m = tiny(model_type)
+    b1, b2 = m.decode_state_bytes(1, 1024), m.decode_state_bytes(1, 4096)
+    assert b1 > 0
+    if model_type in ('delta', 'delta_product'):
+        assert b1 == b2  # a fixed-size recurrent state
+    else:
+        assert b2 > b1  # a cache that grows with the context
+    if model_type == 'vanilla':  # K and V, every layer, bf16
+        c = m.config
+        assert b1 == 2 * c.n_layer * c.n_embd * 1024 * 2
+
+
+def test_unknown_model_type_names_choices():
+    with pytest.raises(ValueError, match='valid choices: vanilla, delta, delta_product, nsa'):
+        model_lib.get_model_module('mamba')
+
+
+def test_unknown_config_key_names_valid_keys():
+    with pytest.raises(ValueError, match='valid keys'):
+        model_lib.build_model('vanilla', n_layers=3)

@@ -1,0 +1,108 @@
+"""train_runner: learning, exact resume, checkpoint safety, NaN handling, config validation."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train_runner
+from conftest import ROOT
+
+TINY_RUN = dict(n_layer=2, n_head=4, n_embd=64, block_size=64, batch_size=32, dropout=0.0, device='cpu',
+                eval_iters=4, eval_batch_size=64, log_interval=25, compile=False)
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_tiny_model_learns_under_a_minute(prepared, tmp_path):
+    t0 = time.time()
+    s = train_runner.train(None, {**TINY_RUN, 'out_dir': str(tmp_path), 'max_iters': 400, 'eval_interval': 100,
+                                  'learning_rate': 3e-3, 'warmup_iters': 20})
+    assert time.time() - t0 < 60
+    assert s['best_val_loss'] < 2.3  # a uniform guess is ln(65) = 4.17, a bigram model ~2.5
+    for f in ('config.json', 'metrics.jsonl', 'summary.json', 'ckpt_best.pt', 'ckpt_last.pt'):
+        assert os.path.exists(tmp_path / f), f
+    rec = json.load(open(tmp_path / 'config.json'))
+    assert rec['n_params'] == s['n_params'] and rec['config']['model_type'] == 'vanilla'
+    assert {'git_commit', 'device', 'versions'} <= set(rec) and 'torch' in rec['versions']
+    evals = [r for r in read_metrics(tmp_path) if r['kind'] == 'eval']
+    assert [r['iter'] for r in evals] == [0, 100, 200, 300, 400]
+    # the best checkpoint holds the best val loss, never a later worse one
+    best = torch.load(tmp_path / 'ckpt_best.pt', weights_only=False)
+    assert best['val_loss'] == min(r['val_loss'] for r in evals) == s['best_val_loss']
+
+
+def test_resume_is_exact(prepared, tmp_path):
+    """k iterations, stop, resume to k+m == k+m uninterrupted: identical parameters (data RNG and dropout RNG
+    are restored too, so dropout is on here)."""
+    common = {**TINY_RUN, 'dropout': 0.1, 'eval_interval': 10, 'lr_decay_iters': 30, 'seed': 7}
+    full = tmp_path / 'full'
+    train_runner.train(None, {**common, 'out_dir': str(full), 'max_iters': 30})
+    part = tmp_path / 'part'
+    train_runner.train(None, {**common, 'out_dir': str(part), 'max_iters': 20})
+    s = train_runner.train(None, {**common, 'out_dir': str(part), 'max_iters': 30, 'init_from': 'resume'})
+    assert s['iters'] == 30
+    a = torch.load(full / 'ckpt_last.pt', weights_only=False)
+    b = torch.load(part / 'ckpt_last.pt', weights_only=False)
+    assert a['iter_num'] == b['iter_num'] == 30
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k
+    assert [r['iter'] for r in read_metrics(part) if r['kind'] == 'eval'] == [0, 10, 20, 30]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(prepared, tmp_path, monkeypatch):
+    import model as model_lib
+    orig = model_lib.GPT.forward
+    calls = {'n': 0}
+
+    def poisoned(self, idx, targets=None, **kw):
+        logits, loss = orig(self, idx, targets, **kw)
+        if self.training:
+            calls['n'] += 1
+            if calls['n'] > 25:  # after the checkpoint at iteration 20
+                loss = loss * float('nan')
+        return logits, loss
+    monkeypatch.setattr(model_lib.GPT, 'forward', poisoned)
+    with pytest.raises(train_runner.NonFiniteLoss, match='last good checkpoint'):
+        train_runner.train(None, {**TINY_RUN, 'out_dir': str(tmp_path), 'max_iters': 100, 'eval_interval': 20,
+                                  'log_interval': 5})
+    ck = torch.load(tmp_path / 'ckpt_last.pt', weights_only=False)
+    assert ck['iter_num'] == 20
+    assert all(torch.isfinite(v).all() for v in ck['model'].values() if v.is_floating_point())
+
+
+def test_unknown_key_and_model_type_fail_clearly():
+    with pytest.raises(ValueError, match="unknown key.*'n_layers'.*valid keys"):
+        train_runner.resolve_config(None, {'n_layers': 4})
+    with pytest.raises(ValueError, match='valid choices: vanilla, delta, delta_product, nsa'):
+        train_runner.resolve_config(None, {'model_type': 'rwkv'})
+    with pytest.raises(ValueError, match='config file .* not found'):
+        train_runner.resolve_config('config/nope.py')
+
+
+def test_model_keys_follow_model_type():
+    cfg = train_runner.resolve_config(os.path.join(ROOT, 'config', 'train_shakespeare_char.py'), {'max_iters': 7})
+    assert cfg['max_iters'] == 7 and cfg['model_type'] == 'vanilla' and cfg['n_embd'] == 384
+    with pytest.raises(ValueError, match='unknown key'):  # a DeltaNet key is not a vanilla key
+        train_runner.resolve_config(None, {'conv_size': 4})
+
+
+def test_cli_overrides_parse():
+    f, o = train_runner.parse_cli(['config/x.py', '--max_iters=2', '--wandb_log=False', '--model_type=delta',
+                                   '--learning_rate=3e-3'])
+    assert f == 'config/x.py' and o == {'max_iters': 2, 'wandb_log': False, 'model_type': 'delta',
+                                         'learning_rate': 3e-3}
+    with pytest.raises(ValueError):
+        train_runner.parse_cli(['--max_iters'])
+
+
+def test_cli_error_exits_nonzero_with_message():
+    r = subprocess.run([sys.executable, 'train_runner.py', 'config/train_shakespeare_char.py', '--bogus=1'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and 'unknown key' in r.stderr and 'valid keys' in r.stderr

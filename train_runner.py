@@ -1,0 +1,663 @@
+"""
+Train one model, or reproduce the whole comparison.
+
+    python train_runner.py                                   # the full reproduction: sweep + benchmarks + report
+    python train_runner.py --max_iters=2 --wandb_log=False   # smoke test of that whole pipeline
+    python train_runner.py config/train_shakespeare_char_delta.py --learning_rate=3e-3   # one run
+    torchrun --standalone --nproc_per_node=2 train_runner.py config/train_shakespeare_char.py   # one run, DDP
+
+From Python / a notebook:
+
+    from train_runner import train
+    summary = train('config/train_shakespeare_char_nsa.py', {'max_iters': 500})
+
+Configuration is nanoGPT's: plain Python files of assignments plus --key=value overrides (or a dict).
+Keys are DEFAULTS below plus the fields of the chosen model_type's GPTConfig; anything else is an error
+that names the valid keys. Each run writes, into out_dir: config.json (resolved config, git commit,
+library versions, device, parameter count), metrics.jsonl (one JSON object per log/eval line),
+summary.json (what train() returns), ckpt_best.pt (best val loss so far) and ckpt_last.pt (for resume).
+"""
+
+import ast
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+
+import model as model_lib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# ----------------------------------------------------------------------------------------------
+# training keys (model keys come from the model_type's GPTConfig). Defaults: nanoGPT's shakespeare_char.
+DEFAULTS = dict(
+    # I/O
+    out_dir='out-shakespeare-char',
+    eval_interval=250,
+    log_interval=10,
+    eval_iters=10,           # fixed evaluation set: eval_iters batches of eval_batch_size windows per split
+    eval_batch_size=256,     # few large batches under no_grad: evaluation must not dominate wall time
+    eval_only=False,
+    init_from='scratch',     # 'scratch' or 'resume' (from out_dir/ckpt_last.pt)
+    preset='single',         # a label recorded in every result file (the sweep sets 'full' / 'cpu')
+    # logging: local files always; wandb optional and off by default
+    wandb_log=False,
+    wandb_project='attention-bakeoff',
+    wandb_run_name='',
+    # data
+    dataset='shakespeare_char',
+    gradient_accumulation_steps=1,
+    batch_size=64,
+    # model
+    model_type='vanilla',
+    # optimizer: AdamW
+    learning_rate=1e-3,
+    max_iters=5000,
+    weight_decay=1e-1,
+    beta1=0.9,
+    beta2=0.99,
+    grad_clip=1.0,           # 0 disables
+    # learning-rate schedule: linear warmup, cosine decay to min_lr
+    decay_lr=True,
+    warmup_iters=100,
+    lr_decay_iters=0,        # 0 -> max_iters
+    min_lr=0.0,              # 0 -> learning_rate / 10
+    # system
+    device='auto',           # 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...
+    dtype='auto',            # 'auto' (bfloat16 autocast on CUDA, float32 on CPU), 'bfloat16', 'float16', 'float32'
+    compile='auto',          # 'auto' (on for CUDA), True, False
+    seed=1337,
+    peak_flops=0.0,          # device bf16 peak for MFU; 0 -> known/measured for the device
+)
+# the model defaults that nanoGPT's shakespeare_char run uses and differ from GPTConfig's
+TRAIN_MODEL_DEFAULTS = dict(dropout=0.2)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _parse_value(s):
+    try:
+        return ast.literal_eval(s)
+    except (ValueError, SyntaxError):
+        return s  # a bare string such as --model_type=delta
+
+
+def parse_cli(argv):
+    """argv -> (config_file or None, overrides dict) from `[config.py] [--key=value ...]`."""
+    config_file, overrides = None, {}
+    for arg in argv:
+        if arg.startswith('--'):
+            if '=' not in arg:
+                raise ConfigError(f"expected --key=value, got {arg!r}")
+            k, v = arg[2:].split('=', 1)
+            overrides[k] = _parse_value(v)
+        elif config_file is None:
+            config_file = arg
+        else:
+            raise ConfigError(f"only one config file may be given, got {config_file!r} and {arg!r}")
+    return config_file, overrides
+
+
+def read_config_file(path):
+    """A config file is plain Python; its top-level assignments are the keys."""
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path!r} not found; configs shipped: "
+                          f"{', '.join(sorted(os.listdir(os.path.join(HERE, 'config'))))}")
+    scope = {}
+    with open(path) as f:
+        exec(compile(f.read(), path, 'exec'), {}, scope)
+    return {k: v for k, v in scope.items() if not k.startswith('_') and not callable(v)
+            and not isinstance(v, type(os))}
+
+
+def model_keys(model_type):
+    return {f.name: f.default for f in fields(model_lib.get_model_module(model_type).GPTConfig)}
+
+
+def resolve_config(config_file=None, overrides=None):
+    """DEFAULTS <- model defaults <- config file <- overrides, with every key checked."""
+    file_cfg = read_config_file(config_file) if config_file else {}
+    overrides = dict(overrides or {})
+    model_type = overrides.get('model_type', file_cfg.get('model_type', DEFAULTS['model_type']))
+    mkeys = model_keys(model_type)  # raises for an unknown model_type, naming the valid ones
+    cfg = {**DEFAULTS, **mkeys, **TRAIN_MODEL_DEFAULTS}
+    for source, d in (('config file ' + str(config_file), file_cfg), ('overrides', overrides)):
+        unknown = sorted(set(d) - set(cfg))
+        if unknown:
+            raise ConfigError(f"unknown key(s) {unknown} in {source} for model_type {model_type!r}; "
+                              f"valid keys: {', '.join(sorted(cfg))}")
+        cfg.update(d)
+    cfg['model_type'] = model_type
+    if cfg['init_from'] not in ('scratch', 'resume'):
+        raise ConfigError(f"init_from must be 'scratch' or 'resume', got {cfg['init_from']!r}")
+    if cfg['dtype'] not in ('auto', 'bfloat16', 'float16', 'float32'):
+        raise ConfigError(f"dtype must be one of auto, bfloat16, float16, float32; got {cfg['dtype']!r}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# environment facts recorded with every result
+
+def pick_device(device='auto'):
+    return ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+
+
+def device_name(device):
+    if str(device).startswith('cuda'):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def git_commit():
+    try:
+        sha = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=HERE, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=HERE,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha + ('-dirty' if dirty else '')) if sha else 'unknown'
+    except (OSError, subprocess.SubprocessError):
+        return 'unknown'
+
+
+def library_versions():
+    from importlib.metadata import PackageNotFoundError, version
+    out = {'python': platform.python_version(), 'torch': torch.__version__, 'numpy': np.__version__}
+    for name, dist in (('triton', 'triton'), ('fla', 'fla-core'), ('flash_attn', 'flash-attn'), ('tilelang', 'tilelang')):
+        try:
+            out[name] = version(dist)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def run_metadata(device=None):
+    device = pick_device(device or 'auto')
+    return {'command': ' '.join([os.path.basename(sys.executable)] + sys.argv), 'git_commit': git_commit(),
+            'device': device_name(device), 'versions': library_versions()}
+
+
+# measured peaks (dense bf16 matmul, 8192^3, random data): H200 of this project's GPU machine, 788 TFLOP/s
+KNOWN_PEAK_FLOPS = {'H200': 788e12, 'H100': 788e12}
+_peak_cache = {}
+
+
+def peak_flops(device):
+    """bf16 matmul peak of `device` in FLOP/s (known table, else measured once); None on CPU."""
+    if not str(device).startswith('cuda'):
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    for key, val in KNOWN_PEAK_FLOPS.items():
+        if key in name:
+            return val
+    if name not in _peak_cache:
+        a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+        b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+        for _ in range(3):
+            a @ b
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        torch.cuda.synchronize(device)
+        _peak_cache[name] = 10 * 2 * 8192 ** 3 / (time.perf_counter() - t0)
+    return _peak_cache[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+def load_dataset(dataset, device):
+    """Both splits as int64 tensors on `device` (tiny-shakespeare is 1M tokens: 8 MB), prepared if missing."""
+    data_dir = os.path.join(HERE, 'data', dataset)
+    paths = [os.path.join(data_dir, f) for f in ('train.bin', 'val.bin', 'meta.pkl')]
+    if not all(os.path.exists(p) for p in paths):
+        prep = os.path.join(data_dir, 'prepare.py')
+        if not os.path.exists(prep):
+            have = sorted(d for d in os.listdir(os.path.join(HERE, 'data')) if not d.startswith('_'))
+            raise FileNotFoundError(f"dataset {dataset!r} not found in {data_dir} and has no prepare.py; "
+                                    f"available datasets: {', '.join(have)}")
+        import importlib.util
+        spec = importlib.util.spec_from_file_location(f'prepare_{dataset}', prep)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        print(f"preparing dataset {dataset!r} ...")
+        mod.prepare(out_dir=data_dir)
+    import pickle
+    with open(paths[2], 'rb') as f:
+        meta = pickle.load(f)
+    splits = {s: torch.from_numpy(np.fromfile(p, dtype=np.uint16).astype(np.int64)).to(device)
+              for s, p in (('train', paths[0]), ('val', paths[1]))}
+    return splits, meta
+
+
+def get_batch(data, ix, block_size):
+    """Windows starting at ix (B,) -> x, y (B, T). Indexing happens on data's device: no host copies."""
+    offs = torch.arange(block_size + 1, device=data.device)
+    win = data[ix.to(data.device, non_blocking=True)[:, None] + offs]  # (B, T+1)
+    return win[:, :-1], win[:, 1:]
+
+
+def get_lr(it, cfg):
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters (nanoGPT's schedule)."""
+    lr, min_lr = cfg['learning_rate'], cfg['min_lr'] or cfg['learning_rate'] / 10
+    decay_iters = cfg['lr_decay_iters'] or cfg['max_iters']
+    if not cfg['decay_lr']:
+        return lr
+    if it < cfg['warmup_iters']:
+        return lr * (it + 1) / (cfg['warmup_iters'] + 1)
+    if it > decay_iters:
+        return min_lr
+    ratio = (it - cfg['warmup_iters']) / max(1, decay_iters - cfg['warmup_iters'])
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+def atomic_torch_save(obj, path):
+    """Write then rename: a process killed mid-save leaves the previous checkpoint intact."""
+    tmp = path + '.tmp'
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(obj, path):
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write('\n')
+    os.replace(tmp, path)
+
+
+def _fmt_time(s):
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# one run
+
+def train(config_file=None, overrides=None):
+    """Train one model. Returns the run's summary dict (also written to out_dir/summary.json)."""
+    cfg = resolve_config(config_file, overrides)
+    t_start = time.time()
+
+    # --- distributed (torchrun) or single process
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    if ddp:
+        import torch.distributed as dist
+        world_size = int(os.environ['WORLD_SIZE'])
+        rank, local_rank = int(os.environ['RANK']), int(os.environ['LOCAL_RANK'])
+        use_cuda = pick_device(cfg['device']).startswith('cuda')
+        device = f'cuda:{local_rank}' if use_cuda else 'cpu'
+        if use_cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend='nccl' if use_cuda else 'gloo')
+        if cfg['gradient_accumulation_steps'] % world_size:
+            raise ConfigError(f"gradient_accumulation_steps ({cfg['gradient_accumulation_steps']}) must be "
+                              f"divisible by the number of processes ({world_size}): the global batch stays fixed")
+        gas = cfg['gradient_accumulation_steps'] // world_size
+    else:
+        world_size, rank, device = 1, 0, pick_device(cfg['device'])
+        gas = cfg['gradient_accumulation_steps']
+    master = rank == 0
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    if device_type == 'cuda' and not torch.cuda.is_available():
+        raise RuntimeError(f"device={cfg['device']!r} but CUDA is not available; use device='cpu' or 'auto'")
+    dtype = cfg['dtype'] if cfg['dtype'] != 'auto' else (
+        'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32')
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=ptdtype)
+    use_compile = (device_type == 'cuda') if cfg['compile'] == 'auto' else bool(cfg['compile'])
+    if device_type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    out_dir = cfg['out_dir']
+    ckpt_last, ckpt_best = os.path.join(out_dir, 'ckpt_last.pt'), os.path.join(out_dir, 'ckpt_best.pt')
+    metrics_path = os.path.join(out_dir, 'metrics.jsonl')
+
+    # --- data and model
+    data, meta = load_dataset(cfg['dataset'], device)
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+    mkeys = model_keys(cfg['model_type'])
+    mcfg = {k: cfg[k] for k in mkeys}
+    if mcfg['vocab_size'] != meta['vocab_size']:
+        mcfg['vocab_size'] = meta['vocab_size']
+    block_size = mcfg['block_size']
+    ckpt = None
+    if cfg['init_from'] == 'resume':
+        if not os.path.exists(ckpt_last):
+            raise FileNotFoundError(f"init_from='resume' but {ckpt_last} does not exist")
+        ckpt = torch.load(ckpt_last, map_location=device, weights_only=False)
+        mcfg = ckpt['model_config']  # the architecture the checkpoint was trained with
+    torch.manual_seed(cfg['seed'])  # same init on every rank
+    model = model_lib.get_model_module(cfg['model_type']).GPT(
+        model_lib.get_model_module(cfg['model_type']).GPTConfig(**mcfg))
+    model.to(device)
+    n_params = model.get_num_params(non_embedding=False)
+    optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
+                                           (cfg['beta1'], cfg['beta2']), device_type)
+    # separate generators: data sampling (per-rank offset) and the fixed evaluation windows
+    data_gen = torch.Generator().manual_seed(cfg['seed'] + 1000 * rank)
+    torch.manual_seed(cfg['seed'] + rank)  # dropout differs per rank
+    iter_num, best_val, best_iter = 0, float('inf'), -1
+    if ckpt is not None:
+        model.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        iter_num, best_val, best_iter = ckpt['iter_num'], ckpt['best_val_loss'], ckpt['best_iter']
+        rng = ckpt['rng'][rank] if rank < len(ckpt['rng']) else ckpt['rng'][0]
+        data_gen.set_state(rng['data'])
+        torch.set_rng_state(rng['torch'])
+        if device_type == 'cuda' and rng['cuda'] is not None:
+            torch.cuda.set_rng_state(rng['cuda'].cpu())
+        if master and os.path.exists(metrics_path):  # drop lines logged after the checkpoint
+            with open(metrics_path) as f:
+                keep = [ln for ln in f if json.loads(ln)['iter'] <= iter_num]
+            with open(metrics_path, 'w') as f:
+                f.writelines(keep)
+        print(f"resuming {cfg['model_type']} from iteration {iter_num} (best val {best_val:.4f} at {best_iter})")
+        del ckpt
+    elif master and os.path.exists(metrics_path):
+        os.remove(metrics_path)
+
+    raw_model = model
+    if use_compile:
+        model = torch.compile(model)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[int(device.split(':')[1])] if device_type == 'cuda' else None)
+
+    peak = (cfg['peak_flops'] or peak_flops(device)) if device_type == 'cuda' else None
+    tokens_per_iter = gas * world_size * cfg['batch_size'] * block_size
+    flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
+    g = torch.Generator().manual_seed(12345)  # same evaluation windows for every run, model and seed
+    eval_ix = {s: [torch.randint(len(d) - block_size - 1, (cfg['eval_batch_size'],), generator=g)
+                   for _ in range(cfg['eval_iters'])] for s, d in data.items()}
+
+    @torch.no_grad()
+    def estimate_loss():
+        # the raw (uncompiled) module: eval shapes differ from training's, and must not trigger recompiles
+        raw_model.eval()
+        out = {}
+        for split, ixs in eval_ix.items():
+            losses = torch.zeros(len(ixs))
+            for i, ix in enumerate(ixs):
+                X, Y = get_batch(data[split], ix, block_size)
+                with autocast:
+                    losses[i] = raw_model(X, Y)[1].item()
+            out[split] = losses.mean().item()
+        raw_model.train()
+        return out
+
+    # --- records: config.json (resolved config + environment), wandb optional
+    if master:
+        record = {'config': {**cfg, **{k: v for k, v in asdict(raw_model.config).items()}},
+                  'n_params': n_params, 'n_params_non_embedding': raw_model.get_num_params(True),
+                  'preset': cfg['preset'], 'world_size': world_size, 'dtype': dtype, 'compile': use_compile,
+                  **run_metadata(device)}
+        atomic_write_json(record, os.path.join(out_dir, 'config.json'))
+        print(f"{cfg['model_type']}: {n_params / 1e6:.3f}M parameters, device {record['device']}, dtype {dtype}, "
+              f"compile {use_compile}, {tokens_per_iter:,} tokens/iter, out_dir {out_dir}")
+    wandb_run = None
+    if cfg['wandb_log'] and master:
+        import wandb  # optional dependency, imported only when asked for
+        wandb_run = wandb.init(project=cfg['wandb_project'], name=cfg['wandb_run_name'] or None,
+                               config=record['config'], resume='allow')
+
+    def log(row):
+        if not master:
+            return
+        with open(metrics_path, 'a') as f:
+            f.write(json.dumps(row) + '\n')
+        if wandb_run is not None:
+            wandb_run.log({k: v for k, v in row.items() if k not in ('kind',)}, step=row['iter'])
+
+    def save(path, losses, rng_states):
+        atomic_torch_save({
+            'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+            'model_config': asdict(raw_model.config), 'config': cfg, 'iter_num': iter_num,
+            'best_val_loss': best_val, 'best_iter': best_iter, 'val_loss': losses['val'],
+            'rng': rng_states,  # one dict per rank: data sampling, dropout (CPU and CUDA generators)
+        }, path)
+
+    # --- the loop
+    losses = {'train': float('nan'), 'val': float('nan')}
+    window_times, window_t0, window_iters = [], None, 0
+    last_loss = float('nan')
+    start_iter, t_train0 = iter_num, time.time()
+    skip_eval_at = iter_num if cfg['init_from'] == 'resume' else -1
+    max_iters = cfg['max_iters']
+    while True:
+        lr = get_lr(iter_num, cfg)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        if (iter_num % cfg['eval_interval'] == 0 or iter_num == max_iters) and iter_num != skip_eval_at:
+            rng_states = _gather_rng_states(data_gen, device_type, ddp)  # a collective: every rank takes part
+            if master:
+                losses = estimate_loss()
+                if not all(math.isfinite(v) for v in losses.values()):
+                    raise NonFiniteLoss(f"non-finite eval loss at iteration {iter_num}: {losses}; "
+                                        f"the last good checkpoint is {ckpt_last}")
+                if losses['val'] < best_val:
+                    best_val, best_iter = losses['val'], iter_num
+                    if iter_num > 0:
+                        save(ckpt_best, losses, rng_states)  # only ever replaced by a better one
+                if iter_num > 0:
+                    save(ckpt_last, losses, rng_states)
+                log({'kind': 'eval', 'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'],
+                     'lr': lr, 'tokens': iter_num * tokens_per_iter, 'flops': iter_num * flops_per_iter,
+                     'time_s': round(time.time() - t_start, 3)})
+                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                      f" (best {best_val:.4f} @ {best_iter})")
+            window_t0 = None  # don't count evaluation time as training time
+        if iter_num >= max_iters or cfg['eval_only']:
+            break
+
+        # one optimizer step = gas micro-steps
+        for micro in range(gas):
+            X, Y = get_batch(data['train'], torch.randint(len(data['train']) - block_size - 1,
+                                                         (cfg['batch_size'],), generator=data_gen), block_size)
+            sync = nullcontext() if not ddp or micro == gas - 1 else model.no_sync()
+            with sync, autocast:
+                try:
+                    _, loss = model(X, Y)
+                except Exception as e:  # compile failures surface on the first call: fall back, loudly
+                    if not use_compile or iter_num != start_iter:
+                        raise
+                    print(f"torch.compile failed for {cfg['model_type']} ({type(e).__name__}: {e}); "
+                          f"falling back to eager mode")
+                    use_compile, model = False, raw_model if not ddp else DDP(raw_model)
+                    _, loss = model(X, Y)
+                loss = loss / gas
+            loss.backward()
+        if cfg['grad_clip'] > 0:
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg['grad_clip'])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        window_iters += 1
+
+        if iter_num % cfg['log_interval'] == 0 or iter_num == max_iters:
+            last_loss = loss.item() * gas  # the sync point of this window
+            now = time.time()
+            if not math.isfinite(last_loss):
+                raise NonFiniteLoss(f"loss is {last_loss} at iteration {iter_num} ({cfg['model_type']}, "
+                                    f"lr {cfg['learning_rate']}); stopping. The last good checkpoint is {ckpt_last}")
+            if window_t0 is not None:
+                dt = (now - window_t0) / window_iters
+                window_times.append(dt)
+                mfu = raw_model.estimate_mfu(gas * world_size * cfg['batch_size'], dt, peak) if peak else None
+                eta = dt * (max_iters - iter_num)
+                log({'kind': 'train', 'iter': iter_num, 'loss': last_loss, 'lr': lr, 'ms_per_iter': dt * 1000,
+                     'mfu': mfu})
+                if master:
+                    print(f"iter {iter_num}/{max_iters}: loss {last_loss:.4f}, {dt * 1000:.2f} ms/iter"
+                          + (f", mfu {mfu * 100:.1f}%" if mfu is not None else '') + f", eta {_fmt_time(eta)}")
+            window_t0, window_iters = now, 0
+
+    # the first timed window includes compilation/autotuning; leave it out when there are others
+    times = window_times[1:] if len(window_times) > 1 else window_times
+    median_dt = float(np.median(times)) if times else float('nan')
+    summary = {
+        'model_type': cfg['model_type'], 'learning_rate': cfg['learning_rate'], 'seed': cfg['seed'],
+        'preset': cfg['preset'], 'best_val_loss': best_val, 'best_iter': best_iter,
+        'final_train_loss': losses['train'], 'final_val_loss': losses['val'], 'iters': iter_num,
+        'wall_s': round(time.time() - t_start, 2), 'train_s': round(time.time() - t_train0, 2),
+        'median_ms_per_iter': median_dt * 1000, 'tokens_per_s': tokens_per_iter / median_dt if times else None,
+        'n_params': n_params, 'out_dir': out_dir, 'status': 'done',
+    }
+    if master:
+        atomic_write_json(summary, os.path.join(out_dir, 'summary.json'))
+        print(f"done: best val loss {best_val:.4f} at iter {best_iter}, {summary['wall_s']:.0f}s wall, "
+              f"median {median_dt * 1000:.2f} ms/iter")
+    if wandb_run is not None:
+        wandb_run.summary.update(summary)
+        wandb_run.finish()
+    if ddp:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    return summary
+
+
+def _gather_rng_states(data_gen, device_type, ddp):
+    """Every rank's RNG states (rank order), so a resumed run continues each rank's streams exactly."""
+    mine = {'data': data_gen.get_state(), 'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}
+    if not ddp:
+        return [mine]
+    import torch.distributed as dist
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    return states
+
+
+# ----------------------------------------------------------------------------------------------
+# the reproduction: 4 models x learning rates (x seeds), then every benchmark, then the report
+
+PRESETS = {
+    # the repository's setting, on a GPU: nanoGPT's shakespeare_char shape, 3000 iterations
+    'full': dict(
+        train=dict(max_iters=3000, batch_size=64, block_size=256, eval_interval=250, log_interval=10,
+                   dropout=0.2, warmup_iters=100),
+        models={},
+        lrs=[5e-4, 1e-3, 3e-3],
+    ),
+    # CPU: sized like nanoGPT's laptop recipe (4 layers, 128 wide, context 64, batch 12): minutes per
+    # model on a few cores. Models keep the solved-d_ff parameter matching at this width.
+    'cpu': dict(
+        train=dict(max_iters=2000, batch_size=12, block_size=64, eval_interval=250, log_interval=50,
+                   eval_iters=10, eval_batch_size=64, dropout=0.0, warmup_iters=100,
+                   n_layer=4, n_embd=128),
+        models={'vanilla': dict(n_head=4), 'delta': dict(n_head=4, head_dim=32),
+                'delta_product': dict(n_head=4, head_dim=32),
+                'nsa': dict(n_head=16, n_kv_head=1, head_dim=16, nsa_block_size=16, nsa_block_counts=2,
+                            nsa_window_size=32)},
+        lrs=[5e-4, 1e-3, 3e-3],
+    ),
+}
+SWEEP_KEYS = dict(preset='auto', seeds=1, models=','.join(model_lib.MODEL_TYPES), lrs='', results_dir='',
+                  bench=True)
+# overrides that change no number a run produces (they don't turn a preset into a custom one)
+NEUTRAL_KEYS = {'wandb_log', 'wandb_project', 'wandb_run_name', 'log_interval', 'device'}
+
+
+def _as_list(v, cast):
+    if isinstance(v, (list, tuple)):
+        return [cast(x) for x in v]
+    return [cast(x) for x in str(v).split(',') if str(x).strip()]
+
+
+def sweep(overrides=None):
+    """The whole reproduction. Resumable: finished runs with the same config are not trained again."""
+    overrides = dict(overrides or {})
+    opts = {k: overrides.pop(k, v) for k, v in SWEEP_KEYS.items()}
+    cuda = pick_device(overrides.get('device', 'auto')).startswith('cuda')
+    preset = opts['preset'] if opts['preset'] != 'auto' else ('full' if cuda else 'cpu')
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; valid choices: auto, {', '.join(PRESETS)}")
+    P = PRESETS[preset]
+    models = _as_list(opts['models'], str)
+    for m in models:
+        model_lib.get_model_module(m)  # fail now, naming the valid choices, not after an hour of training
+    lrs = _as_list(opts['lrs'], float) if opts['lrs'] else P['lrs']
+    seeds = [1337 + i for i in range(int(opts['seeds']))]
+    custom = bool(set(overrides) - NEUTRAL_KEYS) or bool(opts['lrs'])
+    label = preset + ('-custom' if custom else '')
+    results_dir = opts['results_dir'] or os.path.join(HERE, 'results', label)
+    runs = [(m, lr, s) for m in models for lr in lrs for s in seeds]
+    print(f"reproduction: preset {label!r} ({'CUDA' if cuda else 'no CUDA: the CPU preset, nanoGPT laptop-sized'}), "
+          f"{len(models)} models x {len(lrs)} LRs x {len(seeds)} seeds = {len(runs)} runs -> {results_dir}")
+    if not cuda and preset == 'full':
+        print("warning: --preset=full on CPU: full-size models, expect hours")
+
+    t0, done_times, summaries = time.time(), [], []
+    for i, (m, lr, seed) in enumerate(runs):
+        out_dir = os.path.join(results_dir, 'runs', f"{m}-lr{lr:g}-s{seed}")
+        run_cfg = {**P['train'], **P['models'].get(m, {}), **overrides, 'model_type': m, 'learning_rate': lr,
+                   'seed': seed, 'out_dir': out_dir, 'preset': label}
+        wanted = resolve_config(None, run_cfg)
+        prev = _load_json(os.path.join(out_dir, 'summary.json'))
+        prev_cfg = (_load_json(os.path.join(out_dir, 'config.json')) or {}).get('config', {})
+        same = all(prev_cfg.get(k) == v for k, v in wanted.items() if k not in NEUTRAL_KEYS | {'init_from'})
+        left = len(runs) - i
+        eta = (np.mean(done_times) * left) if done_times else None
+        print(f"\n=== run {i + 1}/{len(runs)}: {m} lr={lr:g} seed={seed} | elapsed {_fmt_time(time.time() - t0)}"
+              + (f", eta {_fmt_time(eta)}" if eta else '') + " ===")
+        if prev and prev.get('status') == 'done' and same:
+            print(f"already done ({out_dir}): best val loss {prev['best_val_loss']:.4f}; skipping")
+            summaries.append(prev)
+            continue
+        resume = same and os.path.exists(os.path.join(out_dir, 'ckpt_last.pt'))
+        t_run = time.time()
+        summaries.append(train(None, {**run_cfg, 'init_from': 'resume' if resume else 'scratch'}))
+        done_times.append(time.time() - t_run)
+
+    bench_out = None
+    if opts['bench']:
+        import bench
+        print(f"\n=== benchmarks and report -> {results_dir} ===")
+        bench_out = bench.run_all(out=results_dir, runs_dir=os.path.join(results_dir, 'runs'), preset=label,
+                                  wandb_log=overrides.get('wandb_log', False))
+    total = time.time() - t0
+    print(f"\nreproduction finished in {_fmt_time(total)} ({total:.0f}s); results in {results_dir}")
+    return {'preset': label, 'results_dir': results_dir, 'runs': summaries, 'wall_s': total, 'bench': bench_out}
+
+
+def _load_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def main(argv):
+    try:
+        config_file, overrides = parse_cli(argv)
+        if config_file is None and not {'model_type'} & set(overrides):
+            sweep(overrides)
+        else:
+            train(config_file, overrides)
+    except (ValueError, FileNotFoundError, NonFiniteLoss) as e:  # ConfigError is a ValueError
+        sys.exit(f"error: {e}")
+    except RuntimeError as e:
+        if type(e).__name__ != 'DatasetError':  # data/<dataset>/prepare.py's clear-message error
+            raise
+        sys.exit(f"error: {e}")
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
