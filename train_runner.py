@@ -159,6 +159,10 @@ def device_name(device):
 
 
 def git_commit():
+    """HEAD's sha (+'-dirty' with uncommitted changes); GIT_COMMIT from the environment where there is
+    no .git (e.g. a copy of the tree on a remote GPU machine)."""
+    if os.environ.get('GIT_COMMIT'):
+        return os.environ['GIT_COMMIT']
     try:
         sha = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=HERE, capture_output=True, text=True,
                              timeout=10).stdout.strip()
