@@ -68,6 +68,24 @@ def build_model(model_type, **kwargs):
     return mod.GPT(mod.GPTConfig(**{**kwargs, 'model_type': model_type}))
 
 
+# Backends of the mixers that have GPU kernels: 'auto' = fla's kernels on CUDA tensors, the PyTorch
+# reference elsewhere; 'fla' = the kernels or an error; 'torch' = the reference everywhere.
+BACKENDS = ('auto', 'fla', 'torch')
+
+
+def check_backend(backend):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def use_fla(backend, x):
+    """Whether a mixer with this backend runs fla's kernels on x; 'fla' on a non-CUDA tensor is an error."""
+    if backend == 'fla' and x.device.type != 'cuda':
+        raise RuntimeError(f"backend='fla' needs CUDA tensors (fla's Triton kernels), got {x.device.type}; "
+                           f"use backend='torch' or 'auto' there")
+    return backend == 'fla' or (backend == 'auto' and x.device.type == 'cuda')
+
+
 def state_nbytes(state):
     """Bytes held by a decoding state (a DecodeState, a dict of tensors, or a list of them)."""
     if isinstance(state, torch.Tensor):

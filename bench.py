@@ -1,0 +1,1282 @@
+"""
+Benchmarks of the four token mixers, and the generated report.
+
+    python bench.py <sub-command> [--key=value ...]
+
+    params      parameter-matching table (layers, heads, widths, solved d_ff, total params, % vs vanilla)
+    memory      peak training memory (fwd+bwd) vs context 256 -> 131072, batch 1 and 4; OOM wall;
+                decoding-state bytes per sequence (KV cache vs recurrent state)
+    latency     batch-1 generation: prefill time vs prompt length, per-token decode time with the
+                cache/state, and vanilla's no-cache recompute path for comparison
+    throughput  training ms/iter, tokens/s and MFU at the training shape and at long context
+    bakeoff     tables + plots from the sweep's run records in results/runs/<preset>/ (deterministic)
+    report      results/REPORT.md from whatever result files exist
+    selfcheck   each model's fla-kernel-vs-reference check (CUDA); non-zero exit on any FAIL
+    all         params, memory, latency, throughput, bakeoff, report
+
+Every sub-command is also a function: bench.params(out='results', tiny=False, device='auto', ...).
+Common keys: --out=results (output folder), --tiny=True (each module's TINY config and small sizes,
+for CPU tests), --device=auto|cpu|cuda, --models=vanilla,delta (default: every model in
+model.MODEL_TYPES whose module imports). Values are Python literals: --contexts=256,512 --compile=True.
+
+Each benchmark writes <out>/<name>.csv, a sidecar <out>/<name>.meta.json (command, git commit, device,
+library versions, settings) and a PNG. The bake-off's files depend only on the run records they are
+made from (no timestamp, no commit of *now*), so they are byte-for-byte reproducible.
+"""
+
+import csv
+import gc
+import inspect
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from dataclasses import fields, replace
+
+import torch
+
+import model
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# sizes of each benchmark: (full, tiny)
+MEMORY_CONTEXTS = ([2 ** i for i in range(8, 18)], [32, 64])           # 256 -> 131072
+MEMORY_BATCHES = ((1, 4), (1, 2))
+LATENCY_CONTEXTS = ([2 ** i for i in range(7, 16)], [16, 32])          # 128 -> 32768
+THROUGHPUT_SHAPES = ([(64, 256), (16, 1024), (4, 4096), (1, 16384)],  # (B, T): training shape, then 16384 tokens/step
+                     [(4, 32), (1, 64)])
+
+
+# ----------------------------------------------------------------------------- helpers from train_runner
+def _helpers():
+    """(run_metadata, peak_flops) from train_runner, imported lazily: train_runner imports bench (to run
+    the benchmarks after the sweep), so a top-level import would be a cycle."""
+    from train_runner import peak_flops, run_metadata
+    return run_metadata, peak_flops
+
+
+# ----------------------------------------------------------------------------- small utilities
+def _sync(device):
+    if torch.device(device).type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def _resolve_device(device):
+    if device == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device not in ('cpu', 'cuda') and not str(device).startswith('cuda:'):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    return device
+
+
+def _device_name(device):
+    from train_runner import device_name
+    return device_name(device)
+
+
+def _as_list(x, cast=None):
+    """'a,b' / (a, b) / [a, b] / a -> list (so CLI literals and Python calls look alike)."""
+    if x is None:
+        return None
+    if isinstance(x, str):
+        x = [s.strip() for s in x.split(',') if s.strip()]
+    elif not isinstance(x, (list, tuple)):
+        x = [x]
+    return [cast(v) for v in x] if cast else list(x)
+
+
+def _autocast(device):
+    """bf16 autocast on CUDA; a no-op context on CPU (CPU bf16 is slow and not what we measure)."""
+    if torch.device(device).type == 'cuda':
+        return torch.autocast(device_type='cuda', dtype=torch.bfloat16)
+    return torch.autocast(device_type='cpu', enabled=False)
+
+
+def _act_dtype(device):
+    return torch.bfloat16 if torch.device(device).type == 'cuda' else torch.float32
+
+
+def _is_oom(e):
+    return isinstance(e, torch.cuda.OutOfMemoryError) or 'out of memory' in str(e).lower()
+
+
+def _free(device):
+    gc.collect()
+    if torch.device(device).type == 'cuda':
+        torch.cuda.empty_cache()
+
+
+def available_models(models=None):
+    """[(model_type, module)] for the requested model types (default: all of model.MODEL_TYPES),
+    skipping, with a printed reason, those whose module does not import or lacks GPTConfig/GPT."""
+    names = _as_list(models) or list(model.MODEL_TYPES)
+    out = []
+    for mt in names:
+        if mt not in model.MODEL_TYPES:
+            raise ValueError(f"unknown model_type {mt!r}; valid choices: {', '.join(model.MODEL_TYPES)}")
+        try:
+            mod = model.get_model_module(mt)
+            missing = [a for a in ('GPTConfig', 'GPT') if not hasattr(mod, a)]
+            if missing:
+                raise ImportError(f"module {mod.__name__} has no {', '.join(missing)}")
+        except Exception as e:
+            print(f"[bench] skipping model {mt!r}: {type(e).__name__}: {e}")
+            continue
+        out.append((mt, mod))
+    return out
+
+
+def base_kwargs(mt, mod, tiny, model_kw=None):
+    """The model's GPTConfig kwargs: model_kw[mt] when given (e.g. the sweep's configs, read from its run
+    records), else {} (the module's defaults: the real ~10.7M model) or, with tiny, its TINY."""
+    if model_kw and mt in model_kw:
+        return dict(model_kw[mt])
+    if not tiny:
+        return {}
+    return dict(mod.TINY)
+
+
+def model_kwargs(mt, mod, tiny, model_kw=None):
+    """GPTConfig kwargs of the benchmarked model (base_kwargs), with d_ff resolved at the *training*
+    block_size. Benchmarks then change block_size (the context) but keep d_ff fixed: solving it again
+    at block_size=131072 would match vanilla's giant position table."""
+    kw = base_kwargs(mt, mod, tiny, model_kw)
+    cfg = mod.GPTConfig(**{**kw, 'model_type': mt})
+    if cfg.d_ff < 0:
+        kw['d_ff'] = model.solve_d_ff(cfg, mod.GPT)
+    return kw
+
+
+def build(mt, kw, device, **overrides):
+    """model.build_model on `device` ('meta': shapes only, nothing allocated)."""
+    if device == 'meta':
+        with torch.device('meta'):
+            return model.build_model(mt, **{**kw, **overrides})
+    return model.build_model(mt, **{**kw, **overrides}).to(device)
+
+
+def _fmt(v):
+    if v is None:
+        return ''
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, float):
+        return '' if math.isnan(v) else f'{v:.6g}'
+    return str(v)
+
+
+def write_csv(path, rows, columns):
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    with open(path, 'w', newline='') as f:
+        w = csv.writer(f, lineterminator='\n')
+        w.writerow(columns)
+        for r in rows:
+            w.writerow([_fmt(r.get(c)) for c in columns])
+    print(f"[bench] wrote {path} ({len(rows)} rows)")
+
+
+def read_csv(path):
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)
+
+
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    with open(path, 'w') as f:
+        json.dump(_jsonable(obj), f, indent=2, sort_keys=True)
+        f.write('\n')
+
+
+def write_meta(out, name, device, settings, **extra):
+    """<out>/<name>.meta.json: how the file was made (command, commit, device, versions, settings)."""
+    run_metadata, _ = _helpers()
+    meta = dict(run_metadata())
+    meta.update(name=name, device=_device_name(device), device_type=torch.device(device).type,
+                call=f"bench.{name}({', '.join(f'{k}={v!r}' for k, v in settings.items())})",
+                settings=settings, **extra)
+    write_json(os.path.join(out, f'{name}.meta.json'), meta)
+    return meta
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _savefig(fig, path):
+    # no 'Software' (matplotlib version) in the PNG: plots depend on their data only
+    fig.savefig(path, dpi=110, metadata={'Software': None})
+    _plt().close(fig)
+    print(f"[bench] wrote {path}")
+
+
+def _color(mt):
+    order = list(model.MODEL_TYPES)
+    return f'C{order.index(mt)}' if mt in order else 'C7'
+
+
+# ----------------------------------------------------------------------------- params
+def params(out='results', tiny=False, device='auto', models=None, model_kw=None):
+    """Parameter-matching table: widths, solved d_ff, head dims, total / non-embedding params, % vs vanilla."""
+    base_fields = {f.name for f in fields(model.GPTConfig)}
+    rows, notes = [], []
+    for mt, mod in available_models(models):
+        kw = base_kwargs(mt, mod, tiny, model_kw)
+        cfg = mod.GPTConfig(**{**kw, 'model_type': mt})
+        asked = cfg.d_ff
+        m = model.build_model(mt, **kw)  # on CPU: 10M params is cheap, and every init path runs as in training
+        c = m.config
+        mixer = m.transformer.h[0].mixer
+        head_dims = ' '.join(f'{k}={v}' for k, v in sorted(vars(mixer).items())
+                             if isinstance(v, int) and not isinstance(v, bool) and ('head' in k or 'dim' in k))
+        mixer_cfg = ' '.join(f'{f.name}={getattr(c, f.name)}' for f in fields(c) if f.name not in base_fields)
+        rows.append(dict(model=mt, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, d_ff=c.d_ff or 4 * c.n_embd,
+                         d_ff_from={-1: 'solved', 0: '4*n_embd'}.get(asked, 'given'), block_size=c.block_size,
+                         pos_emb=c.pos_emb, head_dims=head_dims, mixer_config=mixer_cfg,
+                         total_params=m.get_num_params(non_embedding=False),
+                         non_embedding_params=m.get_num_params(non_embedding=True)))
+        if asked < 0:
+            # the same arithmetic as model.solve_d_ff, spelled out
+            vcfg = model.GPTConfig(n_layer=c.n_layer, n_embd=c.n_embd, vocab_size=c.vocab_size,
+                                   block_size=c.block_size, bias=c.bias, n_head=1)
+            target = model.count_params(vcfg, model.GPT)
+            base_ff = 4 * c.n_embd
+            here = model.count_params(replace(c, d_ff=base_ff), mod.GPT)
+            per_unit = c.n_layer * (2 * c.n_embd + (1 if c.bias else 0))
+            notes.append(f"{mt}: d_ff solved to {c.d_ff}: target = vanilla's total {target:,} params (same n_layer, "
+                         f"n_embd, vocab_size, block_size, bias); with d_ff = 4*n_embd = {base_ff} this model has "
+                         f"{here:,}; each unit of d_ff costs n_layer*2*n_embd = {per_unit:,} params, so d_ff = "
+                         f"{base_ff} + ({target:,} - {here:,}) / {per_unit:,} = {base_ff + (target - here) / per_unit:.1f}"
+                         f", rounded to a multiple of 8 -> {c.d_ff} (total {rows[-1]['total_params']:,}).")
+        else:
+            notes.append(f"{mt}: d_ff = {rows[-1]['d_ff']} ({rows[-1]['d_ff_from']}).")
+        del m
+    vanilla = next((r['total_params'] for r in rows if r['model'] == 'vanilla'), None)
+    for r in rows:
+        r['diff_vs_vanilla_pct'] = round(100 * (r['total_params'] - vanilla) / vanilla, 3) if vanilla else None
+        print(f"[params] {r['model']:>14}: total {r['total_params']:>11,}  non-emb {r['non_embedding_params']:>11,}  "
+              f"d_ff {r['d_ff']:>5}  {r['head_dims']}  diff {_fmt(r['diff_vs_vanilla_pct'])}%")
+        if r['diff_vs_vanilla_pct'] is not None and abs(r['diff_vs_vanilla_pct']) > 1:
+            print(f"[params] WARNING: {r['model']} is {r['diff_vs_vanilla_pct']:+.2f}% from vanilla's total params "
+                  f"(d_ff cannot absorb the difference: check the mixer's widths)")
+    print("[params] how d_ff was solved (model.solve_d_ff):")
+    for n in notes:
+        print("   ", n)
+    cols = ['model', 'n_layer', 'n_head', 'n_embd', 'd_ff', 'd_ff_from', 'block_size', 'pos_emb', 'head_dims',
+            'mixer_config', 'total_params', 'non_embedding_params', 'diff_vs_vanilla_pct']
+    write_csv(os.path.join(out, 'params.csv'), rows, cols)
+    write_meta(out, 'params', _resolve_device(device), dict(tiny=tiny, models=models, model_kw=model_kw),
+               d_ff_solve=notes)
+    return rows
+
+
+# ----------------------------------------------------------------------------- memory
+def measure_train_peak(m, B, T, device):
+    """Run one fwd+bwd (bf16 autocast on CUDA) over a (B, T) batch; return the peak bytes allocated
+    (parameters, gradients and activations), or None on CPU (no peak-memory counter there).
+    Raises torch.cuda.OutOfMemoryError when it does not fit."""
+    vocab = m.config.vocab_size
+    idx = torch.randint(vocab, (B, T), device=device)
+    targets = torch.randint(vocab, (B, T), device=device)
+    assert idx.shape == (B, T), "the benchmark must feed exactly T tokens"
+    cuda = torch.device(device).type == 'cuda'
+    if cuda:
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    with _autocast(device):
+        logits, loss = m(idx, targets)
+    assert logits.shape[:2] == (B, T), f"model returned {tuple(logits.shape)} logits for a ({B}, {T}) input"
+    loss.backward()
+    del logits, loss
+    if not cuda:
+        return None
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+def memory(out='results', tiny=False, device='auto', models=None, contexts=None, batches=None, warmup=True,
+           model_kw=None):
+    """Peak training memory vs context (powers of two) at batch 1 and 4, the OOM wall, and decoding-state
+    bytes per sequence. Each model is built with block_size = T and fed exactly T tokens (no cropping)."""
+    device = _resolve_device(device)
+    cuda = torch.device(device).type == 'cuda'
+    contexts = _as_list(contexts, int) or MEMORY_CONTEXTS[tiny]
+    batches = _as_list(batches, int) or list(MEMORY_BATCHES[tiny])
+    if not cuda:
+        print("[memory] peak memory is read from torch.cuda.max_memory_allocated, which CPU lacks: on CPU the "
+              "fwd+bwd still runs at every context (a shape check) but peak_bytes stays empty; "
+              "decoding-state bytes are computed as on CUDA")
+    rows = []
+    for mt, mod in available_models(models):
+        kw = model_kwargs(mt, mod, tiny, model_kw)
+        state_bytes = {}
+        for T in contexts:
+            state_bytes[T] = build(mt, kw, 'meta', block_size=T).decode_state_bytes(1, T)
+        for B in batches:
+            wall = None  # first context that did not fit
+            for T in contexts:
+                row = dict(model=mt, batch=B, context=T, tokens=B * T, state_bytes=state_bytes[T])
+                if wall is not None:
+                    row['status'] = f'skipped (OOM at {wall})'
+                    rows.append(row)
+                    continue
+                m = oom = None
+                try:
+                    m = build(mt, kw, device, block_size=T)
+                    row['param_bytes'] = sum(p.numel() * p.element_size() for p in m.parameters())
+                    if warmup and cuda:  # first call autotunes kernels (extra buffers); measure the second
+                        measure_train_peak(m, B, T, device)
+                        m.zero_grad(set_to_none=True)
+                    peak = measure_train_peak(m, B, T, device)
+                    row['status'] = 'ok' if peak is not None else 'ok (peak not measured on cpu)'
+                    row['peak_bytes'] = peak
+                    row['peak_gib'] = peak / 2 ** 30 if peak is not None else None
+                except Exception as e:
+                    if not _is_oom(e):
+                        traceback.print_exc()
+                    oom = _is_oom(e)
+                    row['status'] = 'OOM' if oom else f'error: {type(e).__name__}: {str(e).splitlines()[0][:200]}'
+                del m
+                _free(device)  # outside the except block: the traceback no longer pins the tensors
+                if oom:
+                    wall = T
+                rows.append(row)
+                print(f"[memory] {mt} B={B} T={T}: {row['status']}"
+                      + (f", peak {row['peak_gib']:.3f} GiB" if row.get('peak_gib') is not None else '')
+                      + f", state {state_bytes[T]:,} B/seq", flush=True)
+    cols = ['model', 'batch', 'context', 'tokens', 'status', 'peak_bytes', 'peak_gib', 'param_bytes', 'state_bytes']
+    write_csv(os.path.join(out, 'memory.csv'), rows, cols)
+    total = torch.cuda.get_device_properties(device).total_memory if cuda else None
+    write_meta(out, 'memory', device, dict(tiny=tiny, models=models, contexts=contexts, batches=batches,
+                                           warmup=warmup, model_kw=model_kw),
+               device_total_bytes=total, state_dtype='bfloat16 (KV caches; recurrent states fp32 in the mixers)')
+    plot_memory(rows, os.path.join(out, 'memory.png'), total)
+    return rows
+
+
+def plot_memory(rows, path, device_total_bytes=None):
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    measured = False
+    for mt in dict.fromkeys(r['model'] for r in rows):
+        for B, ls in zip(sorted({int(r['batch']) for r in rows if r['model'] == mt}), ['-', '--', ':', '-.']):
+            rs = [r for r in rows if r['model'] == mt and int(r['batch']) == B]
+            pts = [(int(r['context']), float(r['peak_bytes']) / 2 ** 30) for r in rs
+                   if r['status'] == 'ok' and r.get('peak_bytes') not in (None, '')]
+            if pts:
+                measured = True
+                ax1.plot(*zip(*pts), ls, marker='o', ms=3, color=_color(mt), label=f'{mt} B={B}')
+            for r in rs:
+                if r['status'] == 'OOM':
+                    y = device_total_bytes / 2 ** 30 if device_total_bytes else (pts[-1][1] if pts else 1)
+                    ax1.plot([int(r['context'])], [y], 'x', ms=10, mew=2, color=_color(mt))
+                    ax1.annotate('OOM', (int(r['context']), y), textcoords='offset points', xytext=(4, 4),
+                                 fontsize=7, color=_color(mt))
+    if device_total_bytes:
+        ax1.axhline(device_total_bytes / 2 ** 30, color='k', lw=0.8, ls=':', label='device memory')
+    if not measured:
+        ax1.text(0.5, 0.5, 'peak memory not measured\n(needs CUDA)', ha='center', va='center',
+                 transform=ax1.transAxes)
+    ax1.set(xscale='log', yscale='log' if measured else 'linear', xlabel='context length T (tokens)',
+            ylabel='peak training memory (GiB)', title='memory wall: fwd+bwd peak (x = OOM)')
+    ax1.set_xscale('log', base=2)
+    if measured:
+        ax1.legend(fontsize=7)
+    for mt in dict.fromkeys(r['model'] for r in rows):
+        pts = sorted({(int(r['context']), int(r['state_bytes'])) for r in rows if r['model'] == mt})
+        ax2.plot(*zip(*pts), marker='o', ms=3, color=_color(mt), label=mt)
+    ax2.set(xscale='log', yscale='log', xlabel='context length T (tokens)', ylabel='bytes per sequence',
+            title='decoding state (KV cache vs recurrent state)')
+    ax2.set_xscale('log', base=2)
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    _savefig(fig, path)
+
+
+# ----------------------------------------------------------------------------- latency
+class _Timer:
+    """Wall time of a region in ms: CUDA events on CUDA (they time the GPU work the region queued,
+    and the synchronize at the end waits for it), perf_counter on CPU."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == 'cuda'
+
+    def __enter__(self):
+        if self.cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.end.record()
+            self.end.synchronize()
+            self.ms = self.start.elapsed_time(self.end)
+        else:
+            self.ms = (time.perf_counter() - self.t0) * 1e3
+
+
+def _median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+@torch.no_grad()
+def time_generation(m, L, n, trials, device, cached=True):
+    """Batch-1 greedy generation after a random prompt of L tokens: (prefill ms, decode ms per token),
+    each the median over `trials` (after one untimed warm-up trial).
+    cached: prefill the prompt into a state of capacity L+n, then n steps of
+    model(next_token, state=state, last_only=True). Not cached: every new token runs a full forward
+    over the whole sequence so far (prefill ms is then None)."""
+    vocab = m.config.vocab_size
+    prompt = torch.randint(vocab, (1, L), device=device)
+    assert prompt.shape[1] == L
+    state = m.init_state(1, L + n, dtype=_act_dtype(device)) if cached else None
+    prefill, decode = [], []
+    for trial in range(trials + 1):
+        _sync(device)
+        if cached:
+            state.reset()  # untimed: zero the buffers, pos = 0
+            with _autocast(device), _Timer(device) as tp:
+                logits, _ = m(prompt, state=state, last_only=True)
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            with _autocast(device), _Timer(device) as td:
+                for _ in range(n):
+                    logits, _ = m(nxt, state=state, last_only=True)
+                    nxt = logits[:, -1].argmax(-1, keepdim=True)
+            assert state.pos == L + n
+        else:
+            idx = prompt
+            with _autocast(device), _Timer(device) as td:
+                for _ in range(n):
+                    logits, _ = m(idx, last_only=True)
+                    idx = torch.cat((idx, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+            assert idx.shape[1] == L + n
+        if trial > 0:  # trial 0 is the warm-up
+            prefill.append(tp.ms if cached else None)
+            decode.append(td.ms / n)
+    return (_median(prefill) if cached else None), _median(decode)
+
+
+def latency(out='results', tiny=False, device='auto', models=None, contexts=None, n_decode=None, trials=None,
+            nocache=True, model_kw=None):
+    """Batch-1 prefill time vs prompt length and per-token decode time at those contexts (cache/state),
+    plus vanilla's no-cache recompute path in the same run, reported as a ratio."""
+    device = _resolve_device(device)
+    contexts = _as_list(contexts, int) or LATENCY_CONTEXTS[tiny]
+    n = n_decode or (4 if tiny else 32)
+    trials = trials or (2 if tiny else 5)
+    rows = []
+    for mt, mod in available_models(models):
+        kw = model_kwargs(mt, mod, tiny, model_kw)
+        # one model for all contexts; its block_size covers the longest context plus the decoded tokens
+        m = build(mt, kw, device, block_size=max(contexts) + n).eval()
+        for L in contexts:
+            row = dict(model=mt, context=L, n_decode=n, trials=trials)
+            err = None
+            try:
+                row['prefill_ms'], row['decode_ms_per_token'] = time_generation(m, L, n, trials, device)
+                row['decode_tokens_per_s'] = 1e3 / row['decode_ms_per_token']
+                if nocache and mt == 'vanilla':
+                    _, row['nocache_ms_per_token'] = time_generation(m, L, n, trials, device, cached=False)
+                    row['nocache_over_cache'] = row['nocache_ms_per_token'] / row['decode_ms_per_token']
+                row['status'] = 'ok'
+            except Exception as e:
+                if not _is_oom(e):
+                    traceback.print_exc()
+                err = 'OOM' if _is_oom(e) else f'error: {type(e).__name__}: {str(e).splitlines()[0][:200]}'
+            if err:
+                row['status'] = err
+                _free(device)
+            rows.append(row)
+            print(f"[latency] {mt} L={L}: " + (f"prefill {row['prefill_ms']:.3f} ms, decode "
+                  f"{row['decode_ms_per_token']:.3f} ms/token" if row['status'] == 'ok' else row['status'])
+                  + (f", no-cache {row['nocache_ms_per_token']:.3f} ms/token "
+                     f"({row['nocache_over_cache']:.1f}x)" if 'nocache_ms_per_token' in row else ''), flush=True)
+        del m
+        _free(device)
+    cols = ['model', 'context', 'status', 'prefill_ms', 'decode_ms_per_token', 'decode_tokens_per_s',
+            'nocache_ms_per_token', 'nocache_over_cache', 'n_decode', 'trials']
+    write_csv(os.path.join(out, 'latency.csv'), rows, cols)
+    write_meta(out, 'latency', device, dict(tiny=tiny, models=models, contexts=contexts, n_decode=n, trials=trials,
+                                            nocache=nocache, model_kw=model_kw),
+               method=f"batch 1, greedy; prefill = one forward of the L-token prompt into a fresh state of capacity "
+                      f"L+n; decode = n={n} steps model(token, state, last_only=True), ms/token; no-cache = full "
+                      f"forward over the whole sequence per token (vanilla); medians of {trials} trials after one "
+                      f"warm-up; {'CUDA events, bf16 autocast' if 'cuda' in device else 'perf_counter, fp32'}")
+    plot_latency(rows, os.path.join(out, 'latency.png'))
+    return rows
+
+
+def _num(r, k):
+    v = r.get(k)
+    return None if v in (None, '') else float(v)
+
+
+def plot_latency(rows, path):
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for mt in dict.fromkeys(r['model'] for r in rows):
+        rs = [r for r in rows if r['model'] == mt and r['status'] == 'ok']
+        if not rs:
+            continue
+        L = [int(r['context']) for r in rs]
+        ax1.plot(L, [_num(r, 'prefill_ms') for r in rs], marker='o', ms=3, color=_color(mt), label=mt)
+        ax2.plot(L, [_num(r, 'decode_ms_per_token') for r in rs], marker='o', ms=3, color=_color(mt),
+                 label=f'{mt} (cache/state)')
+        nc = [(int(r['context']), _num(r, 'nocache_ms_per_token')) for r in rs
+              if _num(r, 'nocache_ms_per_token') is not None]
+        if nc:
+            ax2.plot(*zip(*nc), '--', marker='x', ms=4, color=_color(mt), label=f'{mt} (no cache: recompute)')
+    ax1.set(xscale='log', yscale='log', xlabel='prompt length (tokens)', ylabel='prefill time (ms)',
+            title='prefill, batch 1')
+    ax2.set(xscale='log', yscale='log', xlabel='context length (tokens)', ylabel='ms per generated token',
+            title='decode, batch 1')
+    for ax in (ax1, ax2):
+        ax.set_xscale('log', base=2)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _savefig(fig, path)
+
+
+# ----------------------------------------------------------------------------- throughput
+def train_step_times(m, B, T, device, iters, warmup, compile=False):
+    """ms of each of `iters` training iterations (fwd+bwd in bf16 autocast on CUDA, grad clip 1.0,
+    AdamW step, like train_runner), after `warmup` untimed ones."""
+    opt = m.configure_optimizers(0.1, 1e-4, (0.9, 0.95), torch.device(device).type)
+    fwd = torch.compile(m) if compile else m
+    vocab = m.config.vocab_size
+    X = torch.randint(vocab, (B, T), device=device)
+    Y = torch.randint(vocab, (B, T), device=device)
+    assert X.shape == (B, T)
+    times = []
+    for i in range(warmup + iters):
+        with _Timer(device) as t:
+            with _autocast(device):
+                _, loss = fwd(X, Y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(t.ms)
+    return times
+
+
+def throughput(out='results', tiny=False, device='auto', models=None, shapes=None, iters=None, warmup=None,
+               compile=False, model_kw=None):
+    """Training ms/iter, tokens/s and MFU per model at the training shape (B 64 x T 256) and at long
+    context with 16384 tokens a step (T = 1024, 4096, 16384)."""
+    device = _resolve_device(device)
+    if shapes is None:
+        shapes = THROUGHPUT_SHAPES[tiny]
+    shapes = [tuple(int(v) for v in s) for s in shapes]
+    iters = iters or (2 if tiny else 20)
+    warmup = warmup or (1 if tiny else (10 if compile else 5))
+    _, peak_flops = _helpers()
+    peak = peak_flops(device)
+    print(f"[throughput] peak FLOP/s for MFU on {_device_name(device)}: "
+          + (f"{peak:.4g}" if peak else "unknown (MFU left empty)"))
+    rows = []
+    for mt, mod in available_models(models):
+        kw = model_kwargs(mt, mod, tiny, model_kw)
+        for B, T in shapes:
+            row = dict(model=mt, batch=B, context=T, tokens_per_iter=B * T, compile=compile)
+            m, err = None, None
+            try:
+                m = build(mt, kw, device, block_size=T)
+                times = train_step_times(m, B, T, device, iters, warmup, compile)
+                dt = _median(times) / 1e3
+                row.update(status='ok', ms_per_iter=dt * 1e3, tokens_per_s=B * T / dt,
+                           mfu=m.estimate_mfu(B, dt, peak, T=T) if peak else None,
+                           flops_per_token=m.flops_per_token(T))
+            except Exception as e:
+                if not _is_oom(e):
+                    traceback.print_exc()
+                err = 'OOM' if _is_oom(e) else f'error: {type(e).__name__}: {str(e).splitlines()[0][:200]}'
+            if err:
+                row['status'] = err
+            del m
+            _free(device)
+            rows.append(row)
+            print(f"[throughput] {mt} B={B} T={T}: " + (f"{row['ms_per_iter']:.2f} ms/iter, "
+                  f"{row['tokens_per_s']:,.0f} tok/s" + (f", MFU {100 * row['mfu']:.1f}%" if row['mfu'] else '')
+                  if row['status'] == 'ok' else row['status']), flush=True)
+    cols = ['model', 'batch', 'context', 'tokens_per_iter', 'status', 'ms_per_iter', 'tokens_per_s', 'mfu',
+            'flops_per_token', 'compile']
+    write_csv(os.path.join(out, 'throughput.csv'), rows, cols)
+    write_meta(out, 'throughput', device, dict(tiny=tiny, models=models, shapes=shapes, iters=iters, warmup=warmup,
+                                               compile=compile, model_kw=model_kw),
+               peak_flops=peak, method=f"median ms of {iters} iterations after {warmup} warm-up ones; an iteration "
+                                       f"= fwd+bwd ({'bf16 autocast' if 'cuda' in device else 'fp32'}), grad clip "
+                                       f"1.0, AdamW step; MFU = model.estimate_mfu(B, dt, peak_flops, T)")
+    plot_throughput(rows, os.path.join(out, 'throughput.png'))
+    return rows
+
+
+def plot_throughput(rows, path):
+    plt = _plt()
+    shapes = list(dict.fromkeys((int(r['batch']), int(r['context'])) for r in rows))
+    mts = list(dict.fromkeys(r['model'] for r in rows))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    w = 0.8 / max(1, len(mts))
+    for i, mt in enumerate(mts):
+        tps, mfu = [], []
+        for B, T in shapes:
+            r = next((r for r in rows if r['model'] == mt and (int(r['batch']), int(r['context'])) == (B, T)
+                      and r['status'] == 'ok'), None)
+            tps.append(_num(r, 'tokens_per_s') if r else 0)
+            mfu.append(100 * _num(r, 'mfu') if r and _num(r, 'mfu') is not None else 0)
+        x = [j + i * w for j in range(len(shapes))]
+        ax1.bar(x, tps, w, color=_color(mt), label=mt)
+        ax2.bar(x, mfu, w, color=_color(mt), label=mt)
+    if not any(_num(r, 'mfu') for r in rows if r['status'] == 'ok'):
+        ax2.text(0.5, 0.5, 'MFU not available\n(no peak FLOP/s known for this device)', ha='center',
+                 va='center', transform=ax2.transAxes)
+    labels = [f'B={B}\nT={T}' for B, T in shapes]
+    for ax, yl in ((ax1, 'training tokens / s'), (ax2, 'MFU (%)')):
+        ax.set_xticks([j + 0.4 - w / 2 for j in range(len(shapes))], labels)
+        ax.set(ylabel=yl)
+        ax.legend(fontsize=7)
+    ax1.set_title('training throughput (missing bar = OOM / error)')
+    ax2.set_title('model FLOPs utilisation')
+    fig.tight_layout()
+    _savefig(fig, path)
+
+
+# ----------------------------------------------------------------------------- bake-off
+def _model_order(mt):
+    order = list(model.MODEL_TYPES)
+    return (order.index(mt) if mt in order else len(order), mt)
+
+
+def _mean_std(xs):
+    """Mean and sample std (n-1; NaN for a single value)."""
+    n = len(xs)
+    mean = sum(xs) / n
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else float('nan')
+    return mean, std
+
+
+def _f(x, spec):
+    """Fixed float formatting for the deterministic tables ('-' for missing / NaN)."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return '-'
+    return format(x, spec)
+
+
+def load_runs(runs_dir):
+    """Finished runs under runs_dir/<run_name>/ (summary.json with status 'done'), sorted by
+    (model, lr, seed); and the names of the run folders that were skipped, with why."""
+    runs, skipped = [], []
+    for name in sorted(os.listdir(runs_dir)):
+        d = os.path.join(runs_dir, name)
+        if not os.path.isdir(d):
+            continue
+        try:
+            with open(os.path.join(d, 'summary.json')) as f:
+                summary = json.load(f)
+            if summary.get('status') != 'done':
+                raise ValueError(f"status {summary.get('status')!r}")
+            with open(os.path.join(d, 'config.json')) as f:
+                config = json.load(f)
+            evals, trains = [], []
+            if os.path.exists(os.path.join(d, 'metrics.jsonl')):
+                with open(os.path.join(d, 'metrics.jsonl')) as f:
+                    for line in f:
+                        if line.strip():
+                            rec = json.loads(line)
+                            (evals if rec.get('kind') == 'eval' else trains).append(rec)
+        except FileNotFoundError as e:  # unfinished (or still running): no path in the message, for reproducibility
+            skipped.append(f'{name}: no {os.path.basename(e.filename)}')
+            continue
+        except Exception as e:
+            skipped.append(f'{name}: {type(e).__name__}: {e}')
+            continue
+        runs.append(dict(name=name, summary=summary, config=config, evals=sorted(evals, key=lambda r: r['iter'])))
+    runs.sort(key=lambda r: (_model_order(r['summary']['model_type']), float(r['summary']['learning_rate']),
+                             int(r['summary']['seed']), r['name']))
+    return runs, skipped
+
+
+def _is_run_dir(d):
+    return os.path.exists(os.path.join(d, 'summary.json')) or os.path.exists(os.path.join(d, 'config.json'))
+
+
+def _resolve_runs_dir(out, preset, runs_dir):
+    """The folder that holds the run folders: runs_dir if given; else <out>/runs when it holds runs
+    directly (train_runner's sweep layout <results_dir>/runs/<run>), else <out>/runs/<preset>."""
+    if runs_dir is not None:
+        if not os.path.isdir(runs_dir):
+            raise ValueError(f"bakeoff: runs_dir {runs_dir!r} is not a folder")
+        return runs_dir, preset or os.path.basename(os.path.normpath(runs_dir))
+    root = os.path.join(out, 'runs')
+    if os.path.isdir(root) and any(_is_run_dir(os.path.join(root, d)) for d in os.listdir(root)):
+        return root, preset or os.path.basename(os.path.normpath(out))
+    presets = sorted(p for p in os.listdir(root) if os.path.isdir(os.path.join(root, p))) \
+        if os.path.isdir(root) else []
+    if preset is None:
+        if len(presets) != 1:
+            raise ValueError(f"bakeoff: pass --preset=<name>; presets under {root}: {presets or 'none'}")
+        preset = presets[0]
+    elif preset not in presets:
+        raise ValueError(f"bakeoff: no preset {preset!r} under {root}; valid choices: {presets or 'none'}")
+    return os.path.join(root, preset), preset
+
+
+def _oom_thresholds(out):
+    """{model: {batch: 'first OOM context' | '>max measured'}} from <out>/memory.csv, if it was measured."""
+    path = os.path.join(out, 'memory.csv')
+    if not os.path.exists(path):
+        return {}
+    res = {}
+    for r in read_csv(path):
+        s = res.setdefault(r['model'], {}).setdefault(int(r['batch']), {'oom': None, 'max_ok': None})
+        T = int(r['context'])
+        if r['status'] == 'OOM' and (s['oom'] is None or T < s['oom']):
+            s['oom'] = T
+        if r['status'] == 'ok' and (s['max_ok'] is None or T > s['max_ok']):
+            s['max_ok'] = T
+    return {mt: {B: (str(s['oom']) if s['oom'] else (f">{s['max_ok']}" if s['max_ok'] else '-'))
+                 for B, s in bs.items()} for mt, bs in res.items()}
+
+
+def _decode_ms(out, context=1024):
+    path = os.path.join(out, 'latency.csv')
+    if not os.path.exists(path):
+        return {}
+    return {r['model']: float(r['decode_ms_per_token']) for r in read_csv(path)
+            if int(r['context']) == context and r['status'] == 'ok'}
+
+
+def _source_meta(out, name):
+    """Where a bench file the bake-off reads came from (its sidecar's commit/device/command), or None."""
+    p = os.path.join(out, f'{name}.meta.json')
+    if not os.path.exists(os.path.join(out, f'{name}.csv')):
+        return None
+    if not os.path.exists(p):
+        return {'file': f'{name}.csv'}
+    with open(p) as f:
+        meta = json.load(f)
+    return {'file': f'{name}.csv', **{k: meta.get(k) for k in ('git_commit', 'device', 'command')}}
+
+
+def bakeoff(out='results', preset=None, runs_dir=None):
+    """Tables and plots from the sweep's run records (results/runs/<preset>/<run>/). Deterministic: the
+    files depend only on the records (and on <out>/memory.csv and latency.csv when present)."""
+    runs_dir, preset = _resolve_runs_dir(out, preset, runs_dir)
+    runs, skipped = load_runs(runs_dir)
+    for s in skipped:
+        print(f"[bakeoff] skipped run {s}")
+    if not runs:
+        raise ValueError(f"bakeoff: no finished runs (summary.json with status 'done') under {runs_dir}")
+    print(f"[bakeoff] {len(runs)} finished runs from {runs_dir}")
+    ooms, decode = _oom_thresholds(out), _decode_ms(out)
+
+    # (model, lr) -> runs over seeds
+    groups = {}
+    for r in runs:
+        s = r['summary']
+        groups.setdefault(s['model_type'], {}).setdefault(float(s['learning_rate']), []).append(r)
+
+    lr_rows, main_rows, curve_rows = [], [], []
+    for mt in sorted(groups, key=_model_order):
+        by_lr = groups[mt]
+        stats = {lr: _mean_std([float(r['summary']['best_val_loss']) for r in rs]) for lr, rs in by_lr.items()}
+        best_lr = min(sorted(stats), key=lambda lr: stats[lr][0])  # ties -> the smaller lr
+        for lr in sorted(by_lr):
+            mean, std = stats[lr]
+            lr_rows.append(dict(model=mt, learning_rate=f'{lr:g}', n_seeds=str(len(by_lr[lr])),
+                                best_val_loss_mean=_f(mean, '.4f'), best_val_loss_std=_f(std, '.4f'),
+                                best=str(lr == best_lr)))
+        rs = by_lr[best_lr]
+        losses = [float(r['summary']['best_val_loss']) for r in rs]
+        ppls = [math.exp(x) for x in losses]
+        (lm, ls), (pm, ps) = _mean_std(losses), _mean_std(ppls)
+        tps_runs = [float(r['summary']['tokens_per_s']) for r in rs if r['summary'].get('tokens_per_s') is not None]
+        tps = _mean_std(tps_runs)[0] if tps_runs else None  # None: runs too short to time (smoke tests)
+        n_params = sorted({int(r['summary']['n_params']) for r in rs})
+        oom = ooms.get(mt, {})
+        main_rows.append(dict(
+            model=mt, n_params='/'.join(str(n) for n in n_params), best_lr=f'{best_lr:g}', n_seeds=str(len(rs)),
+            seeds=' '.join(str(r['summary']['seed']) for r in rs),
+            best_val_loss_mean=_f(lm, '.4f'), best_val_loss_std=_f(ls, '.4f'),
+            val_ppl_mean=_f(pm, '.4f'), val_ppl_std=_f(ps, '.4f'),
+            oom_context_b1=oom.get(1, '-'), oom_context_b4=oom.get(4, '-'),
+            decode_ms_per_token_1024=_f(decode.get(mt), '.3f'), train_tokens_per_s=_f(tps, '.0f')))
+        for r in rs:
+            for e in r['evals']:
+                curve_rows.append(dict(model=mt, learning_rate=f'{best_lr:g}', seed=str(r['summary']['seed']),
+                                       iter=str(int(e['iter'])), flops=_f(float(e['flops']), '.6e'),
+                                       val_loss=_f(float(e['val_loss']), '.4f'),
+                                       val_ppl=_f(math.exp(float(e['val_loss'])), '.4f')))
+
+    main_cols = ['model', 'n_params', 'best_lr', 'n_seeds', 'seeds', 'best_val_loss_mean', 'best_val_loss_std',
+                 'val_ppl_mean', 'val_ppl_std', 'oom_context_b1', 'oom_context_b4', 'decode_ms_per_token_1024',
+                 'train_tokens_per_s']
+    write_csv(os.path.join(out, 'bakeoff.csv'), main_rows, main_cols)
+    write_csv(os.path.join(out, 'bakeoff_lr.csv'), lr_rows,
+              ['model', 'learning_rate', 'n_seeds', 'best_val_loss_mean', 'best_val_loss_std', 'best'])
+    write_csv(os.path.join(out, 'bakeoff_ppl_vs_flops.csv'), curve_rows,
+              ['model', 'learning_rate', 'seed', 'iter', 'flops', 'val_loss', 'val_ppl'])
+
+    # metadata from the inputs only: the runs' commits, devices, versions, commands; never *now*
+    def distinct(key):
+        return sorted({json.dumps(r['config'].get(key), sort_keys=True) for r in runs})
+    rel = os.path.relpath(runs_dir, out)
+    write_json(os.path.join(out, 'bakeoff.meta.json'), {
+        'name': 'bakeoff', 'preset': preset, 'runs_dir': rel.replace(os.sep, '/'), 'n_runs': len(runs),
+        'runs': [r['name'] for r in runs], 'skipped_runs': skipped,
+        'git_commit': [json.loads(s) for s in distinct('git_commit')],
+        'device': [json.loads(s) for s in distinct('device')],
+        'versions': [json.loads(s) for s in distinct('versions')],
+        'command': [json.loads(s) for s in distinct('command')],
+        'sources': {'memory': _source_meta(out, 'memory'), 'latency': _source_meta(out, 'latency')},
+        'method': "best LR = lowest mean (over seeds) best val loss; loss and perplexity (exp of each seed's best "
+                  "val loss) are mean ± sample std over the seeds at the best LR; tokens/s = mean of the runs' "
+                  "summaries at the best LR; OOM context = first context whose fwd+bwd ran out of memory "
+                  "(memory.csv; '>T' = none up to T); decode ms/token at context 1024 from latency.csv",
+    })
+    plot_val_curves(runs, groups, {r['model']: float(r['best_lr']) for r in main_rows},
+                    os.path.join(out, 'bakeoff_val_loss.png'))
+    plot_ppl_vs_flops(curve_rows, os.path.join(out, 'bakeoff_ppl_vs_flops.png'))
+    for r in main_rows:
+        print(f"[bakeoff] {r['model']:>14}: best lr {r['best_lr']}, val loss {r['best_val_loss_mean']} ± "
+              f"{r['best_val_loss_std']}, ppl {r['val_ppl_mean']} ± {r['val_ppl_std']} ({r['n_seeds']} seeds)")
+    return main_rows
+
+
+def _mean_curve(runs, x_key):
+    """Mean over runs of val_loss at each eval iter: [(x, mean val loss)], x from the first run."""
+    by_iter = {}
+    for r in runs:
+        for e in r['evals']:
+            by_iter.setdefault(int(e['iter']), []).append((float(e[x_key]), float(e['val_loss'])))
+    return [(v[0][0], sum(l for _, l in v) / len(v)) for it, v in sorted(by_iter.items())]
+
+
+def plot_val_curves(runs, groups, best_lr, path):
+    """One panel per model: mean val loss vs iteration for every LR (the best one bold)."""
+    plt = _plt()
+    mts = sorted(groups, key=_model_order)
+    fig, axes = plt.subplots(1, len(mts), figsize=(4.5 * len(mts), 4), sharey=True, squeeze=False)
+    for ax, mt in zip(axes[0], mts):
+        lrs = sorted(groups[mt])
+        for i, lr in enumerate(lrs):
+            pts = _mean_curve(groups[mt][lr], 'iter')
+            if pts:
+                best = lr == best_lr[mt]
+                ax.plot(*zip(*pts), color=plt.cm.viridis(i / max(1, len(lrs) - 1)), lw=2.2 if best else 1,
+                        label=f'lr {lr:g}' + (' (best)' if best else ''))
+        ax.set(title=mt, xlabel='iteration')
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel('validation loss (mean over seeds)')
+    fig.tight_layout()
+    _savefig(fig, path)
+
+
+def plot_ppl_vs_flops(curve_rows, path):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for mt in dict.fromkeys(r['model'] for r in curve_rows):
+        by_iter = {}
+        for r in curve_rows:
+            if r['model'] == mt:
+                by_iter.setdefault(int(r['iter']), []).append((float(r['flops']), float(r['val_ppl'])))
+        pts = [(v[0][0], sum(p for _, p in v) / len(v)) for _, v in sorted(by_iter.items()) if v[0][0] > 0]
+        if pts:
+            ax.plot(*zip(*pts), marker='o', ms=3, color=_color(mt), label=mt)
+    ax.set(xscale='log', yscale='log', xlabel='cumulative training FLOPs', ylabel='validation perplexity',
+           title='validation perplexity vs compute (best LR, mean over seeds)')
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _savefig(fig, path)
+
+
+# ----------------------------------------------------------------------------- selfcheck
+def selfcheck(out='results', device='auto', models=None):
+    """Each model module's selfcheck(device): fla kernels vs the torch reference. Returns the exit code
+    (1 on any FAIL). On CPU there is nothing to compare (fla needs CUDA): prints a note, returns 0."""
+    device = _resolve_device(device)
+    if torch.device(device).type != 'cuda':
+        print("[selfcheck] the self-checks compare fla's CUDA/Triton kernels with the torch references and need "
+              "CUDA; this machine has none, so nothing was checked (the CPU references are covered by "
+              "tests/). Exit 0.")
+        return 0
+    rows = []
+    for mt, mod in available_models(models):
+        if not hasattr(mod, 'selfcheck'):
+            print(f"[selfcheck] {mt}: no selfcheck() (no fla kernels to check)")
+            continue
+        try:
+            results = mod.selfcheck(device)
+        except Exception as e:
+            traceback.print_exc()
+            results = [dict(name='selfcheck()', ok=False, max_rel_rms=float('nan'),
+                            detail=f'raised {type(e).__name__}: {e}')]
+        for r in results:
+            rows.append(dict(model=mt, name=r.get('name'), ok=bool(r.get('ok')), max_rel_rms=r.get('max_rel_rms'),
+                             detail=r.get('detail', '')))
+            print(f"[selfcheck] {'PASS' if r.get('ok') else 'FAIL'} {mt}: {r.get('name')} "
+                  f"max_rel_rms={_fmt(r.get('max_rel_rms'))} {r.get('detail', '')}", flush=True)
+    write_csv(os.path.join(out, 'selfcheck.csv'), rows, ['model', 'name', 'ok', 'max_rel_rms', 'detail'])
+    write_meta(out, 'selfcheck', device, dict(models=models))
+    n_fail = sum(not r['ok'] for r in rows)
+    print(f"[selfcheck] {len(rows) - n_fail} PASS, {n_fail} FAIL")
+    return 1 if n_fail else 0
+
+
+# ----------------------------------------------------------------------------- report
+def _md_table(rows, cols, headers=None):
+    headers = headers or cols
+    lines = ['| ' + ' | '.join(headers) + ' |', '|' + '|'.join(['---'] * len(cols)) + '|']
+    for r in rows:
+        lines.append('| ' + ' | '.join(str(r.get(c, '')) if r.get(c, '') != '' else '-' for c in cols) + ' |')
+    return '\n'.join(lines)
+
+
+def _pivot(rows, row_key, col_key, cell):
+    """Markdown table: one row per row_key value, one column per col_key value, cells from cell(r)."""
+    rks = list(dict.fromkeys(row_key(r) for r in rows))
+    cks = list(dict.fromkeys(col_key(r) for r in rows))
+    table = {(row_key(r), col_key(r)): cell(r) for r in rows}
+    out = [dict({'_': rk}, **{ck: table.get((rk, ck), '-') for ck in cks}) for rk in rks]
+    return out, ['_'] + cks
+
+
+def _meta_lines(out, name):
+    p = os.path.join(out, f'{name}.meta.json')
+    if not os.path.exists(p):
+        return f'*No metadata file {name}.meta.json.*'
+    with open(p) as f:
+        m = json.load(f)
+
+    def one(x):
+        return ', '.join(map(str, x)) if isinstance(x, list) else str(x)
+    versions = m.get('versions')
+    if isinstance(versions, list):
+        versions = '; '.join(', '.join(f'{k} {v}' for k, v in sorted(d.items())) for d in versions if d)
+    elif isinstance(versions, dict):
+        versions = ', '.join(f'{k} {v}' for k, v in sorted(versions.items()))
+    lines = [f"- command: `{one(m.get('command'))}`" if not isinstance(m.get('command'), list) or
+             len(m['command']) <= 1 else f"- commands: {len(m['command'])} distinct, e.g. `{m['command'][0]}`",
+             f"- git commit: `{one(m.get('git_commit'))}`", f"- device: {one(m.get('device'))}",
+             f"- versions: {versions}"]
+    if 'settings' in m:
+        lines.append(f"- settings: `{json.dumps(m['settings'], sort_keys=True)}`")
+    if 'preset' in m:
+        lines.append(f"- preset: `{m['preset']}`, {m.get('n_runs')} runs from `{m.get('runs_dir')}`"
+                     + (f", {len(m['skipped_runs'])} unfinished runs skipped" if m.get('skipped_runs') else ''))
+    if 'method' in m:
+        lines.append(f"- method: {m['method']}")
+    return '\n'.join(lines)
+
+
+def report(out='results'):
+    """<out>/REPORT.md from whatever result files exist; what is missing is said to be missing."""
+    def have(name):
+        return os.path.exists(os.path.join(out, name))
+
+    def missing(name, how):
+        return f"*Missing: `{name}` not found in `{out}/` (make it with `{how}`).*"
+
+    def img(name, alt):
+        return f"![{alt}]({name})" if have(name) else f"*Missing plot `{name}`.*"
+
+    md = ["# Token-mixer bake-off: report", "",
+          "Generated by `python bench.py report` from the result files in this folder; every number below "
+          "is read from those files. Each section lists how its file was made (command, commit, device, versions).",
+          ""]
+
+    md += ["## Kernel self-checks (fla vs reference)", ""]
+    if have('selfcheck.csv'):
+        rows = read_csv(os.path.join(out, 'selfcheck.csv'))
+        for r in rows:
+            r['result'] = 'PASS' if r['ok'] == 'True' else 'FAIL'
+        md += [_md_table(rows, ['model', 'name', 'result', 'max_rel_rms', 'detail']), "", _meta_lines(out, 'selfcheck')]
+    else:
+        md.append(missing('selfcheck.csv', 'python bench.py selfcheck') + " Self-checks need CUDA.")
+    md.append("")
+
+    md += ["## Parameters", ""]
+    if have('params.csv'):
+        rows = read_csv(os.path.join(out, 'params.csv'))
+        md += [_md_table(rows, ['model', 'n_layer', 'n_head', 'n_embd', 'd_ff', 'd_ff_from', 'head_dims',
+                                'total_params', 'non_embedding_params', 'diff_vs_vanilla_pct', 'mixer_config'],
+                         ['model', 'layers', 'heads', 'n_embd', 'd_ff', 'd_ff from', 'head dims', 'total params',
+                          'non-embedding', '% vs vanilla', 'mixer config']), ""]
+        mp = os.path.join(out, 'params.meta.json')
+        if os.path.exists(mp):
+            with open(mp) as f:
+                notes = json.load(f).get('d_ff_solve', [])
+            if notes:
+                md += ["How d_ff was solved (`model.solve_d_ff`, matching *total* trainable parameters, tied head "
+                       "counted once):", ""] + [f"- {n}" for n in notes] + [""]
+        md.append(_meta_lines(out, 'params'))
+    else:
+        md.append(missing('params.csv', 'python bench.py params'))
+    md.append("")
+
+    md += ["## Bake-off (sweep results)", ""]
+    if have('bakeoff.csv'):
+        rows = read_csv(os.path.join(out, 'bakeoff.csv'))
+        for r in rows:
+            r['loss'] = f"{r['best_val_loss_mean']} ± {r['best_val_loss_std']}"
+            r['ppl'] = f"{r['val_ppl_mean']} ± {r['val_ppl_std']}"
+        md += [_md_table(rows, ['model', 'n_params', 'best_lr', 'n_seeds', 'loss', 'ppl', 'oom_context_b1',
+                                'oom_context_b4', 'decode_ms_per_token_1024', 'train_tokens_per_s'],
+                         ['model', 'params', 'best LR', 'seeds', 'best val loss', 'val perplexity',
+                          'OOM context (B=1)', 'OOM context (B=4)', 'decode ms/token @1024', 'train tokens/s']), ""]
+        if have('bakeoff_lr.csv'):
+            lr = read_csv(os.path.join(out, 'bakeoff_lr.csv'))
+            lrs = sorted({r['learning_rate'] for r in lr}, key=float)
+            table, cols = _pivot(lr, lambda r: r['model'], lambda r: r['learning_rate'],
+                                 lambda r: (f"**{r['best_val_loss_mean']}**" if r['best'] == 'True'
+                                            else r['best_val_loss_mean']) + f" (n={r['n_seeds']})")
+            md += ["Mean best validation loss per learning rate (best in bold):", "",
+                   _md_table(table, ['_'] + lrs, ['model \\ lr'] + lrs), ""]
+        md += [img('bakeoff_val_loss.png', 'validation loss curves'), "",
+               img('bakeoff_ppl_vs_flops.png', 'validation perplexity vs FLOPs'), "", _meta_lines(out, 'bakeoff')]
+    else:
+        md.append(missing('bakeoff.csv', 'python bench.py bakeoff --preset=<preset>')
+                  + " (needs the sweep's run records in results/runs/<preset>/).")
+    md.append("")
+
+    md += ["## Memory", ""]
+    if have('memory.csv'):
+        rows = read_csv(os.path.join(out, 'memory.csv'))
+
+        def cell(r):
+            if r['status'] == 'ok' and r['peak_gib']:
+                return f"{float(r['peak_gib']):.3f}"
+            return {'ok (peak not measured on cpu)': 'n/m'}.get(r['status'], r['status'].split(' (')[0])
+        table, cols = _pivot(rows, lambda r: r['context'], lambda r: f"{r['model']} B={r['batch']}", cell)
+        md += ["Peak training memory, fwd+bwd (GiB; OOM = out of memory; skipped = past the OOM; n/m = not "
+               "measured):", "", _md_table(table, cols, ['context'] + cols[1:]), ""]
+        st = {(r['context'], r['model']): r['state_bytes'] for r in rows}
+        table, cols = _pivot([dict(context=c, model=mt, b=b) for (c, mt), b in st.items()],
+                             lambda r: r['context'], lambda r: r['model'], lambda r: f"{int(r['b']):,}")
+        md += ["Decoding-state bytes per sequence (KV cache grows with context; a recurrent state does not):", "",
+               _md_table(table, cols, ['context'] + cols[1:]), "", img('memory.png', 'memory wall'), "",
+               _meta_lines(out, 'memory')]
+    else:
+        md.append(missing('memory.csv', 'python bench.py memory'))
+    md.append("")
+
+    md += ["## Generation latency (batch 1)", ""]
+    if have('latency.csv'):
+        rows = read_csv(os.path.join(out, 'latency.csv'))
+
+        def ms(k):
+            return lambda r: f"{float(r[k]):.3f}" if r['status'] == 'ok' and r.get(k) else (
+                '-' if r['status'] == 'ok' else r['status'])
+        for title, key in (('Prefill time (ms) vs prompt length', 'prefill_ms'),
+                           ('Decode time per token (ms) with the cache/state', 'decode_ms_per_token')):
+            table, cols = _pivot(rows, lambda r: r['context'], lambda r: r['model'], ms(key))
+            md += [f"{title}:", "", _md_table(table, cols, ['context'] + cols[1:]), ""]
+        nc = [r for r in rows if r.get('nocache_ms_per_token')]
+        if nc:
+            md += ["Vanilla without a KV cache (full forward over the whole context per token), same run:", "",
+                   _md_table([dict(r, nc=f"{float(r['nocache_ms_per_token']):.3f}",
+                                   c=f"{float(r['decode_ms_per_token']):.3f}",
+                                   x=f"{float(r['nocache_over_cache']):.1f}x") for r in nc],
+                             ['model', 'context', 'c', 'nc', 'x'],
+                             ['model', 'context', 'cached ms/token', 'no-cache ms/token', 'no-cache / cached']), ""]
+        md += [img('latency.png', 'latency vs context'), "", _meta_lines(out, 'latency')]
+    else:
+        md.append(missing('latency.csv', 'python bench.py latency'))
+    md.append("")
+
+    md += ["## Training throughput", ""]
+    if have('throughput.csv'):
+        rows = read_csv(os.path.join(out, 'throughput.csv'))
+        for r in rows:
+            ok = r['status'] == 'ok'
+            r['ms'] = f"{float(r['ms_per_iter']):.2f}" if ok else r['status']
+            r['tps'] = f"{float(r['tokens_per_s']):,.0f}" if ok else '-'
+            r['mfu_pct'] = f"{100 * float(r['mfu']):.1f}" if ok and r['mfu'] else '-'
+        md += [_md_table(rows, ['model', 'batch', 'context', 'ms', 'tps', 'mfu_pct', 'compile'],
+                         ['model', 'B', 'T', 'ms/iter', 'tokens/s', 'MFU %', 'torch.compile']), "",
+               img('throughput.png', 'training throughput'), "", _meta_lines(out, 'throughput')]
+    else:
+        md.append(missing('throughput.csv', 'python bench.py throughput'))
+    md.append("")
+
+    path = os.path.join(out, 'REPORT.md')
+    os.makedirs(out, exist_ok=True)
+    with open(path, 'w') as f:
+        f.write('\n'.join(md))
+    print(f"[bench] wrote {path}")
+    return path
+
+
+# ----------------------------------------------------------------------------- all + CLI
+def model_kw_from_runs(runs_dir):
+    """{model_type: GPTConfig kwargs} of the models a sweep trained, read from its runs' config.json, so
+    that the benchmarks measure the models the bake-off compares (the CPU preset's are smaller)."""
+    runs, _ = load_runs(runs_dir)
+    kw = {}
+    for r in runs:
+        mt = r['summary']['model_type']
+        if mt in kw:
+            continue
+        try:
+            mod = model.get_model_module(mt)
+        except Exception as e:
+            print(f"[bench] model {mt!r} of the runs does not import ({e}); the benchmarks skip it")
+            continue
+        names = {f.name for f in fields(mod.GPTConfig)} - {'model_type'}
+        kw[mt] = {k: v for k, v in r['config']['config'].items() if k in names}
+    return kw
+
+
+def run_all(out='results', tiny=None, device='auto', models=None, preset=None, runs_dir=None, compile=False,
+            model_kw=None, wandb_log=False, wandb_project='attention-bakeoff'):
+    """params, memory, latency, throughput, bakeoff, report (what train_runner's sweep calls at its end).
+    tiny=None: small benchmark sizes when there is no CUDA. The models benchmarked are those of the
+    sweep's run records when there are any (model_kw), else the modules' defaults (or TINY).
+    A step that fails is reported and the others still run. Returns {step: 'ok' | 'failed: ...'}."""
+    device = _resolve_device(device)
+    if tiny is None:
+        tiny = torch.device(device).type != 'cuda'
+    try:
+        rdir, preset = _resolve_runs_dir(out, preset, runs_dir)
+    except ValueError as e:
+        rdir = None
+        print(f"[bench] no run records: {e}")
+    if model_kw is None and rdir is not None:
+        model_kw = model_kw_from_runs(rdir) or None
+        if model_kw:
+            print(f"[bench] benchmarking the models of the run records in {rdir}: {model_kw}")
+    steps = [('params', lambda: params(out, tiny, device, models, model_kw=model_kw)),
+             ('memory', lambda: memory(out, tiny, device, models, model_kw=model_kw)),
+             ('latency', lambda: latency(out, tiny, device, models, model_kw=model_kw)),
+             ('throughput', lambda: throughput(out, tiny, device, models, compile=compile, model_kw=model_kw)),
+             ('bakeoff', lambda: bakeoff(out, preset, rdir)),
+             ('report', lambda: report(out))]
+    status = {}
+    for name, fn in steps:
+        print(f"===== bench {name} =====", flush=True)
+        if name == 'bakeoff' and rdir is None:
+            status[name] = 'skipped: no run records'
+            continue
+        try:
+            fn()
+            status[name] = 'ok'
+        except Exception as e:
+            traceback.print_exc()
+            status[name] = f'failed: {type(e).__name__}: {e}'
+            print(f"[bench] {name} {status[name]}")
+    if wandb_log:
+        _wandb_log(out, wandb_project, f'bench-{preset or os.path.basename(os.path.normpath(out))}')
+    print(f"[bench] {json.dumps(status)}")
+    return status
+
+
+def _wandb_log(out, project, name):
+    """Optional: the result tables and plots as one wandb run (never fails the benchmarks)."""
+    try:
+        import wandb
+        run = wandb.init(project=project, name=name, job_type='bench')
+        for f in sorted(os.listdir(out)):
+            p = os.path.join(out, f)
+            if f.endswith('.csv'):
+                rows = read_csv(p)
+                if rows:
+                    run.log({f[:-4]: wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])})
+            elif f.endswith('.png'):
+                run.log({f[:-4]: wandb.Image(p)})
+        run.finish()
+    except Exception as e:
+        print(f"[bench] wandb logging failed ({type(e).__name__}: {e}); the local files are complete")
+
+
+def _all_cli(out='results', tiny=None, device='auto', models=None, preset=None, runs_dir=None, compile=False,
+             model_kw=None, wandb_log=False):
+    status = run_all(out, tiny, device, models, preset, runs_dir, compile, model_kw, wandb_log)
+    return 1 if any(v.startswith('failed') for v in status.values()) else 0
+
+
+README = os.path.join(HERE, 'README.md')
+RUNS_MARK = ('<!-- runs-table:start -->', '<!-- runs-table:end -->')
+
+
+def runs(runs_dir='results/h200', readme=False):
+    """A markdown table of every finished run (summary.json + config.json) below runs_dir. With readme=True
+    it replaces the README block between the runs-table markers, so the README quotes only these files."""
+    rows = []
+    for root, _, files in sorted(os.walk(runs_dir)):
+        if 'summary.json' not in files or 'config.json' not in files:
+            continue
+        with open(os.path.join(root, 'summary.json')) as f:
+            s = json.load(f)
+        with open(os.path.join(root, 'config.json')) as f:
+            c = json.load(f)
+        rows.append({
+            'run': f"[{os.path.relpath(root, runs_dir)}]({os.path.relpath(root, HERE)})", 'model': s['model_type'],
+            'params': f"{s['n_params']:,}", 'lr': f"{s['learning_rate']:g}", 'iters': str(s['iters']),
+            'best val loss (iter)': f"{s['best_val_loss']:.4f} ({s['best_iter']})",
+            'final val loss': f"{s['final_val_loss']:.4f}",
+            'median ms/iter': _f(s.get('median_ms_per_iter'), '.2f'), 'wall s': f"{s['wall_s']:.0f}",
+            'device': c.get('device', '?'), 'commit': str(c.get('git_commit', '?'))[:10]})
+    cols = list(rows[0]) if rows else ['run']
+    table = _md_table(rows, cols) if rows else f"(no finished runs under {runs_dir})"
+    body = f"Generated by `python bench.py runs --runs_dir={runs_dir} --readme=True` from the run records.\n\n{table}"
+    print(body)
+    if readme:
+        with open(README) as f:
+            text = f.read()
+        a, b = text.index(RUNS_MARK[0]) + len(RUNS_MARK[0]), text.index(RUNS_MARK[1])
+        with open(README, 'w') as f:
+            f.write(text[:a] + '\n' + body + '\n' + text[b:])
+    return rows
+
+
+COMMANDS = {**{f.__name__: f for f in (params, memory, latency, throughput, bakeoff, report, selfcheck, runs)},
+            'all': _all_cli}
+all = run_all  # bench.all(...) as in the docs (shadows the builtin in this module only; bench never uses it)
+
+
+def main(argv=None):
+    from train_runner import _parse_value
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__)
+        print(f"usage: python bench.py <{'|'.join(COMMANDS)}> [--key=value ...]")
+        return 2 if argv and argv[0] not in ('-h', '--help') else 0
+    fn = COMMANDS[argv[0]]
+    valid = list(inspect.signature(fn).parameters)
+    kwargs = {}
+    for arg in argv[1:]:
+        if not arg.startswith('--') or '=' not in arg:
+            raise SystemExit(f"bad argument {arg!r}: use --key=value; valid keys for {argv[0]}: {', '.join(valid)}")
+        k, v = arg[2:].split('=', 1)
+        if k not in valid:
+            raise SystemExit(f"unknown key {k!r} for {argv[0]}; valid keys: {', '.join(valid)}")
+        kwargs[k] = _parse_value(v)
+    try:
+        rc = fn(**kwargs)
+    except ValueError as e:  # bad input (an unknown model, preset...): the message names the valid choices
+        raise SystemExit(f"error: {e}")
+    return rc if isinstance(rc, int) else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""bench.py on CPU: every sub-command at tiny sizes writes its CSV, sidecar and plot; the report renders
+from them; the bake-off is byte-for-byte reproducible from the run records."""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import bench  # noqa: E402
+
+# tiny benchmark sizes: all four models where their modules import, a few seconds each on one thread
+SIZES = dict(
+    memory=dict(contexts=[16, 32], batches=[1, 4]),
+    latency=dict(contexts=[8, 16], n_decode=2, trials=1),
+    throughput=dict(shapes=[(2, 16)], iters=1, warmup=1),
+)
+BAKEOFF_FILES = ['bakeoff.csv', 'bakeoff_lr.csv', 'bakeoff_ppl_vs_flops.csv', 'bakeoff.meta.json',
+                 'bakeoff_val_loss.png', 'bakeoff_ppl_vs_flops.png']
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    # tiny ops: a second intra-op thread only adds synchronisation stalls on a busy 2-core machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def read(path):
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def write_fake_runs(runs_dir, models=('vanilla', 'delta'), lrs=(1e-3, 3e-3), seeds=(1337, 1338)):
+    """Run records as train_runner writes them; vanilla's best LR is 1e-3, delta's 3e-3."""
+    for mi, mt in enumerate(models):
+        for lr in lrs:
+            for seed in seeds:
+                d = os.path.join(runs_dir, f'{mt}-lr{lr:g}-s{seed}')
+                os.makedirs(d)
+                good = (lr == 1e-3) == (mt == 'vanilla')
+                final = 1.5 + 0.1 * mi - (0.2 if good else 0.0) + 0.01 * (seed - 1337)
+                cfg = dict(model_type=mt, learning_rate=lr, seed=seed, max_iters=200, batch_size=4,
+                           block_size=64, n_layer=2, n_head=4, n_embd=64, dropout=0.0)
+                with open(os.path.join(d, 'config.json'), 'w') as f:
+                    json.dump(dict(config=cfg, git_commit='abc123', device='cpu (test)', n_params=100000 + mi,
+                                   versions=dict(torch='2.x'), preset='test', command='train_runner.py ...'), f)
+                evals = []
+                with open(os.path.join(d, 'metrics.jsonl'), 'w') as f:
+                    for it in (0, 100, 200):
+                        vl = 4.2 - (4.2 - final) * it / 200
+                        evals.append(vl)
+                        f.write(json.dumps(dict(kind='eval', iter=it, train_loss=vl - 0.05, val_loss=vl, lr=lr,
+                                                tokens=it * 256, flops=it * 256 * 6e5, time_s=it * 0.1)) + '\n')
+                        f.write(json.dumps(dict(kind='train', iter=it, loss=vl, lr=lr, ms_per_iter=10.0,
+                                                mfu=0.1)) + '\n')
+                with open(os.path.join(d, 'summary.json'), 'w') as f:
+                    json.dump(dict(model_type=mt, learning_rate=lr, seed=seed, preset='test',
+                                   best_val_loss=min(evals), best_iter=200, final_train_loss=final - 0.05,
+                                   final_val_loss=final, iters=200, wall_s=20.0, tokens_per_s=25600.0 + mi,
+                                   median_ms_per_iter=10.0, n_params=100000 + mi, out_dir=d, status='done'), f)
+    os.makedirs(os.path.join(runs_dir, 'vanilla-lr0.01-s1337'))  # an unfinished run: no summary.json
+
+
+@pytest.fixture(scope='module')
+def results(tmp_path_factory):
+    """Every sub-command once, tiny, into one folder (as `bench.py all --tiny=True` would)."""
+    out = str(tmp_path_factory.mktemp('results'))
+    write_fake_runs(os.path.join(out, 'runs', 'test'))
+    rows = dict(params=bench.params(out, tiny=True),
+                memory=bench.memory(out, tiny=True, **SIZES['memory']),
+                latency=bench.latency(out, tiny=True, **SIZES['latency']),
+                throughput=bench.throughput(out, tiny=True, **SIZES['throughput']),
+                bakeoff=bench.bakeoff(out))
+    bench.report(out)
+    return out, rows
+
+
+def test_models_available():
+    assert 'vanilla' in [mt for mt, _ in bench.available_models()]
+
+
+@pytest.mark.parametrize('name', ['params', 'memory', 'latency', 'throughput'])
+def test_benchmark_files(results, name):
+    out, rows = results
+    for ext in ('.csv', '.meta.json', '.png'):
+        if name == 'params' and ext == '.png':
+            continue
+        assert os.path.getsize(os.path.join(out, name + ext)) > 0, name + ext
+    meta = json.load(open(os.path.join(out, name + '.meta.json')))
+    for key in ('command', 'git_commit', 'device', 'versions', 'settings'):
+        assert key in meta, key
+    assert meta['settings']['tiny'] is True
+    table = read(os.path.join(out, name + '.csv'))
+    models = [mt for mt, _ in bench.available_models()]
+    assert sorted({r['model'] for r in table}) == sorted(models)
+    assert not [r for r in table if r.get('status', 'ok').startswith('error')], "a model failed its benchmark"
+
+
+def test_params_matching(results):
+    out, _ = results
+    table = {r['model']: r for r in read(os.path.join(out, 'params.csv'))}
+    assert float(table['vanilla']['diff_vs_vanilla_pct']) == 0
+    for r in table.values():
+        # tiny configs: each module's TINY may pick its own block_size (the vanilla it is matched to)
+        assert abs(float(r['diff_vs_vanilla_pct'])) < 10, r
+        assert int(r['non_embedding_params']) <= int(r['total_params'])
+    notes = json.load(open(os.path.join(out, 'params.meta.json')))['d_ff_solve']
+    assert len(notes) == len(table)
+
+
+def test_params_full_size(tmp_path):
+    """The real models (module defaults, ~10.7M): total params within 1% of vanilla's."""
+    rows = bench.params(str(tmp_path))
+    assert rows[0]['model'] == 'vanilla' and 10e6 < rows[0]['total_params'] < 11.5e6
+    for r in rows:
+        assert abs(r['diff_vs_vanilla_pct']) < 1, r
+
+
+def test_memory_rows(results):
+    out, _ = results
+    table = read(os.path.join(out, 'memory.csv'))
+    assert len(table) == len(set(r['model'] for r in table)) * 2 * 2  # every (model, batch, context)
+    state = {(r['model'], int(r['context'])): int(r['state_bytes']) for r in table}
+    # vanilla's KV cache grows linearly with the context
+    assert state[('vanilla', 32)] == 2 * state[('vanilla', 16)] > 0
+
+
+def test_memory_oom_stops_series(tmp_path, monkeypatch):
+    """An OOM at context T records 'OOM', skips the longer contexts of that (model, batch) series, and
+    the bake-off reads T as the OOM threshold."""
+    def fake_peak(m, B, T, device):
+        assert m.config.block_size == T  # every context really is that long
+        if B * T >= 64:
+            raise torch.cuda.OutOfMemoryError('CUDA out of memory (simulated)')
+        return 1000 * B * T
+    monkeypatch.setattr(bench, 'measure_train_peak', fake_peak)
+    out = str(tmp_path)
+    rows = bench.memory(out, tiny=True, models='vanilla', contexts=[16, 32, 64, 128], batches=[1, 4])
+    status = {(r['batch'], r['context']): r['status'] for r in rows}
+    assert status[(1, 16)] == status[(1, 32)] == 'ok' and status[(1, 64)] == 'OOM'
+    assert status[(1, 128)].startswith('skipped')
+    assert status[(4, 16)] == 'OOM' and status[(4, 32)].startswith('skipped')
+    assert rows[0]['peak_bytes'] == 16000
+    assert bench._oom_thresholds(out) == {'vanilla': {1: '64', 4: '16'}}
+
+
+def test_latency_rows(results):
+    out, _ = results
+    table = read(os.path.join(out, 'latency.csv'))
+    for r in table:
+        assert float(r['prefill_ms']) > 0 and float(r['decode_ms_per_token']) > 0
+        assert bool(r['nocache_ms_per_token']) == (r['model'] == 'vanilla')
+
+
+def test_bakeoff_values(results):
+    out, rows = results
+    table = {r['model']: r for r in read(os.path.join(out, 'bakeoff.csv'))}
+    assert sorted(table) == ['delta', 'vanilla']
+    assert table['vanilla']['best_lr'] == '0.001' and table['delta']['best_lr'] == '0.003'
+    # vanilla @1e-3: seeds reach 1.3 and 1.31
+    assert table['vanilla']['best_val_loss_mean'] == '1.3050'
+    assert table['vanilla']['best_val_loss_std'] == f'{math.sqrt(0.005 ** 2 * 2):.4f}'
+    assert table['vanilla']['val_ppl_mean'] == f'{(math.exp(1.3) + math.exp(1.31)) / 2:.4f}'
+    assert table['vanilla']['n_seeds'] == '2'
+    # the tiny memory run: no OOM up to 32 on CUDA; peak memory not measured on CPU
+    assert table['vanilla']['oom_context_b1'] == ('>32' if torch.cuda.is_available() else '-')
+    lr = read(os.path.join(out, 'bakeoff_lr.csv'))
+    assert len(lr) == 4 and sum(r['best'] == 'True' for r in lr) == 2
+    curve = read(os.path.join(out, 'bakeoff_ppl_vs_flops.csv'))
+    assert len(curve) == 2 * 2 * 3  # 2 models x 2 seeds (best LR) x 3 evals
+    meta = json.load(open(os.path.join(out, 'bakeoff.meta.json')))
+    assert meta['git_commit'] == ['abc123'] and meta['n_runs'] == 8 and len(meta['skipped_runs']) == 1
+
+
+def test_bakeoff_is_reproducible(results, tmp_path):
+    """Twice over the same records (a copy in another folder, another time): byte-identical files."""
+    import shutil
+    out, _ = results
+    first = {f: open(os.path.join(out, f), 'rb').read() for f in BAKEOFF_FILES}
+    copy = str(tmp_path / 'again')
+    shutil.copytree(os.path.join(out, 'runs'), os.path.join(copy, 'runs'))
+    for f in ('memory.csv', 'memory.meta.json', 'latency.csv', 'latency.meta.json'):
+        shutil.copy(os.path.join(out, f), copy)
+    bench.bakeoff(copy, preset='test')
+    bench.bakeoff(out)
+    for f in BAKEOFF_FILES:
+        assert open(os.path.join(copy, f), 'rb').read() == first[f], f
+        assert open(os.path.join(out, f), 'rb').read() == first[f], f
+
+
+def test_report(results):
+    out, _ = results
+    md = open(os.path.join(out, 'REPORT.md')).read()
+    for section in ('## Parameters', '## Bake-off', '## Memory', '## Generation latency', '## Training throughput'):
+        assert section in md
+    for png in ('memory.png', 'latency.png', 'throughput.png', 'bakeoff_val_loss.png', 'bakeoff_ppl_vs_flops.png'):
+        assert f']({png})' in md and os.path.exists(os.path.join(out, png))
+    assert 'Missing: `selfcheck.csv`' in md  # CPU: no self-check results, and the report says so
+    assert '| vanilla |' in md and 'git commit' in md
+
+
+def test_report_states_missing(tmp_path):
+    md = open(bench.report(str(tmp_path))).read()
+    assert md.count('*Missing:') == 6 and '![' not in md
+
+
+def test_cli(results, tmp_path):
+    out, _ = results
+    run = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), *a], capture_output=True,
+                                    text=True, cwd=str(tmp_path), timeout=120)
+    r = run('selfcheck', '--device=cpu', f'--out={tmp_path}')
+    assert r.returncode == 0 and 'need' in r.stdout.lower()
+    r = run('bakeoff', f'--out={out}', '--preset=test')
+    assert r.returncode == 0, r.stderr
+    r = run('bakeoff', f'--out={out}', '--nope=1')
+    assert r.returncode != 0 and 'valid keys' in r.stderr
+    r = run('bakeoff', f'--out={out}', '--preset=missing')
+    assert r.returncode != 0 and 'valid choices' in r.stderr
