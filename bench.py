@@ -1143,7 +1143,8 @@ def model_kw_from_runs(runs_dir):
             print(f"[bench] model {mt!r} of the runs does not import ({e}); the benchmarks skip it")
             continue
         names = {f.name for f in fields(mod.GPTConfig)} - {'model_type'}
-        kw[mt] = {k: v for k, v in r['config']['config'].items() if k in names}
+        built = r['config'].get('model_config') or r['config']['config']  # as built: d_ff solved
+        kw[mt] = {k: v for k, v in built.items() if k in names}
     return kw
 
 

@@ -44,7 +44,7 @@ DEFAULTS = dict(
     eval_interval=250,
     log_interval=10,
     eval_iters=10,           # fixed evaluation set: eval_iters batches of eval_batch_size windows per split
-    eval_batch_size=256,     # few large batches under no_grad: evaluation must not dominate wall time
+    eval_batch_size=0,       # 0 -> 256 on CUDA (few large batches under no_grad), batch_size on CPU
     eval_only=False,
     init_from='scratch',     # 'scratch' or 'resume' (from out_dir/ckpt_last.pt)
     preset='single',         # a label recorded in every result file (the sweep sets 'full' / 'cpu')
@@ -324,6 +324,7 @@ def train(config_file=None, overrides=None):
     ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
     autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=ptdtype)
     use_compile = (device_type == 'cuda') if cfg['compile'] == 'auto' else bool(cfg['compile'])
+    eval_bs = cfg['eval_batch_size'] or (256 if device_type == 'cuda' else cfg['batch_size'])
     if device_type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -388,7 +389,7 @@ def train(config_file=None, overrides=None):
     tokens_per_iter = gas * world_size * cfg['batch_size'] * block_size
     flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
     g = torch.Generator().manual_seed(12345)  # same evaluation windows for every run, model and seed
-    eval_ix = {s: [torch.randint(len(d) - block_size - 1, (cfg['eval_batch_size'],), generator=g)
+    eval_ix = {s: [torch.randint(len(d) - block_size - 1, (eval_bs,), generator=g)
                    for _ in range(cfg['eval_iters'])] for s, d in data.items()}
 
     @torch.no_grad()
@@ -408,9 +409,12 @@ def train(config_file=None, overrides=None):
 
     # --- records: config.json (resolved config + environment), wandb optional
     if master:
-        record = {'config': {**cfg, **{k: v for k, v in asdict(raw_model.config).items()}},
+        # 'config' is what was asked for (the sweep compares it to decide what's done); 'model_config' is
+        # the architecture as built (d_ff solved, vocab from the dataset, or a resumed checkpoint's)
+        record = {'config': cfg, 'model_config': asdict(raw_model.config),
                   'n_params': n_params, 'n_params_non_embedding': raw_model.get_num_params(True),
                   'preset': cfg['preset'], 'world_size': world_size, 'dtype': dtype, 'compile': use_compile,
+                  'eval_windows_per_split': cfg['eval_iters'] * eval_bs,
                   **run_metadata(device)}
         atomic_write_json(record, os.path.join(out_dir, 'config.json'))
         print(f"{cfg['model_type']}: {n_params / 1e6:.3f}M parameters, device {record['device']}, dtype {dtype}, "
@@ -555,7 +559,7 @@ PRESETS = {
     # the repository's setting, on a GPU: nanoGPT's shakespeare_char shape, 3000 iterations
     'full': dict(
         train=dict(max_iters=3000, batch_size=64, block_size=256, eval_interval=250, log_interval=10,
-                   dropout=0.2, warmup_iters=100),
+                   eval_iters=10, eval_batch_size=256, dropout=0.2, warmup_iters=100),
         models={},
         lrs=[5e-4, 1e-3, 3e-3],
     ),
