@@ -995,7 +995,7 @@ def report(out='results'):
         return os.path.exists(os.path.join(out, name))
 
     def missing(name, how):
-        return f"*Missing: `{name}` not found in `{out}/` (make it with `{how}`).*"
+        return f"*Missing: `{name}` not found in this folder (make it with `{how}`).*"
 
     def img(name, alt):
         return f"![{alt}]({name})" if have(name) else f"*Missing plot `{name}`.*"
