@@ -748,14 +748,20 @@ def _oom_thresholds(out):
         return {}
     res = {}
     for r in read_csv(path):
-        s = res.setdefault(r['model'], {}).setdefault(int(r['batch']), {'oom': None, 'max_ok': None})
+        s = res.setdefault(r['model'], {}).setdefault(int(r['batch']), {'oom': None, 'max_ok': None, 'err': None})
         T = int(r['context'])
         if r['status'] == 'OOM' and (s['oom'] is None or T < s['oom']):
             s['oom'] = T
         if r['status'] == 'ok' and (s['max_ok'] is None or T > s['max_ok']):
             s['max_ok'] = T
-    return {mt: {B: (str(s['oom']) if s['oom'] else (f">{s['max_ok']}" if s['max_ok'] else '-'))
-                 for B, s in bs.items()} for mt, bs in res.items()}
+        if r['status'].startswith('error') and (s['err'] is None or T < s['err']):
+            s['err'] = T  # a failure that is not an OOM must not read as "no OOM up to max_ok"
+
+    def summary(s):
+        if s['err'] is not None and (s['oom'] is None or s['err'] < s['oom']):
+            return f"err@{s['err']}"
+        return str(s['oom']) if s['oom'] else (f">{s['max_ok']}" if s['max_ok'] else '-')
+    return {mt: {B: summary(s) for B, s in bs.items()} for mt, bs in res.items()}
 
 
 def _decode_ms(out, context=1024):

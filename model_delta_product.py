@@ -330,7 +330,8 @@ class GatedDeltaProductMixer(nn.Module):
         # log forget gate, fp32: g = -A * dt, dt = softplus(a_proj(x) + dt_bias)
         g = -self.A_log.to(cdt).exp() * F.softplus(self.a_proj(x).to(cdt) + self.dt_bias.to(cdt))  # (B, T, H)
         gate = self.g_proj(x).reshape(B, T, H, Dv)
-        S0 = state['S'] if state is not None else None
+        # a copy when autograd may save it: the state is overwritten in place below
+        S0 = None if state is None else (state['S'].clone() if torch.is_grad_enabled() else state['S'])
 
         # autocast off: the torch recurrences and the norm must stay in fp32 (autocast would run their
         # matmuls in bf16); the fla kernel gets its dtypes explicitly

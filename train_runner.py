@@ -77,6 +77,9 @@ DEFAULTS = dict(
     seed=1337,
     peak_flops=0.0,          # device bf16 peak for MFU; 0 -> known/measured for the device
 )
+# keys that may differ between a checkpoint and the run resuming it (length, logging, where it runs)
+RESUME_MAY_CHANGE = {'max_iters', 'init_from', 'eval_only', 'log_interval', 'eval_interval', 'wandb_log',
+                     'wandb_project', 'wandb_run_name', 'device', 'compile', 'preset', 'out_dir'}
 # the model defaults that nanoGPT's shakespeare_char run uses and differ from GPTConfig's
 TRAIN_MODEL_DEFAULTS = dict(dropout=0.2)
 
@@ -86,10 +89,28 @@ class ConfigError(ValueError):
 
 
 def _parse_value(s):
+    if s.lower() in ('true', 'false'):  # --compile=false must not become the (truthy) string 'false'
+        return s.lower() == 'true'
     try:
         return ast.literal_eval(s)
     except (ValueError, SyntaxError):
         return s  # a bare string such as --model_type=delta
+
+
+# keys whose value may be either of two types (their default's, or these)
+EXTRA_TYPES = {'compile': (bool,)}
+
+
+def _check_type(key, value, default):
+    """value, coerced to the default's type where that is lossless; a ConfigError otherwise."""
+    if default is None or isinstance(value, type(default)) and not (isinstance(value, bool) and
+                                                                     not isinstance(default, bool)):
+        return value
+    if isinstance(value, EXTRA_TYPES.get(key, ())):
+        return value
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    raise ConfigError(f"{key} must be a {type(default).__name__} (default {default!r}), got {value!r}")
 
 
 def parse_cli(argv):
@@ -136,12 +157,15 @@ def resolve_config(config_file=None, overrides=None):
         if unknown:
             raise ConfigError(f"unknown key(s) {unknown} in {source} for model_type {model_type!r}; "
                               f"valid keys: {', '.join(sorted(cfg))}")
-        cfg.update(d)
+        cfg.update({k: _check_type(k, v, cfg[k]) for k, v in d.items()})
     cfg['model_type'] = model_type
     if cfg['init_from'] not in ('scratch', 'resume'):
         raise ConfigError(f"init_from must be 'scratch' or 'resume', got {cfg['init_from']!r}")
-    if cfg['dtype'] not in ('auto', 'bfloat16', 'float16', 'float32'):
-        raise ConfigError(f"dtype must be one of auto, bfloat16, float16, float32; got {cfg['dtype']!r}")
+    if cfg['dtype'] not in ('auto', 'bfloat16', 'float32'):  # float16 would need loss scaling: not supported
+        raise ConfigError(f"dtype must be one of auto, bfloat16, float32; got {cfg['dtype']!r}")
+    dev = cfg['device']
+    if not (dev in ('auto', 'cpu', 'cuda') or (dev.startswith('cuda:') and dev[5:].isdigit())):
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {dev!r}")
     return cfg
 
 
@@ -190,8 +214,9 @@ def run_metadata(device=None):
             'device': device_name(device), 'versions': library_versions()}
 
 
-# measured peaks (dense bf16 matmul, 8192^3, random data): H200 of this project's GPU machine, 788 TFLOP/s
-KNOWN_PEAK_FLOPS = {'H200': 788e12, 'H100': 788e12}
+# measured peaks (dense bf16 matmul, 8192^3, random data): H200 of this project's GPU machine, 788 TFLOP/s.
+# Other GPUs are measured once at start.
+KNOWN_PEAK_FLOPS = {'H200': 788e12}
 _peak_cache = {}
 
 
@@ -318,10 +343,10 @@ def train(config_file=None, overrides=None):
     master = rank == 0
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
     if device_type == 'cuda' and not torch.cuda.is_available():
-        raise RuntimeError(f"device={cfg['device']!r} but CUDA is not available; use device='cpu' or 'auto'")
+        raise ConfigError(f"device={cfg['device']!r} but CUDA is not available; use device='cpu' or 'auto'")
     dtype = cfg['dtype'] if cfg['dtype'] != 'auto' else (
         'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32')
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
     autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=ptdtype)
     use_compile = (device_type == 'cuda') if cfg['compile'] == 'auto' else bool(cfg['compile'])
     eval_bs = cfg['eval_batch_size'] or (256 if device_type == 'cuda' else cfg['batch_size'])
@@ -347,7 +372,15 @@ def train(config_file=None, overrides=None):
         if not os.path.exists(ckpt_last):
             raise FileNotFoundError(f"init_from='resume' but {ckpt_last} does not exist")
         ckpt = torch.load(ckpt_last, map_location=device, weights_only=False)
-        mcfg = ckpt['model_config']  # the architecture the checkpoint was trained with
+        changed = sorted(k for k, v in cfg.items() if k not in RESUME_MAY_CHANGE and ckpt['config'].get(k, v) != v)
+        if changed:
+            raise ConfigError(f"init_from='resume' with a different config than {ckpt_last} was trained with: "
+                              + ', '.join(f"{k}={cfg[k]!r} (checkpoint: {ckpt['config'][k]!r})" for k in changed)
+                              + f"; only {', '.join(sorted(RESUME_MAY_CHANGE))} may change on resume")
+        if len(ckpt['rng']) != world_size:
+            raise ConfigError(f"{ckpt_last} was written by {len(ckpt['rng'])} process(es), this run has {world_size}: "
+                              f"resume with the same number, so every rank continues its own data stream")
+        mcfg = ckpt['model_config']  # the architecture as built (d_ff solved)
     torch.manual_seed(cfg['seed'])  # same init on every rank
     model = model_lib.get_model_module(cfg['model_type']).GPT(
         model_lib.get_model_module(cfg['model_type']).GPTConfig(**mcfg))
@@ -363,7 +396,7 @@ def train(config_file=None, overrides=None):
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
         iter_num, best_val, best_iter = ckpt['iter_num'], ckpt['best_val_loss'], ckpt['best_iter']
-        rng = ckpt['rng'][rank] if rank < len(ckpt['rng']) else ckpt['rng'][0]
+        rng = ckpt['rng'][rank]
         data_gen.set_state(rng['data'])
         torch.set_rng_state(rng['torch'])
         if device_type == 'cuda' and rng['cuda'] is not None:
@@ -375,8 +408,10 @@ def train(config_file=None, overrides=None):
                 f.writelines(keep)
         print(f"resuming {cfg['model_type']} from iteration {iter_num} (best val {best_val:.4f} at {best_iter})")
         del ckpt
-    elif master and os.path.exists(metrics_path):
-        os.remove(metrics_path)
+    elif master:  # from scratch: nothing an earlier run left here may be mistaken for this run's
+        for f in (metrics_path, ckpt_last, ckpt_best, os.path.join(out_dir, 'summary.json')):
+            if os.path.exists(f):
+                os.remove(f)
 
     raw_model = model
     if use_compile:
@@ -446,7 +481,8 @@ def train(config_file=None, overrides=None):
     window_times, window_t0, window_iters = [], None, 0
     last_loss = float('nan')
     start_iter, t_train0 = iter_num, time.time()
-    skip_eval_at = iter_num if cfg['init_from'] == 'resume' else -1
+    # a resumed run already evaluated (and logged) the iteration it resumes at
+    skip_eval_at = iter_num if cfg['init_from'] == 'resume' and not cfg['eval_only'] else -1
     max_iters = cfg['max_iters']
     while True:
         lr = get_lr(iter_num, cfg)
@@ -461,8 +497,7 @@ def train(config_file=None, overrides=None):
                                         f"the last good checkpoint is {ckpt_last}")
                 if losses['val'] < best_val:
                     best_val, best_iter = losses['val'], iter_num
-                    if iter_num > 0:
-                        save(ckpt_best, losses, rng_states)  # only ever replaced by a better one
+                    save(ckpt_best, losses, rng_states)  # only ever replaced by a better one
                 if iter_num > 0:
                     save(ckpt_last, losses, rng_states)
                 log({'kind': 'eval', 'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'],
@@ -470,7 +505,7 @@ def train(config_file=None, overrides=None):
                      'time_s': round(time.time() - t_start, 3)})
                 print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                       f" (best {best_val:.4f} @ {best_iter})")
-            window_t0 = None  # don't count evaluation time as training time
+            window_t0, window_iters = time.time(), 0  # evaluation time is not training time
         if iter_num >= max_iters or cfg['eval_only']:
             break
 
@@ -507,7 +542,7 @@ def train(config_file=None, overrides=None):
             if window_t0 is not None:
                 dt = (now - window_t0) / window_iters
                 window_times.append(dt)
-                mfu = raw_model.estimate_mfu(gas * world_size * cfg['batch_size'], dt, peak) if peak else None
+                mfu = raw_model.estimate_mfu(gas * cfg['batch_size'], dt, peak) if peak else None  # per GPU
                 eta = dt * (max_iters - iter_num)
                 log({'kind': 'train', 'iter': iter_num, 'loss': last_loss, 'lr': lr, 'ms_per_iter': dt * 1000,
                      'mfu': mfu})
@@ -527,7 +562,7 @@ def train(config_file=None, overrides=None):
         'median_ms_per_iter': median_dt * 1000, 'tokens_per_s': tokens_per_iter / median_dt if times else None,
         'n_params': n_params, 'out_dir': out_dir, 'status': 'done',
     }
-    if master:
+    if master and not cfg['eval_only']:  # an evaluation-only pass never replaces a training run's summary
         atomic_write_json(summary, os.path.join(out_dir, 'summary.json'))
         print(f"done: best val loss {best_val:.4f} at iter {best_iter}, {summary['wall_s']:.0f}s wall, "
               f"median {median_dt * 1000:.2f} ms/iter")
@@ -594,6 +629,10 @@ def sweep(overrides=None):
     """The whole reproduction. Resumable: finished runs with the same config are not trained again."""
     overrides = dict(overrides or {})
     opts = {k: overrides.pop(k, v) for k, v in SWEEP_KEYS.items()}
+    owned = sorted(set(overrides) & {'model_type', 'learning_rate', 'seed', 'out_dir', 'preset', 'init_from'})
+    if owned:
+        raise ConfigError(f"the sweep sets {owned} itself; use --models, --lrs, --seeds, --results_dir, --preset "
+                          f"(or give a config file to train a single run)")
     cuda = pick_device(overrides.get('device', 'auto')).startswith('cuda')
     preset = opts['preset'] if opts['preset'] != 'auto' else ('full' if cuda else 'cpu')
     if preset not in PRESETS:
@@ -626,13 +665,17 @@ def sweep(overrides=None):
         eta = (np.mean(done_times) * left) if done_times else None
         print(f"\n=== run {i + 1}/{len(runs)}: {m} lr={lr:g} seed={seed} | elapsed {_fmt_time(time.time() - t0)}"
               + (f", eta {_fmt_time(eta)}" if eta else '') + " ===")
-        if prev and prev.get('status') == 'done' and same:
-            print(f"already done ({out_dir}): best val loss {prev['best_val_loss']:.4f}; skipping")
+        if prev and prev.get('status') in ('done', 'diverged') and same:
+            print(f"already {prev['status']} ({out_dir}): best val loss {prev['best_val_loss']:.4f}; skipping")
             summaries.append(prev)
             continue
         resume = same and os.path.exists(os.path.join(out_dir, 'ckpt_last.pt'))
         t_run = time.time()
-        summaries.append(train(None, {**run_cfg, 'init_from': 'resume' if resume else 'scratch'}))
+        try:
+            summaries.append(train(None, {**run_cfg, 'init_from': 'resume' if resume else 'scratch'}))
+        except NonFiniteLoss as e:  # one diverging LR must not stop the reproduction; the record says so
+            print(f"diverged: {e}")
+            summaries.append(_diverged_summary(run_cfg, str(e)))
         done_times.append(time.time() - t_run)
 
     bench_out = None
@@ -647,6 +690,23 @@ def sweep(overrides=None):
     total = time.time() - t0
     print(f"\nreproduction finished in {_fmt_time(total)} ({total:.0f}s); results in {results_dir}")
     return {'preset': label, 'results_dir': results_dir, 'runs': summaries, 'wall_s': total, 'bench': bench_out}
+
+
+def _diverged_summary(run_cfg, why):
+    """summary.json for a run stopped by a non-finite loss: status 'diverged' and its best val loss so far
+    (the bake-off ranks finished runs only), so a rerun of the sweep doesn't hit the same NaN again."""
+    out_dir = run_cfg['out_dir']
+    evals = []
+    if os.path.exists(os.path.join(out_dir, 'metrics.jsonl')):
+        with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
+            evals = [r for r in map(json.loads, f) if r['kind'] == 'eval']
+    best = min(evals, key=lambda r: r['val_loss']) if evals else None
+    summary = {'model_type': run_cfg['model_type'], 'learning_rate': run_cfg['learning_rate'],
+               'seed': run_cfg['seed'], 'preset': run_cfg['preset'], 'status': 'diverged', 'reason': why,
+               'best_val_loss': best['val_loss'] if best else float('nan'), 'best_iter': best['iter'] if best else -1,
+               'iters': evals[-1]['iter'] if evals else 0, 'out_dir': out_dir}
+    atomic_write_json(summary, os.path.join(out_dir, 'summary.json'))
+    return summary
 
 
 def _load_json(path):

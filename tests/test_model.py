@@ -119,3 +119,16 @@ def test_unknown_model_type_names_choices():
 def test_unknown_config_key_names_valid_keys():
     with pytest.raises(ValueError, match='valid keys'):
         model_lib.build_model('vanilla', n_layers=3)
+
+
+@pytest.mark.parametrize('model_type', MODEL_TYPES)
+def test_backward_through_a_stateful_continuation(model_type):
+    """Training on a prefix held in a decode state (e.g. truncated BPTT) must not trip autograd on the
+    in-place state updates."""
+    m = tiny(model_type).train()
+    idx = torch.randint(0, 65, (2, 20))
+    state = m.init_state(2, 20)
+    a, _ = m(idx[:, :10], state=state)
+    b, _ = m(idx[:, 10:], state=state)
+    (a.sum() + b.sum()).backward()
+    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)

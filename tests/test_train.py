@@ -192,3 +192,66 @@ def test_sweep_is_resumable(prepared, tmp_path):
             for r in second['runs']} == stamps
     third = train_runner.sweep({**opts, 'max_iters': 3, 'models': 'vanilla'})  # a changed config does retrain
     assert third['runs'][0]['iters'] == 3
+
+
+def test_values_are_type_checked():
+    assert train_runner.parse_cli(['--compile=false', '--decay_lr=True'])[1] == {'compile': False, 'decay_lr': True}
+    assert train_runner.resolve_config(None, {'learning_rate': 1})['learning_rate'] == 1.0
+    for bad in ({'batch_size': 64.5}, {'decay_lr': 'no'}, {'dtype': 'float16'}, {'device': 'gpu'}):
+        with pytest.raises(ValueError):
+            train_runner.resolve_config(None, bad)
+
+
+def test_resume_refuses_a_changed_config(prepared, tmp_path):
+    run = {**TINY_RUN, 'out_dir': str(tmp_path), 'eval_interval': 5}
+    train_runner.train(None, {**run, 'max_iters': 5})
+    with pytest.raises(ValueError, match='different config.*n_layer'):
+        train_runner.train(None, {**run, 'max_iters': 10, 'n_layer': 3, 'init_from': 'resume'})
+    s = train_runner.train(None, {**run, 'max_iters': 10, 'init_from': 'resume'})  # longer is fine
+    assert s['iters'] == 10
+
+
+def test_scratch_start_clears_an_earlier_runs_files(prepared, tmp_path, monkeypatch):
+    run = {**TINY_RUN, 'out_dir': str(tmp_path), 'eval_interval': 5}
+    train_runner.train(None, {**run, 'max_iters': 5})
+    assert (tmp_path / 'summary.json').exists() and (tmp_path / 'ckpt_last.pt').exists()
+    import model as model_lib
+    orig = model_lib.GPT.forward
+
+    def crash_in_training(self, *a, **k):
+        if self.training:
+            raise KeyboardInterrupt  # killed right after starting
+        return orig(self, *a, **k)
+    monkeypatch.setattr(model_lib.GPT, 'forward', crash_in_training)
+    with pytest.raises(KeyboardInterrupt):
+        train_runner.train(None, {**run, 'max_iters': 8, 'learning_rate': 2e-3})
+    assert not (tmp_path / 'summary.json').exists()  # the old summary can't pass for this run's
+    assert not (tmp_path / 'ckpt_last.pt').exists()
+
+
+def test_eval_only_resume_evaluates_and_keeps_the_summary(prepared, tmp_path):
+    run = {**TINY_RUN, 'out_dir': str(tmp_path), 'eval_interval': 5, 'max_iters': 5}
+    s = train_runner.train(None, run)
+    e = train_runner.train(None, {**run, 'init_from': 'resume', 'eval_only': True})
+    assert abs(e['final_val_loss'] - s['final_val_loss']) < 1e-6  # the same weights, the same eval windows
+    assert json.load(open(tmp_path / 'summary.json'))['iters'] == 5
+
+
+def test_best_checkpoint_exists_even_if_iteration_0_is_best(prepared, tmp_path):
+    s = train_runner.train(None, {**TINY_RUN, 'out_dir': str(tmp_path), 'max_iters': 2, 'eval_interval': 2,
+                                  'learning_rate': 0.0})
+    assert (tmp_path / 'ckpt_best.pt').exists() and s['best_iter'] in (0, 2)
+
+
+def test_sweep_records_a_diverged_run_and_goes_on(prepared, tmp_path, monkeypatch):
+    orig = train_runner.get_lr
+    monkeypatch.setattr(train_runner, 'get_lr',
+                        lambda it, cfg: float('nan') if cfg['learning_rate'] == 3e-3 else orig(it, cfg))
+    opts = dict(models='vanilla', lrs='1e-3,3e-3', bench=False, results_dir=str(tmp_path), max_iters=4,
+                eval_iters=1, log_interval=2, device='cpu')
+    out = train_runner.sweep(dict(opts))
+    assert [r['status'] for r in out['runs']] == ['done', 'diverged']
+    again = train_runner.sweep(dict(opts))  # finished and diverged runs are both skipped
+    assert [r['status'] for r in again['runs']] == ['done', 'diverged']
+    with pytest.raises(ValueError, match='the sweep sets'):
+        train_runner.sweep({'learning_rate': 1e-3})
