@@ -363,6 +363,10 @@ class GPT(nn.Module):
         block_size), so cached and uncached decoding compute the same function. Models without
         learned positions condition on the whole sequence, with a state sized for it.
         """
+        if idx.dim() != 2 or idx.size(1) == 0:
+            raise ValueError(f"idx must be (B, T) with T >= 1 prompt tokens, got shape {tuple(idx.shape)}")
+        if temperature < 0 or (top_k is not None and top_k < 1):
+            raise ValueError(f"need temperature >= 0 (0 = greedy) and top_k >= 1 or None; got {temperature}, {top_k}")
         ctx = self.max_context
         crop = (lambda s: s) if ctx is None else (lambda s: s[:, -ctx:])
         if not use_cache:

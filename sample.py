@@ -31,7 +31,6 @@ DEFAULTS = dict(
     device='auto',
     dtype='auto',
     use_cache=True,
-    compile=False,
 )
 
 
@@ -66,14 +65,14 @@ def main(argv):
     device = pick_device(cfg['device'])
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
     dtype = cfg['dtype'] if cfg['dtype'] != 'auto' else ('bfloat16' if device_type == 'cuda' else 'float32')
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    if dtype not in ('float32', 'bfloat16'):
+        raise ConfigError(f"dtype must be auto, bfloat16 or float32; got {dtype!r}")
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
     ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=ptdtype)
     torch.manual_seed(cfg['seed'])
     torch.cuda.manual_seed(cfg['seed']) if device_type == 'cuda' else None
 
     model, ckpt = load_model(cfg['out_dir'], cfg['ckpt'], device)
-    if cfg['compile']:
-        model = torch.compile(model)
     dataset = ckpt['config'].get('dataset', 'shakespeare_char')
     meta_path = os.path.join(HERE, 'data', dataset, 'meta.pkl')
     if not os.path.exists(meta_path):

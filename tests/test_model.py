@@ -132,3 +132,13 @@ def test_backward_through_a_stateful_continuation(model_type):
     b, _ = m(idx[:, 10:], state=state)
     (a.sum() + b.sum()).backward()
     assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+
+
+def test_generate_rejects_bad_arguments():
+    m = tiny('vanilla')
+    with pytest.raises(ValueError, match='prompt tokens'):
+        m.generate(torch.zeros(1, 0, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match='temperature'):
+        m.generate(torch.zeros(1, 1, dtype=torch.long), 3, temperature=-1)
+    with pytest.raises(ValueError, match='top_k'):
+        m.generate(torch.zeros(1, 1, dtype=torch.long), 3, top_k=0)
