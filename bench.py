@@ -308,10 +308,30 @@ def measure_train_peak(m, B, T, device):
     return torch.cuda.max_memory_allocated(device)
 
 
+def time_fwd_bwd(m, B, T, device, repeats):
+    """Median wall time (ms) of `repeats` fwd+bwd passes over a (B, T) batch, synchronised around each."""
+    vocab = m.config.vocab_size
+    idx, targets = torch.randint(vocab, (B, T), device=device), torch.randint(vocab, (B, T), device=device)
+    times = []
+    for _ in range(repeats):
+        m.zero_grad(set_to_none=True)
+        _sync(device)
+        t0 = time.perf_counter()
+        with _autocast(device):
+            _, loss = m(idx, targets)
+        loss.backward()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1000)
+        del loss
+    return _median(times)
+
+
 def memory(out='results', tiny=False, device='auto', models=None, contexts=None, batches=None, warmup=True,
-           model_kw=None):
+           model_kw=None, repeats=3):
     """Peak training memory vs context (powers of two) at batch 1 and 4, the OOM wall, and decoding-state
-    bytes per sequence. Each model is built with block_size = T and fed exactly T tokens (no cropping)."""
+    bytes per sequence. Each model is built with block_size = T and fed exactly T tokens (no cropping).
+    The same run times fwd+bwd (median of `repeats` passes after the measured one) and reports each
+    model's time against vanilla's at the same (B, T): the long-context speed comparison."""
     device = _resolve_device(device)
     cuda = torch.device(device).type == 'cuda'
     contexts = _as_list(contexts, int) or MEMORY_CONTEXTS[tiny]
@@ -345,6 +365,8 @@ def memory(out='results', tiny=False, device='auto', models=None, contexts=None,
                     row['status'] = 'ok' if peak is not None else 'ok (peak not measured on cpu)'
                     row['peak_bytes'] = peak
                     row['peak_gib'] = peak / 2 ** 30 if peak is not None else None
+                    if repeats:
+                        row['fwdbwd_ms'] = time_fwd_bwd(m, B, T, device, repeats)
                 except Exception as e:
                     if not _is_oom(e):
                         traceback.print_exc()
@@ -358,11 +380,16 @@ def memory(out='results', tiny=False, device='auto', models=None, contexts=None,
                 print(f"[memory] {mt} B={B} T={T}: {row['status']}"
                       + (f", peak {row['peak_gib']:.3f} GiB" if row.get('peak_gib') is not None else '')
                       + f", state {state_bytes[T]:,} B/seq", flush=True)
-    cols = ['model', 'batch', 'context', 'tokens', 'status', 'peak_bytes', 'peak_gib', 'param_bytes', 'state_bytes']
+    ref = {(r['batch'], r['context']): r['fwdbwd_ms'] for r in rows if r['model'] == 'vanilla' and r.get('fwdbwd_ms')}
+    for r in rows:
+        if r.get('fwdbwd_ms') and (r['batch'], r['context']) in ref:
+            r['fwdbwd_vs_vanilla'] = r['fwdbwd_ms'] / ref[(r['batch'], r['context'])]
+    cols = ['model', 'batch', 'context', 'tokens', 'status', 'peak_bytes', 'peak_gib', 'param_bytes', 'state_bytes',
+            'fwdbwd_ms', 'fwdbwd_vs_vanilla']
     write_csv(os.path.join(out, 'memory.csv'), rows, cols)
     total = torch.cuda.get_device_properties(device).total_memory if cuda else None
     write_meta(out, 'memory', device, dict(tiny=tiny, models=models, contexts=contexts, batches=batches,
-                                           warmup=warmup, model_kw=model_kw),
+                                           warmup=warmup, model_kw=model_kw, repeats=repeats),
                device_total_bytes=total, state_dtype='bfloat16 (KV caches; recurrent states fp32 in the mixers)')
     plot_memory(rows, os.path.join(out, 'memory.png'), total)
     return rows
@@ -1076,6 +1103,13 @@ def report(out='results'):
         table, cols = _pivot(rows, lambda r: r['context'], lambda r: f"{r['model']} B={r['batch']}", cell)
         md += ["Peak training memory, fwd+bwd (GiB; OOM = out of memory; skipped = past the OOM; n/m = not "
                "measured):", "", _md_table(table, cols, ['context'] + cols[1:]), ""]
+        timed = [r for r in rows if r.get('fwdbwd_ms')]
+        if timed:
+            table, cols = _pivot(timed, lambda r: r['context'], lambda r: f"{r['model']} B={r['batch']}",
+                                 lambda r: f"{float(r['fwdbwd_ms']):.2f}" + (
+                                     f" ({float(r['fwdbwd_vs_vanilla']):.2f}x)" if r.get('fwdbwd_vs_vanilla') else ''))
+            md += ["fwd+bwd time per step (ms, median; in parentheses: over vanilla's at the same batch and "
+                   "context, same run):", "", _md_table(table, cols, ['context'] + cols[1:]), ""]
         st = {(r['context'], r['model']): r['state_bytes'] for r in rows}
         table, cols = _pivot([dict(context=c, model=mt, b=b) for (c, mt), b in st.items()],
                              lambda r: r['context'], lambda r: r['model'], lambda r: f"{int(r['b']):,}")

@@ -133,6 +133,11 @@ def test_memory_rows(results):
     state = {(r['model'], int(r['context'])): int(r['state_bytes']) for r in table}
     # vanilla's KV cache grows linearly with the context
     assert state[('vanilla', 32)] == 2 * state[('vanilla', 16)] > 0
+    # fwd+bwd is timed in the same run, and each model's ratio is against vanilla at the same (B, T)
+    for r in table:
+        assert float(r['fwdbwd_ms']) > 0
+        if r['model'] == 'vanilla':
+            assert float(r['fwdbwd_vs_vanilla']) == 1.0
 
 
 def test_memory_oom_stops_series(tmp_path, monkeypatch):
