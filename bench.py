@@ -28,6 +28,7 @@ import csv
 import gc
 import inspect
 import json
+import re
 import math
 import os
 import sys
@@ -1144,6 +1145,16 @@ def report(out='results'):
         md.append(missing('latency.csv', 'python bench.py latency'))
     md.append("")
 
+    md += ["## Training speed against nanoGPT (same shape, same run)", ""]
+    if have('vs_nanogpt.csv'):
+        rows = read_csv(os.path.join(out, 'vs_nanogpt.csv'))
+        md += [_md_table(rows, ['impl', 'iters', 'median_ms', 'p10_ms', 'p90_ms', 'ratio_vs_nanogpt'],
+                         ['implementation', 'timed iterations', 'median ms/iter', 'p10', 'p90', 'vs nanoGPT']), "",
+               _meta_lines(out, 'vs_nanogpt')]
+    else:
+        md.append(missing('vs_nanogpt.csv', 'python bench.py vs_nanogpt (karpathy/nanoGPT cloned into .nanogpt/)'))
+    md.append("")
+
     md += ["## Training throughput", ""]
     if have('throughput.csv'):
         rows = read_csv(os.path.join(out, 'throughput.csv'))
@@ -1190,7 +1201,8 @@ def model_kw_from_runs(runs_dir):
 
 def run_all(out='results', tiny=None, device='auto', models=None, preset=None, runs_dir=None, compile=False,
             model_kw=None, wandb_log=False, wandb_project='attention-bakeoff'):
-    """params, memory, latency, throughput, bakeoff, report (what train_runner's sweep calls at its end).
+    """params, memory, latency, throughput, vs_nanogpt (when .nanogpt/ holds karpathy/nanoGPT), bakeoff,
+    report (what train_runner's sweep calls at its end).
     tiny=None: small benchmark sizes when there is no CUDA. The models benchmarked are those of the
     sweep's run records when there are any (model_kw), else the modules' defaults (or TINY).
     A step that fails is reported and the others still run. Returns {step: 'ok' | 'failed: ...'}."""
@@ -1210,6 +1222,7 @@ def run_all(out='results', tiny=None, device='auto', models=None, preset=None, r
              ('memory', lambda: memory(out, tiny, device, models, model_kw=model_kw)),
              ('latency', lambda: latency(out, tiny, device, models, model_kw=model_kw)),
              ('throughput', lambda: throughput(out, tiny, device, models, compile=compile, model_kw=model_kw)),
+             ('vs_nanogpt', lambda: vs_nanogpt(out, tiny=tiny, device=device, iters=60 if tiny else 500)),
              ('bakeoff', lambda: bakeoff(out, preset, rdir)),
              ('report', lambda: report(out))]
     status = {}
@@ -1217,6 +1230,10 @@ def run_all(out='results', tiny=None, device='auto', models=None, preset=None, r
         print(f"===== bench {name} =====", flush=True)
         if name == 'bakeoff' and rdir is None:
             status[name] = 'skipped: no run records'
+            continue
+        if name == 'vs_nanogpt' and not os.path.exists(os.path.join(NANOGPT_DIR, 'train.py')):
+            status[name] = 'skipped: karpathy/nanoGPT not cloned into .nanogpt/'
+            print(f"[bench] {status[name]}")
             continue
         try:
             fn()
@@ -1255,6 +1272,63 @@ def _all_cli(out='results', tiny=None, device='auto', models=None, preset=None, 
     return 1 if any(v.startswith('failed') for v in status.values()) else 0
 
 
+NANOGPT_DIR = os.path.join(HERE, '.nanogpt')  # karpathy/nanoGPT, cloned by the user (git-ignored)
+NANOGPT_TIME = re.compile(r'^iter (\d+): loss [-\d.naif]+, time ([\d.]+)ms')
+
+
+def vs_nanogpt(out='results', nanogpt_dir=None, iters=500, skip=20, tiny=False, device='auto', compile='auto'):
+    """Training speed side by side with karpathy/nanoGPT in one run: its train.py with its
+    config/train_shakespeare_char.py, then this repo's vanilla at the same shape, both for `iters` steps,
+    logging (and so synchronising) every iteration, evaluation only at the ends. Reports the median ms/iter
+    of each after the first `skip` iterations (compilation, autotuning) and ours / nanoGPT's.
+    nanoGPT is not part of this repository: clone it into nanogpt_dir (git-ignored) first."""
+    import subprocess
+    import tempfile
+    from train_runner import load_dataset, train
+    device = _resolve_device(device)
+    nanogpt_dir = nanogpt_dir or NANOGPT_DIR
+    script = os.path.join(nanogpt_dir, 'train.py')
+    if not os.path.exists(script):
+        raise FileNotFoundError(f"{script} not found: clone karpathy/nanoGPT into {nanogpt_dir} first")
+    load_dataset('shakespeare_char', 'cpu')  # prepares data/shakespeare_char if needed
+    link = os.path.join(nanogpt_dir, 'data', 'shakespeare_char')
+    if not os.path.exists(link):  # nanoGPT reads data/<dataset>/ relative to its working directory
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        os.symlink(os.path.join(HERE, 'data', 'shakespeare_char'), link)
+    use_compile = (torch.device(device).type == 'cuda') if compile == 'auto' else bool(compile)
+    shape = dict(n_layer=2, n_head=4, n_embd=64, block_size=64, batch_size=8) if tiny else {}
+    common = dict(max_iters=iters, lr_decay_iters=iters, eval_interval=iters, eval_iters=1, log_interval=1,
+                  device=device, compile=use_compile, **shape)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, 'train.py', 'config/train_shakespeare_char.py', f'--out_dir={tmp}/nanogpt',
+               *(f'--{k}={v}' for k, v in common.items())]
+        print(f"[vs_nanogpt] nanoGPT: {' '.join(cmd[1:])}", flush=True)
+        r = subprocess.run(cmd, cwd=nanogpt_dir, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"nanoGPT failed (exit {r.returncode}): {r.stderr[-2000:]}")
+        theirs = [float(m.group(2)) for m in map(NANOGPT_TIME.match, r.stdout.splitlines()) if m]
+        train(None, {**common, 'model_type': 'vanilla', 'out_dir': f'{tmp}/ours', 'dropout': 0.2})
+        with open(f'{tmp}/ours/metrics.jsonl') as f:
+            ours = [row['ms_per_iter'] for row in map(json.loads, f) if row['kind'] == 'train']
+    if len(theirs) <= skip or len(ours) <= skip:
+        raise RuntimeError(f"too few timed iterations (nanoGPT {len(theirs)}, ours {len(ours)}) for skip={skip}")
+    rows = []
+    for impl, ts in (('nanoGPT', theirs[skip:]), ('this repo (vanilla)', ours[skip:])):
+        ts = sorted(ts)
+        rows.append(dict(impl=impl, iters=len(ts), median_ms=_median(ts), p10_ms=ts[len(ts) // 10],
+                         p90_ms=ts[(9 * len(ts)) // 10]))
+    rows[1]['ratio_vs_nanogpt'] = rows[1]['median_ms'] / rows[0]['median_ms']
+    rows[0]['ratio_vs_nanogpt'] = 1.0
+    write_csv(os.path.join(out, 'vs_nanogpt.csv'), rows,
+              ['impl', 'iters', 'median_ms', 'p10_ms', 'p90_ms', 'ratio_vs_nanogpt'])
+    write_meta(out, 'vs_nanogpt', device, dict(nanogpt_dir=nanogpt_dir, iters=iters, skip=skip, tiny=tiny,
+                                               compile=use_compile),
+               method='both log every iteration (a sync per step); median of per-iteration times after `skip`')
+    print(f"[vs_nanogpt] median ms/iter: nanoGPT {rows[0]['median_ms']:.2f}, ours {rows[1]['median_ms']:.2f} "
+          f"(ratio {rows[1]['ratio_vs_nanogpt']:.2f})")
+    return rows
+
+
 README = os.path.join(HERE, 'README.md')
 RUNS_MARK = ('<!-- runs-table:start -->', '<!-- runs-table:end -->')
 
@@ -1290,7 +1364,8 @@ def runs(runs_dir='results/h200', readme=False):
     return rows
 
 
-COMMANDS = {**{f.__name__: f for f in (params, memory, latency, throughput, bakeoff, report, selfcheck, runs)},
+COMMANDS = {**{f.__name__: f for f in (params, memory, latency, throughput, bakeoff, report, selfcheck, runs,
+                                        vs_nanogpt)},
             'all': _all_cli}
 all = run_all  # bench.all(...) as in the docs (shadows the builtin in this module only; bench never uses it)
 

@@ -216,7 +216,7 @@ def test_report(results):
 
 def test_report_states_missing(tmp_path):
     md = open(bench.report(str(tmp_path))).read()
-    assert md.count('*Missing:') == 6 and '![' not in md
+    assert md.count('*Missing:') == 7 and '![' not in md
 
 
 def test_cli(results, tmp_path):
@@ -231,3 +231,25 @@ def test_cli(results, tmp_path):
     assert r.returncode != 0 and 'valid keys' in r.stderr
     r = run('bakeoff', f'--out={out}', '--preset=missing')
     assert r.returncode != 0 and 'valid choices' in r.stderr
+
+
+def test_vs_nanogpt_side_by_side(prepared, tmp_path):
+    """The nanoGPT comparison runs nanoGPT's train.py (here a stand-in that prints nanoGPT's log format at
+    a fixed 50 ms/iter; the real one is git-ignored) and our vanilla in one call, and reports the ratio."""
+    fake = tmp_path / 'nanogpt'
+    (fake / 'config').mkdir(parents=True)
+    (fake / 'config' / 'train_shakespeare_char.py').write_text('')
+    (fake / 'train.py').write_text(
+        "import sys, os\n"
+        "args = dict(a[2:].split('=', 1) for a in sys.argv[2:])\n"
+        "assert os.path.exists('data/shakespeare_char/train.bin')\n"
+        "for i in range(int(args['max_iters']) + 1):\n"
+        "    print(f'iter {i}: loss 2.5000, time 50.00ms, mfu -100.00%')\n")
+    rows = bench.vs_nanogpt(out=str(tmp_path / 'out'), nanogpt_dir=str(fake), iters=30, skip=5, tiny=True,
+                            device='cpu')
+    assert rows[0]['impl'] == 'nanoGPT' and rows[0]['median_ms'] == 50.0 and rows[0]['iters'] == 26
+    assert rows[1]['median_ms'] > 0 and rows[1]['ratio_vs_nanogpt'] == rows[1]['median_ms'] / 50.0
+    table = read(os.path.join(tmp_path / 'out', 'vs_nanogpt.csv'))
+    assert [r['impl'] for r in table] == ['nanoGPT', 'this repo (vanilla)']
+    with pytest.raises(FileNotFoundError, match='clone karpathy/nanoGPT'):
+        bench.vs_nanogpt(out=str(tmp_path), nanogpt_dir=str(tmp_path / 'nope'))
