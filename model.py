@@ -86,6 +86,12 @@ def use_fla(backend, x):
     return backend == 'fla' or (backend == 'auto' and x.device.type == 'cuda')
 
 
+def rel_rms(a, b):
+    """Relative RMS error ||a - b|| / ||b||, in fp64: how kernels are compared with the references."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
 def state_nbytes(state):
     """Bytes held by a decoding state (a DecodeState, a dict of tensors, or a list of them)."""
     if isinstance(state, torch.Tensor):

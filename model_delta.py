@@ -296,10 +296,7 @@ TINY = dict(n_layer=2, n_embd=64, n_head=2, head_dim=32, block_size=64)
 
 # ----------------------------------------------------------------------------- self-check
 
-def rel_rms(a, b):
-    """||a - b|| / ||b||, in fp64."""
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+rel_rms = model.rel_rms
 
 
 def compare_chunk_kernel(B=2, T=1000, H=4, D=64, l2norm_in_kernel=True, dtype=torch.bfloat16, seed=0, device='cuda'):

@@ -51,16 +51,11 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import model
-from model_delta import ShortConv
+from model_delta import ShortConv, l2norm  # l2norm: the formula of fla's in-kernel q/k norm
 
 
 
 # ----------------------------------------------------------------------------- references (pure torch)
-
-def l2norm(x, eps=1e-6):
-    """x / sqrt(sum(x^2) + eps) over the last dim: the same eps as fla's in-kernel q/k l2norm."""
-    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
-
 
 def _compute_dtype(*ts):
     """float64 when any input is float64 (tests), else float32 (states and gates stay fp32)."""
@@ -403,10 +398,6 @@ TINY = dict(n_layer=2, n_head=2, n_embd=64, head_dim=32, block_size=64, num_hous
 
 # ----------------------------------------------------------------------------- self-check on the GPU
 
-def _rel_rms(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
-
-
 def selfcheck(device='cuda', T=300, tol=0.02):
     """fla's chunk_gated_delta_product (bf16, q/k l2norm in the kernel, as the mixer calls it) against
     chunk_gated_delta_product_ref (fp32, on the same bf16-rounded inputs): output, final state, and the
@@ -439,7 +430,7 @@ def selfcheck(device='cuda', T=300, tol=0.02):
                              **{f'd{key}': t.grad for key, t in leaf.items()})
     out = []
     for key in results['ref']:
-        err = _rel_rms(results['fla'][key], results['ref'][key])
+        err = model.rel_rms(results['fla'][key], results['ref'][key])
         out.append(dict(name=f'chunk_gated_delta_product {key}', ok=bool(err < tol), max_rel_rms=err,
                         detail=f'bf16 kernel vs fp32 ref, B={B} T={T} H={H} Dk={Dk} Dv={Dv} n_h={n}'))
     return out

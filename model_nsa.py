@@ -455,10 +455,7 @@ TINY = dict(n_layer=2, n_embd=64, n_head=16, n_kv_head=1, head_dim=16, nsa_block
 
 # ----------------------------------------------------------------------------- self-check
 
-def rel_rms(a, b):
-    """||a - b|| / ||b||, in fp64."""
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+rel_rms = model.rel_rms
 
 
 def fla_block_indices(q, k, v, block_size, block_counts, scale):
