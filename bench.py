@@ -1194,8 +1194,9 @@ def model_kw_from_runs(runs_dir):
             print(f"[bench] model {mt!r} of the runs does not import ({e}); the benchmarks skip it")
             continue
         names = {f.name for f in fields(mod.GPTConfig)} - {'model_type'}
-        built = r['config'].get('model_config') or r['config']['config']  # as built: d_ff solved
-        kw[mt] = {k: v for k, v in built.items() if k in names}
+        # the requested config: d_ff=-1 is solved again at the training block_size (model_kwargs), the same
+        # width the run had, and the params table can say it was solved
+        kw[mt] = {k: v for k, v in r['config']['config'].items() if k in names}
     return kw
 
 
