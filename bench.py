@@ -28,9 +28,9 @@ import csv
 import gc
 import inspect
 import json
-import re
 import math
 import os
+import re
 import sys
 import time
 import traceback
@@ -39,6 +39,8 @@ from dataclasses import fields, replace
 import torch
 
 import model
+# train_runner imports bench only inside its sweep, so importing it here is no cycle
+from train_runner import _as_list, _parse_value, device_name, load_dataset, peak_flops, run_metadata, train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -48,14 +50,6 @@ MEMORY_BATCHES = ((1, 4), (1, 2))
 LATENCY_CONTEXTS = ([2 ** i for i in range(7, 16)], [16, 32])          # 128 -> 32768
 THROUGHPUT_SHAPES = ([(64, 256), (16, 1024), (4, 4096), (1, 16384)],  # (B, T): training shape, then 16384 tokens/step
                      [(4, 32), (1, 64)])
-
-
-# ----------------------------------------------------------------------------- helpers from train_runner
-def _helpers():
-    """(run_metadata, peak_flops) from train_runner, imported lazily: train_runner imports bench (to run
-    the benchmarks after the sweep), so a top-level import would be a cycle."""
-    from train_runner import peak_flops, run_metadata
-    return run_metadata, peak_flops
 
 
 # ----------------------------------------------------------------------------- small utilities
@@ -70,22 +64,6 @@ def _resolve_device(device):
     if device not in ('cpu', 'cuda') and not str(device).startswith('cuda:'):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     return device
-
-
-def _device_name(device):
-    from train_runner import device_name
-    return device_name(device)
-
-
-def _as_list(x, cast=None):
-    """'a,b' / (a, b) / [a, b] / a -> list (so CLI literals and Python calls look alike)."""
-    if x is None:
-        return None
-    if isinstance(x, str):
-        x = [s.strip() for s in x.split(',') if s.strip()]
-    elif not isinstance(x, (list, tuple)):
-        x = [x]
-    return [cast(v) for v in x] if cast else list(x)
 
 
 def _autocast(device):
@@ -202,9 +180,8 @@ def write_json(path, obj):
 
 def write_meta(out, name, device, settings, **extra):
     """<out>/<name>.meta.json: how the file was made (command, commit, device, versions, settings)."""
-    run_metadata, _ = _helpers()
     meta = dict(run_metadata())
-    meta.update(name=name, device=_device_name(device), device_type=torch.device(device).type,
+    meta.update(name=name, device=device_name(device), device_type=torch.device(device).type,
                 call=f"bench.{name}({', '.join(f'{k}={v!r}' for k, v in settings.items())})",
                 settings=settings, **extra)
     write_json(os.path.join(out, f'{name}.meta.json'), meta)
@@ -618,9 +595,8 @@ def throughput(out='results', tiny=False, device='auto', models=None, shapes=Non
     shapes = [tuple(int(v) for v in s) for s in shapes]
     iters = iters or (2 if tiny else 20)
     warmup = warmup or (1 if tiny else (10 if compile else 5))
-    _, peak_flops = _helpers()
     peak = peak_flops(device)
-    print(f"[throughput] peak FLOP/s for MFU on {_device_name(device)}: "
+    print(f"[throughput] peak FLOP/s for MFU on {device_name(device)}: "
           + (f"{peak:.4g}" if peak else "unknown (MFU left empty)"))
     rows = []
     for mt, mod in available_models(models):
@@ -1285,7 +1261,6 @@ def vs_nanogpt(out='results', nanogpt_dir=None, iters=500, skip=20, tiny=False, 
     nanoGPT is not part of this repository: clone it into nanogpt_dir (git-ignored) first."""
     import subprocess
     import tempfile
-    from train_runner import load_dataset, train
     device = _resolve_device(device)
     nanogpt_dir = nanogpt_dir or NANOGPT_DIR
     script = os.path.join(nanogpt_dir, 'train.py')
@@ -1372,7 +1347,6 @@ all = run_all  # bench.all(...) as in the docs (shadows the builtin in this modu
 
 
 def main(argv=None):
-    from train_runner import _parse_value
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
         print(__doc__)

@@ -619,10 +619,15 @@ SWEEP_KEYS = dict(preset='auto', seeds=1, models=','.join(model_lib.MODEL_TYPES)
 NEUTRAL_KEYS = {'wandb_log', 'wandb_project', 'wandb_run_name', 'log_interval', 'device'}
 
 
-def _as_list(v, cast):
-    if isinstance(v, (list, tuple)):
-        return [cast(x) for x in v]
-    return [cast(x) for x in str(v).split(',') if str(x).strip()]
+def _as_list(x, cast=None):
+    """'a,b' / (a, b) / [a, b] / a -> list (so CLI literals and Python calls look alike); None stays None."""
+    if x is None:
+        return None
+    if isinstance(x, str):
+        x = [s.strip() for s in x.split(',') if s.strip()]
+    elif not isinstance(x, (list, tuple)):
+        x = [x]
+    return [cast(v) for v in x] if cast else list(x)
 
 
 def sweep(overrides=None):
