@@ -12,6 +12,7 @@ Benchmarks of the four token mixers, and the generated report.
     bakeoff     tables + plots from the sweep's run records in results/runs/<preset>/ (deterministic)
     report      results/REPORT.md from whatever result files exist
     selfcheck   each model's fla-kernel-vs-reference check (CUDA); non-zero exit on any FAIL
+    profile     where a training step's time goes: wall vs GPU kernel time, kernels/iter, top kernels
     all         params, memory, latency, throughput, bakeoff, report
 
 Every sub-command is also a function: bench.params(out='results', tiny=False, device='auto', ...).
@@ -562,11 +563,14 @@ def plot_latency(rows, path):
 
 
 # ----------------------------------------------------------------------------- throughput
-def train_step_times(m, B, T, device, iters, warmup, compile=False):
+def train_step_times(m, B, T, device, iters, warmup, compile=False, reuse=False):
     """ms of each of `iters` training iterations (fwd+bwd in bf16 autocast on CUDA, grad clip 1.0,
-    AdamW step, like train_runner), after `warmup` untimed ones."""
-    opt = m.configure_optimizers(0.1, 1e-4, (0.9, 0.95), torch.device(device).type)
-    fwd = torch.compile(m) if compile else m
+    AdamW step, like train_runner), after `warmup` untimed ones. reuse: the optimizer and compiled
+    module of the previous call on m (no re-compilation)."""
+    if not (reuse and hasattr(m, '_bench_step')):
+        m._bench_step = (m.configure_optimizers(0.1, 1e-4, (0.9, 0.95), torch.device(device).type),
+                         torch.compile(m) if compile else m)
+    opt, fwd = m._bench_step
     vocab = m.config.vocab_size
     X = torch.randint(vocab, (B, T), device=device)
     Y = torch.randint(vocab, (B, T), device=device)
@@ -583,6 +587,73 @@ def train_step_times(m, B, T, device, iters, warmup, compile=False):
         if i >= warmup:
             times.append(t.ms)
     return times
+
+
+def profile(out='results', tiny=False, device='auto', models=None, batch=None, context=None, steps=None,
+            compile='both', model_kw=None, top=20):
+    """Where a training step's time goes, per model: wall ms/iter against the GPU's kernel time per
+    iteration (their gap is launch overhead, Python and synchronisation), the number of kernels a step
+    launches, and the kernels that take the most time (torch.profiler). compile: True, False or 'both'.
+    Writes <out>/profile.csv and <out>/profile_<model>_<eager|compiled>.txt (the kernel tables)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    device = _resolve_device(device)
+    cuda = torch.device(device).type == 'cuda'
+    B, T = (batch or (4 if tiny else 64)), (context or (32 if tiny else 256))
+    steps = steps or (2 if tiny else 10)
+    modes = (False, True) if compile == 'both' else (bool(compile),)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    rows = []
+    os.makedirs(out, exist_ok=True)
+    for mt, mod in available_models(models):
+        kw = model_kwargs(mt, mod, tiny, model_kw)
+        for comp in modes:
+            tag = 'compiled' if comp else 'eager'
+            row = dict(model=mt, batch=B, context=T, compile=comp)
+            try:
+                m = build(mt, kw, device, block_size=T)
+                # timed without the profiler (its own overhead would inflate the wall time) ...
+                times = train_step_times(m, B, T, device, steps, 10 if comp else 5, comp)
+                # ... then the same steps again under it, for the kernel breakdown
+                holder = {}
+                with torch_profile(activities=acts) as prof:
+                    holder['t'] = train_step_times(m, B, T, device, steps, 0, comp, reuse=True)
+                kern = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+                per_name = {}
+                for e in kern:
+                    d = per_name.setdefault(e.name, [0.0, 0])
+                    d[0] += e.time_range.elapsed_us()
+                    d[1] += 1
+                gpu_ms = sum(d[0] for d in per_name.values()) / 1e3 / steps
+                wall = _median(times)
+                row.update(status='ok', ms_per_iter=wall, gpu_kernel_ms_per_iter=gpu_ms if cuda else None,
+                           gpu_busy_pct=100 * gpu_ms / wall if cuda else None,
+                           kernels_per_iter=len(kern) / steps if cuda else None)
+                lines = [f"{mt} ({tag}), B={B} T={T}: wall {wall:.2f} ms/iter (median of {steps}), "
+                         + (f"GPU kernels {gpu_ms:.2f} ms/iter ({row['gpu_busy_pct']:.0f}% busy), "
+                            f"{row['kernels_per_iter']:.0f} kernels/iter" if cuda else 'no CUDA'),
+                         "", f"{'kernel':<90} {'ms/iter':>8} {'calls/iter':>10} {'% gpu':>6}"]
+                for name, (us, n) in sorted(per_name.items(), key=lambda kv: -kv[1][0])[:top]:
+                    lines.append(f"{name[:90]:<90} {us / 1e3 / steps:8.3f} {n / steps:10.1f} "
+                                 f"{100 * us / 1e3 / steps / max(gpu_ms, 1e-9):6.1f}")
+                lines += ["", "CPU-side operators (self CPU time, all steps):",
+                          prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=top)]
+                with open(os.path.join(out, f'profile_{mt}_{tag}.txt'), 'w') as f:
+                    f.write('\n'.join(lines) + '\n')
+                print('[profile] ' + lines[0], flush=True)
+                del m
+            except Exception as e:
+                traceback.print_exc()
+                row['status'] = 'OOM' if _is_oom(e) else f'error: {type(e).__name__}: {str(e).splitlines()[0][:200]}'
+                print(f"[profile] {mt} ({tag}): {row['status']}", flush=True)
+            _free(device)
+            rows.append(row)
+    write_csv(os.path.join(out, 'profile.csv'), rows, ['model', 'batch', 'context', 'compile', 'status', 'ms_per_iter',
+                                                       'gpu_kernel_ms_per_iter', 'gpu_busy_pct', 'kernels_per_iter'])
+    write_meta(out, 'profile', device, dict(tiny=tiny, models=models, batch=B, context=T, steps=steps,
+                                            compile=compile, model_kw=model_kw),
+               method="wall = median ms/iter of train_step_times (fwd+bwd, clip, AdamW) without the profiler; "
+                      "GPU kernel ms = sum of CUDA kernel durations under torch.profiler / steps")
+    return rows
 
 
 def throughput(out='results', tiny=False, device='auto', models=None, shapes=None, iters=None, warmup=None,
@@ -1341,7 +1412,7 @@ def runs(runs_dir='results/h200', readme=False):
 
 
 COMMANDS = {**{f.__name__: f for f in (params, memory, latency, throughput, bakeoff, report, selfcheck, runs,
-                                        vs_nanogpt)},
+                                        vs_nanogpt, profile)},
             'all': _all_cli}
 all = run_all  # bench.all(...) as in the docs (shadows the builtin in this module only; bench never uses it)
 
