@@ -563,60 +563,88 @@ def plot_latency(rows, path):
 
 
 # ----------------------------------------------------------------------------- throughput
-def train_step_times(m, B, T, device, iters, warmup, compile=False, reuse=False):
+def _step_modes(m, device, compile, cuda_graphs):
+    """(compile, cuda_graphs) as train_runner resolves them: 'auto' = on for CUDA; compile off (with the
+    reason printed) for a model that declares a compile_problem."""
+    cuda = torch.device(device).type == 'cuda'
+    compile = cuda if compile == 'auto' else bool(compile)
+    if compile and getattr(m, 'compile_problem', None):
+        print(f"[bench] torch.compile off for {m.config.model_type}: {m.compile_problem}")
+        compile = False
+    graphs = cuda if cuda_graphs == 'auto' else bool(cuda_graphs) and cuda
+    return compile, graphs
+
+
+def train_step_times(m, B, T, device, iters, warmup, compile=False, reuse=False, cuda_graphs=False):
     """ms of each of `iters` training iterations (fwd+bwd in bf16 autocast on CUDA, grad clip 1.0,
-    AdamW step, like train_runner), after `warmup` untimed ones. reuse: the optimizer and compiled
-    module of the previous call on m (no re-compilation)."""
-    if not (reuse and hasattr(m, '_bench_step')):
-        m._bench_step = (m.configure_optimizers(0.1, 1e-4, (0.9, 0.95), torch.device(device).type),
-                         torch.compile(m) if compile else m)
-    opt, fwd = m._bench_step
+    AdamW step, like train_runner), after `warmup` untimed ones. compile / cuda_graphs: as in
+    train_runner (a CUDA graph of forward+backward, train_runner.GraphedStep). reuse: the optimizer,
+    compiled module and graph of the previous call on m (no re-compilation, no re-capture)."""
+    from train_runner import GraphedStep
     vocab = m.config.vocab_size
     X = torch.randint(vocab, (B, T), device=device)
     Y = torch.randint(vocab, (B, T), device=device)
-    assert X.shape == (B, T)
+    if not (reuse and hasattr(m, '_bench_step')):
+        opt = m.configure_optimizers(0.1, 1e-4, (0.9, 0.95), torch.device(device).type)
+        fwd = torch.compile(m) if compile else m
+        graphed = GraphedStep(fwd, m.parameters(), _autocast(device), X, Y) if cuda_graphs else None
+        m._bench_step = (opt, fwd, graphed)
+    opt, fwd, graphed = m._bench_step
     times = []
     for i in range(warmup + iters):
         with _Timer(device) as t:
-            with _autocast(device):
-                _, loss = fwd(X, Y)
-            loss.backward()
+            if graphed is not None:
+                graphed(X, Y)
+            else:
+                with _autocast(device):
+                    _, loss = fwd(X, Y)
+                loss.backward()
             torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
             opt.step()
-            opt.zero_grad(set_to_none=True)
+            if graphed is not None:
+                graphed.zero_grad()
+            else:
+                opt.zero_grad(set_to_none=True)
         if i >= warmup:
             times.append(t.ms)
     return times
 
 
+PROFILE_MODES = {'eager': (False, False), 'compiled': (True, False), 'train': ('auto', 'auto')}
+
+
 def profile(out='results', tiny=False, device='auto', models=None, batch=None, context=None, steps=None,
-            compile='both', model_kw=None, top=20):
+            modes=('eager', 'compiled', 'train'), model_kw=None, top=20):
     """Where a training step's time goes, per model: wall ms/iter against the GPU's kernel time per
     iteration (their gap is launch overhead, Python and synchronisation), the number of kernels a step
-    launches, and the kernels that take the most time (torch.profiler). compile: True, False or 'both'.
-    Writes <out>/profile.csv and <out>/profile_<model>_<eager|compiled>.txt (the kernel tables)."""
+    launches, and the kernels that take the most time (torch.profiler). modes: 'eager', 'compiled'
+    (torch.compile), 'train' (what train_runner does by default: compile + a CUDA graph of fwd+bwd).
+    Writes <out>/profile.csv and <out>/profile_<model>_<mode>.txt (the kernel tables)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     device = _resolve_device(device)
     cuda = torch.device(device).type == 'cuda'
     B, T = (batch or (4 if tiny else 64)), (context or (32 if tiny else 256))
     steps = steps or (2 if tiny else 10)
-    modes = (False, True) if compile == 'both' else (bool(compile),)
+    modes = _as_list(modes)
+    bad = [md for md in modes if md not in PROFILE_MODES]
+    if bad:
+        raise ValueError(f"unknown profile mode(s) {bad}; valid: {', '.join(PROFILE_MODES)}")
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     rows = []
     os.makedirs(out, exist_ok=True)
     for mt, mod in available_models(models):
         kw = model_kwargs(mt, mod, tiny, model_kw)
-        for comp in modes:
-            tag = 'compiled' if comp else 'eager'
-            row = dict(model=mt, batch=B, context=T, compile=comp)
+        for tag in modes:
+            row = dict(model=mt, batch=B, context=T, mode=tag)
             try:
                 m = build(mt, kw, device, block_size=T)
+                comp, graphs = _step_modes(m, device, *PROFILE_MODES[tag])
+                row.update(compile=comp, cuda_graphs=graphs)
                 # timed without the profiler (its own overhead would inflate the wall time) ...
-                times = train_step_times(m, B, T, device, steps, 10 if comp else 5, comp)
+                times = train_step_times(m, B, T, device, steps, 10 if comp else 5, comp, cuda_graphs=graphs)
                 # ... then the same steps again under it, for the kernel breakdown
-                holder = {}
                 with torch_profile(activities=acts) as prof:
-                    holder['t'] = train_step_times(m, B, T, device, steps, 0, comp, reuse=True)
+                    train_step_times(m, B, T, device, steps, 0, comp, reuse=True)
                 kern = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
                 per_name = {}
                 for e in kern:
@@ -647,17 +675,18 @@ def profile(out='results', tiny=False, device='auto', models=None, batch=None, c
                 print(f"[profile] {mt} ({tag}): {row['status']}", flush=True)
             _free(device)
             rows.append(row)
-    write_csv(os.path.join(out, 'profile.csv'), rows, ['model', 'batch', 'context', 'compile', 'status', 'ms_per_iter',
+    write_csv(os.path.join(out, 'profile.csv'), rows, ['model', 'batch', 'context', 'mode', 'compile', 'cuda_graphs',
+                                                       'status', 'ms_per_iter',
                                                        'gpu_kernel_ms_per_iter', 'gpu_busy_pct', 'kernels_per_iter'])
     write_meta(out, 'profile', device, dict(tiny=tiny, models=models, batch=B, context=T, steps=steps,
-                                            compile=compile, model_kw=model_kw),
+                                            modes=modes, model_kw=model_kw),
                method="wall = median ms/iter of train_step_times (fwd+bwd, clip, AdamW) without the profiler; "
                       "GPU kernel ms = sum of CUDA kernel durations under torch.profiler / steps")
     return rows
 
 
 def throughput(out='results', tiny=False, device='auto', models=None, shapes=None, iters=None, warmup=None,
-               compile=False, model_kw=None):
+               compile='auto', cuda_graphs='auto', model_kw=None):
     """Training ms/iter, tokens/s and MFU per model at the training shape (B 64 x T 256) and at long
     context with 16384 tokens a step (T = 1024, 4096, 16384)."""
     device = _resolve_device(device)
@@ -673,11 +702,13 @@ def throughput(out='results', tiny=False, device='auto', models=None, shapes=Non
     for mt, mod in available_models(models):
         kw = model_kwargs(mt, mod, tiny, model_kw)
         for B, T in shapes:
-            row = dict(model=mt, batch=B, context=T, tokens_per_iter=B * T, compile=compile)
+            row = dict(model=mt, batch=B, context=T, tokens_per_iter=B * T)
             m, err = None, None
             try:
                 m = build(mt, kw, device, block_size=T)
-                times = train_step_times(m, B, T, device, iters, warmup, compile)
+                comp, graphs = _step_modes(m, device, compile, cuda_graphs)
+                row.update(compile=comp, cuda_graphs=graphs)
+                times = train_step_times(m, B, T, device, iters, warmup, comp, cuda_graphs=graphs)
                 dt = _median(times) / 1e3
                 row.update(status='ok', ms_per_iter=dt * 1e3, tokens_per_s=B * T / dt,
                            mfu=m.estimate_mfu(B, dt, peak, T=T) if peak else None,
@@ -695,10 +726,10 @@ def throughput(out='results', tiny=False, device='auto', models=None, shapes=Non
                   f"{row['tokens_per_s']:,.0f} tok/s" + (f", MFU {100 * row['mfu']:.1f}%" if row['mfu'] else '')
                   if row['status'] == 'ok' else row['status']), flush=True)
     cols = ['model', 'batch', 'context', 'tokens_per_iter', 'status', 'ms_per_iter', 'tokens_per_s', 'mfu',
-            'flops_per_token', 'compile']
+            'flops_per_token', 'compile', 'cuda_graphs']
     write_csv(os.path.join(out, 'throughput.csv'), rows, cols)
     write_meta(out, 'throughput', device, dict(tiny=tiny, models=models, shapes=shapes, iters=iters, warmup=warmup,
-                                               compile=compile, model_kw=model_kw),
+                                               compile=compile, cuda_graphs=cuda_graphs, model_kw=model_kw),
                peak_flops=peak, method=f"median ms of {iters} iterations after {warmup} warm-up ones; an iteration "
                                        f"= fwd+bwd ({'bf16 autocast' if 'cuda' in device else 'fp32'}), grad clip "
                                        f"1.0, AdamW step; MFU = model.estimate_mfu(B, dt, peak_flops, T)")
@@ -1210,8 +1241,8 @@ def report(out='results'):
             r['ms'] = f"{float(r['ms_per_iter']):.2f}" if ok else r['status']
             r['tps'] = f"{float(r['tokens_per_s']):,.0f}" if ok else '-'
             r['mfu_pct'] = f"{100 * float(r['mfu']):.1f}" if ok and r['mfu'] else '-'
-        md += [_md_table(rows, ['model', 'batch', 'context', 'ms', 'tps', 'mfu_pct', 'compile'],
-                         ['model', 'B', 'T', 'ms/iter', 'tokens/s', 'MFU %', 'torch.compile']), "",
+        md += [_md_table(rows, ['model', 'batch', 'context', 'ms', 'tps', 'mfu_pct', 'compile', 'cuda_graphs'],
+                         ['model', 'B', 'T', 'ms/iter', 'tokens/s', 'MFU %', 'torch.compile', 'CUDA graph']), "",
                img('throughput.png', 'training throughput'), "", _meta_lines(out, 'throughput')]
     else:
         md.append(missing('throughput.csv', 'python bench.py throughput'))
@@ -1247,7 +1278,7 @@ def model_kw_from_runs(runs_dir):
     return kw
 
 
-def run_all(out='results', tiny=None, device='auto', models=None, preset=None, runs_dir=None, compile=False,
+def run_all(out='results', tiny=None, device='auto', models=None, preset=None, runs_dir=None, compile='auto',
             model_kw=None, wandb_log=False, wandb_project='attention-bakeoff'):
     """params, memory, latency, throughput, vs_nanogpt (when .nanogpt/ holds karpathy/nanoGPT), bakeoff,
     report (what train_runner's sweep calls at its end).
@@ -1314,7 +1345,7 @@ def _wandb_log(out, project, name):
         print(f"[bench] wandb logging failed ({type(e).__name__}: {e}); the local files are complete")
 
 
-def _all_cli(out='results', tiny=None, device='auto', models=None, preset=None, runs_dir=None, compile=False,
+def _all_cli(out='results', tiny=None, device='auto', models=None, preset=None, runs_dir=None, compile='auto',
              model_kw=None, wandb_log=False):
     status = run_all(out, tiny, device, models, preset, runs_dir, compile, model_kw, wandb_log)
     return 1 if any(v.startswith('failed') for v in status.values()) else 0

@@ -256,6 +256,9 @@ TINY = dict(n_layer=2, n_head=4, n_embd=64, block_size=64)
 
 class GPT(nn.Module):
     mixer_cls = CausalSelfAttention   # the only thing a model file overrides
+    # why torch.compile must not be used on this model (None: it can be); train_runner and bench then
+    # run it eagerly and print the reason
+    compile_problem = None
 
     def __init__(self, config):
         super().__init__()

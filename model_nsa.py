@@ -446,6 +446,11 @@ class GPTConfig(model.GPTConfig):
 
 class GPT(model.GPT):
     mixer_cls = NSAMixer
+    # measured with `bench.py profile` on the H200 (torch 2.11, Triton 3.6, fla-core 0.6.0): the compiled
+    # model's backward crashed the process (SIGSEGV inside autograd's functionalization of a view, while
+    # running fla's parallel_nsa backward); a crash can't be caught and fallen back from, so never compile it
+    compile_problem = ("torch.compile crashed (segfault) in the backward of fla's parallel_nsa on the H200 "
+                       "(torch 2.11, fla 0.6.0)")
 
 
 # obeys the kernel rules (group 16, head_dim 16, block 16 >= 2*4), so it runs on CUDA too

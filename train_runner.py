@@ -74,12 +74,13 @@ DEFAULTS = dict(
     device='auto',           # 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...
     dtype='auto',            # 'auto' (bfloat16 autocast on CUDA, float32 on CPU), 'bfloat16', 'float16', 'float32'
     compile='auto',          # 'auto' (on for CUDA), True, False
+    cuda_graphs='auto',      # capture fwd+bwd in a CUDA graph: 'auto' (on for single-process CUDA), True, False
     seed=1337,
     peak_flops=0.0,          # device bf16 peak for MFU; 0 -> known/measured for the device
 )
 # keys that may differ between a checkpoint and the run resuming it (length, logging, where it runs)
 RESUME_MAY_CHANGE = {'max_iters', 'init_from', 'eval_only', 'log_interval', 'eval_interval', 'wandb_log',
-                     'wandb_project', 'wandb_run_name', 'device', 'compile', 'preset', 'out_dir'}
+                     'wandb_project', 'wandb_run_name', 'device', 'compile', 'cuda_graphs', 'preset', 'out_dir'}
 # the model defaults that nanoGPT's shakespeare_char run uses and differ from GPTConfig's
 TRAIN_MODEL_DEFAULTS = dict(dropout=0.2)
 
@@ -98,7 +99,7 @@ def _parse_value(s):
 
 
 # keys whose value may be either of two types (their default's, or these)
-EXTRA_TYPES = {'compile': (bool,)}
+EXTRA_TYPES = {'compile': (bool,), 'cuda_graphs': (bool,)}
 
 
 def _check_type(key, value, default):
@@ -349,6 +350,12 @@ def train(config_file=None, overrides=None):
     ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
     autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=ptdtype)
     use_compile = (device_type == 'cuda') if cfg['compile'] == 'auto' else bool(cfg['compile'])
+    use_graphs = (device_type == 'cuda' and not ddp) if cfg['cuda_graphs'] == 'auto' else bool(cfg['cuda_graphs'])
+    if use_graphs and device_type != 'cuda':
+        raise ConfigError(f"cuda_graphs=True needs a CUDA device, got device={device!r}; use cuda_graphs='auto' or False")
+    if use_graphs and ddp:
+        print("cuda_graphs: off under DDP (its gradient all-reduce hooks are not captured); running eagerly")
+        use_graphs = False
     eval_bs = cfg['eval_batch_size'] or (256 if device_type == 'cuda' else cfg['batch_size'])
     if device_type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -414,6 +421,9 @@ def train(config_file=None, overrides=None):
                 os.remove(f)
 
     raw_model = model
+    if use_compile and getattr(raw_model, 'compile_problem', None):
+        print(f"torch.compile: off for {cfg['model_type']}: {raw_model.compile_problem}; running eagerly")
+        use_compile = False
     if use_compile:
         model = torch.compile(model)
     if ddp:
@@ -449,11 +459,12 @@ def train(config_file=None, overrides=None):
         record = {'config': cfg, 'model_config': asdict(raw_model.config),
                   'n_params': n_params, 'n_params_non_embedding': raw_model.get_num_params(True),
                   'preset': cfg['preset'], 'world_size': world_size, 'dtype': dtype, 'compile': use_compile,
+                  'cuda_graphs': use_graphs,
                   'eval_windows_per_split': cfg['eval_iters'] * eval_bs,
                   **run_metadata(device)}
         atomic_write_json(record, os.path.join(out_dir, 'config.json'))
         print(f"{cfg['model_type']}: {n_params / 1e6:.3f}M parameters, device {record['device']}, dtype {dtype}, "
-              f"compile {use_compile}, {tokens_per_iter:,} tokens/iter, out_dir {out_dir}")
+              f"compile {use_compile}, CUDA graphs {use_graphs}, {tokens_per_iter:,} tokens/iter, out_dir {out_dir}")
     wandb_run = None
     if cfg['wandb_log'] and master:
         import wandb  # optional dependency, imported only when asked for
@@ -484,6 +495,7 @@ def train(config_file=None, overrides=None):
     # a resumed run already evaluated (and logged) the iteration it resumes at
     skip_eval_at = iter_num if cfg['init_from'] == 'resume' and not cfg['eval_only'] else -1
     max_iters = cfg['max_iters']
+    graphed = None  # the captured micro-step, made on the first one (after compilation)
     while True:
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
@@ -513,6 +525,17 @@ def train(config_file=None, overrides=None):
         for micro in range(gas):
             X, Y = get_batch(data['train'], torch.randint(len(data['train']) - block_size - 1,
                                                          (cfg['batch_size'],), generator=data_gen), block_size)
+            if use_graphs and graphed is None:
+                try:
+                    graphed = GraphedStep(model, raw_model.parameters(), autocast, X, Y, gas)
+                except Exception as e:  # e.g. a kernel that synchronises with the host: fall back, loudly
+                    print(f"cuda_graphs: capture failed for {cfg['model_type']} ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:300]}); running eagerly")
+                    use_graphs = False
+                    optimizer.zero_grad(set_to_none=True)
+            if graphed is not None:
+                loss = graphed(X, Y)  # forward + backward, replayed
+                continue
             sync = nullcontext() if not ddp or micro == gas - 1 else model.no_sync()
             with sync, autocast:
                 try:
@@ -529,7 +552,10 @@ def train(config_file=None, overrides=None):
         if cfg['grad_clip'] > 0:
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg['grad_clip'])
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if graphed is not None:
+            graphed.zero_grad()  # the graph accumulates into these very tensors: keep them, zeroed
+        else:
+            optimizer.zero_grad(set_to_none=True)
         iter_num += 1
         window_iters += 1
 
@@ -561,6 +587,7 @@ def train(config_file=None, overrides=None):
         'wall_s': round(time.time() - t_start, 2), 'train_s': round(time.time() - t_train0, 2),
         'median_ms_per_iter': median_dt * 1000, 'tokens_per_s': tokens_per_iter / median_dt if times else None,
         'n_params': n_params, 'out_dir': out_dir, 'status': 'done',
+        'compile': use_compile, 'cuda_graphs': graphed is not None,  # as it ran (after any fallback)
     }
     if master and not cfg['eval_only']:  # an evaluation-only pass never replaces a training run's summary
         atomic_write_json(summary, os.path.join(out_dir, 'summary.json'))
@@ -573,6 +600,52 @@ def train(config_file=None, overrides=None):
         import torch.distributed as dist
         dist.destroy_process_group()
     return summary
+
+
+class GraphedStep:
+    """One micro-step -- forward, loss / gas, backward into the existing .grad tensors -- captured once
+    in a CUDA graph and replayed. Why: at this model size every mixer except vanilla is bound by the
+    CPU, not the GPU (bench.py profile: DeltaNet's step keeps the H200 22% busy; fla's Triton kernels
+    cost ~100 us of Python each to launch). A replay launches the whole step at once.
+
+    The optimizer step, gradient clipping and zeroing stay outside the graph (a few fused launches),
+    so learning-rate changes need no capturable optimizer. Gradients must exist before capture, so that
+    backward is captured as an in-place accumulation (gas > 1 works) -- step() zeroes them each
+    optimizer step. Dropout is graph-safe (PyTorch advances the Philox offset on each replay).
+    Capture runs a few warm-up micro-steps on a side stream first (Triton autotuning, torch.compile),
+    whose gradients are discarded. Raises if the model can't be captured; the caller falls back."""
+
+    def __init__(self, model, params, autocast, X, Y, gas=1, warmup=3):
+        self.params = [p for p in params if p.requires_grad]
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.x, self.y = X.clone(), Y.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(warmup):
+                with autocast:
+                    loss = model(self.x, self.y)[1] / gas
+                loss.backward()
+        torch.cuda.current_stream().wait_stream(s)
+        self.zero_grad()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            with autocast:
+                self.loss = model(self.x, self.y)[1] / gas
+            self.loss.backward()
+        self.zero_grad()
+
+    def zero_grad(self):
+        torch._foreach_zero_([p.grad for p in self.params])
+
+    def __call__(self, X, Y):
+        """One micro-step on batch (X, Y): returns the (static) scaled loss tensor of this replay."""
+        self.x.copy_(X, non_blocking=True)
+        self.y.copy_(Y, non_blocking=True)
+        self.graph.replay()
+        return self.loss
 
 
 def _gather_rng_states(data_gen, device_type, ddp):
@@ -614,9 +687,10 @@ PRESETS = {
     ),
 }
 SWEEP_KEYS = dict(preset='auto', seeds=1, models=','.join(model_lib.MODEL_TYPES), lrs='', results_dir='',
-                  bench=True)
-# overrides that change no number a run produces (they don't turn a preset into a custom one)
-NEUTRAL_KEYS = {'wandb_log', 'wandb_project', 'wandb_run_name', 'log_interval', 'device'}
+                  bench=True, gpus=1)
+# overrides that change no number a run produces, or only at rounding level (how it is executed): they
+# don't turn a preset into a custom one
+NEUTRAL_KEYS = {'wandb_log', 'wandb_project', 'wandb_run_name', 'log_interval', 'device', 'compile', 'cuda_graphs'}
 
 
 def _as_list(x, cast=None):
@@ -657,7 +731,14 @@ def sweep(overrides=None):
     if not cuda and preset == 'full':
         print("warning: --preset=full on CPU: full-size models, expect hours")
 
-    t0, done_times, summaries = time.time(), [], []
+    gpus = int(opts['gpus'])
+    if gpus < 1:
+        raise ConfigError(f"gpus must be >= 1, got {gpus}")
+    if gpus > 1 and (not cuda or gpus > torch.cuda.device_count()):
+        raise ConfigError(f"--gpus={gpus} but this machine has {torch.cuda.device_count() if cuda else 0} CUDA "
+                          f"GPU(s); valid: 1..{max(1, torch.cuda.device_count() if cuda else 1)}")
+
+    t0, summaries, todo = time.time(), {}, []
     for i, (m, lr, seed) in enumerate(runs):
         out_dir = os.path.join(results_dir, 'runs', f"{m}-lr{lr:g}-s{seed}")
         run_cfg = {**P['train'], **P['models'].get(m, {}), **overrides, 'model_type': m, 'learning_rate': lr,
@@ -666,22 +747,49 @@ def sweep(overrides=None):
         prev = _load_json(os.path.join(out_dir, 'summary.json'))
         prev_cfg = (_load_json(os.path.join(out_dir, 'config.json')) or {}).get('config', {})
         same = all(prev_cfg.get(k) == v for k, v in wanted.items() if k not in NEUTRAL_KEYS | {'init_from'})
-        left = len(runs) - i
-        eta = (np.mean(done_times) * left) if done_times else None
-        print(f"\n=== run {i + 1}/{len(runs)}: {m} lr={lr:g} seed={seed} | elapsed {_fmt_time(time.time() - t0)}"
-              + (f", eta {_fmt_time(eta)}" if eta else '') + " ===")
         if prev and prev.get('status') in ('done', 'diverged') and same:
-            print(f"already {prev['status']} ({out_dir}): best val loss {prev['best_val_loss']:.4f}; skipping")
-            summaries.append(prev)
+            print(f"run {i + 1}/{len(runs)} {m} lr={lr:g} seed={seed}: already {prev['status']} ({out_dir}), "
+                  f"best val loss {prev['best_val_loss']:.4f}; skipping")
+            summaries[i] = prev
             continue
         resume = same and os.path.exists(os.path.join(out_dir, 'ckpt_last.pt'))
-        t_run = time.time()
-        try:
-            summaries.append(train(None, {**run_cfg, 'init_from': 'resume' if resume else 'scratch'}))
-        except NonFiniteLoss as e:  # one diverging LR must not stop the reproduction; the record says so
-            print(f"diverged: {e}")
-            summaries.append(_diverged_summary(run_cfg, str(e)))
-        done_times.append(time.time() - t_run)
+        todo.append((i, {**run_cfg, 'init_from': 'resume' if resume else 'scratch'}))
+
+    def progress(n_done, times):
+        left = len(todo) - n_done
+        eta = np.mean(times) * left / gpus if times else None
+        return (f"{n_done}/{len(todo)} runs to train done | elapsed {_fmt_time(time.time() - t0)}"
+                + (f", eta {_fmt_time(eta)}" if eta else ''))
+
+    times = []
+    if gpus == 1:
+        for n, (i, run_cfg) in enumerate(todo):
+            print(f"\n=== run {i + 1}/{len(runs)}: {run_cfg['model_type']} lr={run_cfg['learning_rate']:g} "
+                  f"seed={run_cfg['seed']} | {progress(n, times)} ===")
+            t_run = time.time()
+            summaries[i] = _sweep_run(run_cfg)
+            times.append(time.time() - t_run)
+    else:
+        # independent runs, one process per GPU (spawned, each sees only its GPU); each run's console
+        # output goes to <out_dir>/train.log. Every run is seeded on its own, so the records are the same
+        # as one after another (timings aside).
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        ctx = mp.get_context('spawn')
+        free_gpus = ctx.Queue()
+        for g in range(gpus):
+            free_gpus.put(g)
+        print(f"training {len(todo)} runs on {gpus} GPUs, one run per GPU at a time; logs in <run>/train.log")
+        with ProcessPoolExecutor(gpus, mp_context=ctx, initializer=_pin_gpu, initargs=(free_gpus,)) as pool:
+            started = {pool.submit(_sweep_run, run_cfg, True): (i, run_cfg, time.time()) for i, run_cfg in todo}
+            for n, fut in enumerate(as_completed(started), 1):
+                i, run_cfg, t_sub = started[fut]
+                summaries[i] = s = fut.result()
+                times.append(s.get('wall_s') or (time.time() - t_sub))
+                print(f"run {i + 1}/{len(runs)} {run_cfg['model_type']} lr={run_cfg['learning_rate']:g} "
+                      f"seed={run_cfg['seed']}: {s['status']}, best val loss {s['best_val_loss']:.4f} "
+                      f"| {progress(n, times)}", flush=True)
+    summaries = [summaries[i] for i in sorted(summaries)]
 
     bench_out = None
     if opts['bench']:
@@ -695,6 +803,31 @@ def sweep(overrides=None):
     total = time.time() - t0
     print(f"\nreproduction finished in {_fmt_time(total)} ({total:.0f}s); results in {results_dir}")
     return {'preset': label, 'results_dir': results_dir, 'runs': summaries, 'wall_s': total, 'bench': bench_out}
+
+
+def _pin_gpu(free_gpus):
+    """Sweep worker initialiser: this process sees one GPU only (set before CUDA is initialised)."""
+    os.environ['CUDA_VISIBLE_DEVICES'] = str(free_gpus.get())
+
+
+def _sweep_run(run_cfg, log_to_file=False):
+    """One sweep run; a diverging LR is recorded ('diverged') rather than raised. log_to_file: console
+    output to <out_dir>/train.log (a worker of a multi-GPU sweep)."""
+    from contextlib import redirect_stderr, redirect_stdout
+    log = None
+    if log_to_file:
+        os.makedirs(run_cfg['out_dir'], exist_ok=True)
+        log = open(os.path.join(run_cfg['out_dir'], 'train.log'), 'a', buffering=1)
+    try:
+        with (redirect_stdout(log) if log else nullcontext()), (redirect_stderr(log) if log else nullcontext()):
+            try:
+                return train(None, run_cfg)
+            except NonFiniteLoss as e:  # one diverging LR must not stop the reproduction; the record says so
+                print(f"diverged: {e}")
+                return _diverged_summary(run_cfg, str(e))
+    finally:
+        if log:
+            log.close()
 
 
 def _diverged_summary(run_cfg, why):

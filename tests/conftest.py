@@ -39,11 +39,13 @@ def input_txt():
 
 
 @pytest.fixture(scope='session')
-def prepared(input_txt):
-    """data/shakespeare_char/{train,val}.bin + meta.pkl, prepared once."""
+def prepared(request):
+    """data/shakespeare_char/{train,val}.bin + meta.pkl, prepared once (the GPU machine gets the prepared
+    files, not the text)."""
     import importlib.util
     d = os.path.join(ROOT, 'data', 'shakespeare_char')
     if not all(os.path.exists(os.path.join(d, f)) for f in ('train.bin', 'val.bin', 'meta.pkl')):
+        input_txt = request.getfixturevalue('input_txt')
         spec = importlib.util.spec_from_file_location('prepare', os.path.join(d, 'prepare.py'))
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)

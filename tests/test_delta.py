@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -103,6 +104,9 @@ def test_short_conv_cache():
         cache = conv.init_cache(2, 'cpu', torch.float64)
         parts = [conv(x[:, :4], cache)] + [conv(x[:, t:t + 1], cache) for t in range(4, 9)]
         torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-12, atol=1e-12)
+        # the shifted sums are a causal depthwise conv (cross-correlation, zero history) + SiLU
+        ref = F.silu(F.conv1d(F.pad(x.transpose(1, 2), (K - 1, 0)), conv.weight, groups=5).transpose(1, 2))
+        torch.testing.assert_close(full, ref, rtol=1e-12, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- model level (CPU, TINY)
