@@ -722,7 +722,8 @@ def sweep(overrides=None):
         model_lib.get_model_module(m)  # fail now, naming the valid choices, not after an hour of training
     lrs = _as_list(opts['lrs'], float) if opts['lrs'] else P['lrs']
     seeds = [1337 + i for i in range(int(opts['seeds']))]
-    custom = bool(set(overrides) - NEUTRAL_KEYS) or bool(opts['lrs'])
+    # --lrs with the preset's own LRs, in another order, is still the preset (the order is the training order)
+    custom = bool(set(overrides) - NEUTRAL_KEYS) or sorted(lrs) != sorted(P['lrs'])
     label = preset + ('-custom' if custom else '')
     results_dir = opts['results_dir'] or os.path.join(HERE, 'results', label)
     runs = [(m, lr, s) for m in models for lr in lrs for s in seeds]
