@@ -926,13 +926,18 @@ def bakeoff(out='results', preset=None, runs_dir=None):
         tps = _mean_std(tps_runs)[0] if tps_runs else None  # None: runs too short to time (smoke tests)
         n_params = sorted({int(r['summary']['n_params']) for r in rs})
         oom = ooms.get(mt, {})
+        # how the best-LR runs executed (their tokens/s depend on it): compile / CUDA graphs as they ran
+        modes = sorted({'+'.join(k for k in ('compile', 'cuda_graphs') if r['summary'].get(k, r['config'].get(k)))
+                        or 'eager' for r in rs})
         main_rows.append(dict(
-            model=mt, n_params='/'.join(str(n) for n in n_params), best_lr=f'{best_lr:g}', n_seeds=str(len(rs)),
+            model=mt, n_params='/'.join(str(n) for n in n_params), lrs_finished=' '.join(f'{lr:g}' for lr in sorted(by_lr)),
+            best_lr=f'{best_lr:g}', n_seeds=str(len(rs)),
             seeds=' '.join(str(r['summary']['seed']) for r in rs),
             best_val_loss_mean=_f(lm, '.4f'), best_val_loss_std=_f(ls, '.4f'),
             val_ppl_mean=_f(pm, '.4f'), val_ppl_std=_f(ps, '.4f'),
             oom_context_b1=oom.get(1, '-'), oom_context_b4=oom.get(4, '-'),
-            decode_ms_per_token_1024=_f(decode.get(mt), '.3f'), train_tokens_per_s=_f(tps, '.0f')))
+            decode_ms_per_token_1024=_f(decode.get(mt), '.3f'), train_tokens_per_s=_f(tps, '.0f'),
+            train_mode=' / '.join(modes)))
         for r in rs:
             for e in r['evals']:
                 curve_rows.append(dict(model=mt, learning_rate=f'{best_lr:g}', seed=str(r['summary']['seed']),
@@ -940,9 +945,9 @@ def bakeoff(out='results', preset=None, runs_dir=None):
                                        val_loss=_f(float(e['val_loss']), '.4f'),
                                        val_ppl=_f(math.exp(float(e['val_loss'])), '.4f')))
 
-    main_cols = ['model', 'n_params', 'best_lr', 'n_seeds', 'seeds', 'best_val_loss_mean', 'best_val_loss_std',
-                 'val_ppl_mean', 'val_ppl_std', 'oom_context_b1', 'oom_context_b4', 'decode_ms_per_token_1024',
-                 'train_tokens_per_s']
+    main_cols = ['model', 'n_params', 'lrs_finished', 'best_lr', 'n_seeds', 'seeds', 'best_val_loss_mean',
+                 'best_val_loss_std', 'val_ppl_mean', 'val_ppl_std', 'oom_context_b1', 'oom_context_b4',
+                 'decode_ms_per_token_1024', 'train_tokens_per_s', 'train_mode']
     write_csv(os.path.join(out, 'bakeoff.csv'), main_rows, main_cols)
     write_csv(os.path.join(out, 'bakeoff_lr.csv'), lr_rows,
               ['model', 'learning_rate', 'n_seeds', 'best_val_loss_mean', 'best_val_loss_std', 'best'])
@@ -963,7 +968,8 @@ def bakeoff(out='results', preset=None, runs_dir=None):
         'sources': {'memory': _source_meta(out, 'memory'), 'latency': _source_meta(out, 'latency')},
         'method': "best LR = lowest mean (over seeds) best val loss; loss and perplexity (exp of each seed's best "
                   "val loss) are mean ± sample std over the seeds at the best LR; tokens/s = mean of the runs' "
-                  "summaries at the best LR; OOM context = first context whose fwd+bwd ran out of memory "
+                  "summaries at the best LR, which depend on train_mode (how those runs executed: torch.compile, "
+                  "CUDA graphs); lrs_finished = the LRs with a finished run; OOM context = first context whose fwd+bwd ran out of memory "
                   "(memory.csv; '>T' = none up to T); decode ms/token at context 1024 from latency.csv",
     })
     plot_val_curves(runs, groups, {r['model']: float(r['best_lr']) for r in main_rows},
@@ -1152,10 +1158,12 @@ def report(out='results'):
         for r in rows:
             r['loss'] = f"{r['best_val_loss_mean']} ± {r['best_val_loss_std']}"
             r['ppl'] = f"{r['val_ppl_mean']} ± {r['val_ppl_std']}"
-        md += [_md_table(rows, ['model', 'n_params', 'best_lr', 'n_seeds', 'loss', 'ppl', 'oom_context_b1',
-                                'oom_context_b4', 'decode_ms_per_token_1024', 'train_tokens_per_s'],
-                         ['model', 'params', 'best LR', 'seeds', 'best val loss', 'val perplexity',
-                          'OOM context (B=1)', 'OOM context (B=4)', 'decode ms/token @1024', 'train tokens/s']), ""]
+        md += [_md_table(rows, ['model', 'n_params', 'lrs_finished', 'best_lr', 'n_seeds', 'loss', 'ppl',
+                                'oom_context_b1', 'oom_context_b4', 'decode_ms_per_token_1024', 'train_tokens_per_s',
+                                'train_mode'],
+                         ['model', 'params', 'LRs finished', 'best LR', 'seeds', 'best val loss', 'val perplexity',
+                          'OOM context (B=1)', 'OOM context (B=4)', 'decode ms/token @1024', 'train tokens/s',
+                          'runs executed with']), ""]
         if have('bakeoff_lr.csv'):
             lr = read_csv(os.path.join(out, 'bakeoff_lr.csv'))
             lrs = sorted({r['learning_rate'] for r in lr}, key=float)
