@@ -1436,6 +1436,7 @@ def runs(runs_dir='results/h200', readme=False):
             'best val loss (iter)': f"{s['best_val_loss']:.4f} ({s['best_iter']})",
             'final val loss': f"{s['final_val_loss']:.4f}",
             'median ms/iter': _f(s.get('median_ms_per_iter'), '.2f'), 'wall s': f"{s['wall_s']:.0f}",
+            'ran with': '+'.join(k for k in ('compile', 'cuda_graphs') if s.get(k, c.get(k))) or 'eager',
             'device': c.get('device', '?'), 'commit': str(c.get('git_commit', '?'))[:10]})
     cols = list(rows[0]) if rows else ['run']
     table = _md_table(rows, cols) if rows else f"(no finished runs under {runs_dir})"
