@@ -445,16 +445,19 @@ def _median(xs):
 
 
 @torch.no_grad()
-def time_generation(m, L, n, trials, device, cached=True):
+def time_generation(m, L, n, trials, device, cached=True, graph=False):
     """Batch-1 greedy generation after a random prompt of L tokens: (prefill ms, decode ms per token),
     each the median over `trials` (after one untimed warm-up trial).
     cached: prefill the prompt into a state of capacity L+n, then n steps of
-    model(next_token, state=state, last_only=True). Not cached: every new token runs a full forward
-    over the whole sequence so far (prefill ms is then None)."""
+    model(next_token, state=state, last_only=True) -- or, with graph=True, n replays of that step
+    captured once in a CUDA graph (model.GraphedDecodeStep, what generate() uses on CUDA; the capture
+    happens in the warm-up trial). Not cached: every new token runs a full forward over the whole
+    sequence so far (prefill ms is then None)."""
     vocab = m.config.vocab_size
     prompt = torch.randint(vocab, (1, L), device=device)
     assert prompt.shape[1] == L
     state = m.init_state(1, L + n, dtype=_act_dtype(device)) if cached else None
+    step = lambda tok: m(tok, state=state, last_only=True)[0]  # noqa: E731
     prefill, decode = [], []
     for trial in range(trials + 1):
         _sync(device)
@@ -463,9 +466,12 @@ def time_generation(m, L, n, trials, device, cached=True):
             with _autocast(device), _Timer(device) as tp:
                 logits, _ = m(prompt, state=state, last_only=True)
             nxt = logits[:, -1].argmax(-1, keepdim=True)
+            if graph and trial == 0:
+                with _autocast(device):
+                    step = model.GraphedDecodeStep(m, state)
             with _autocast(device), _Timer(device) as td:
                 for _ in range(n):
-                    logits, _ = m(nxt, state=state, last_only=True)
+                    logits = step(nxt)
                     nxt = logits[:, -1].argmax(-1, keepdim=True)
             assert state.pos == L + n
         else:
@@ -482,9 +488,11 @@ def time_generation(m, L, n, trials, device, cached=True):
 
 
 def latency(out='results', tiny=False, device='auto', models=None, contexts=None, n_decode=None, trials=None,
-            nocache=True, model_kw=None):
+            nocache=True, cuda_graph='auto', model_kw=None):
     """Batch-1 prefill time vs prompt length and per-token decode time at those contexts (cache/state),
-    plus vanilla's no-cache recompute path in the same run, reported as a ratio."""
+    plus vanilla's no-cache recompute path in the same run, reported as a ratio.
+    cuda_graph: 'auto' = on CUDA, decode steps replayed from a CUDA graph for the models that support
+    it (what generate() does), with the eager steps measured in the same run beside them; False = eager."""
     device = _resolve_device(device)
     contexts = _as_list(contexts, int) or LATENCY_CONTEXTS[tiny]
     n = n_decode or (4 if tiny else 32)
@@ -495,11 +503,15 @@ def latency(out='results', tiny=False, device='auto', models=None, contexts=None
         # one model for all contexts; its block_size covers the longest context plus the decoded tokens
         m = build(mt, kw, device, block_size=max(contexts) + n).eval()
         for L in contexts:
-            row = dict(model=mt, context=L, n_decode=n, trials=trials)
+            graph = cuda_graph == 'auto' and torch.device(device).type == 'cuda' and m.static_decode
+            row = dict(model=mt, context=L, n_decode=n, trials=trials, decode_cuda_graph=graph)
             err = None
             try:
-                row['prefill_ms'], row['decode_ms_per_token'] = time_generation(m, L, n, trials, device)
+                row['prefill_ms'], row['decode_ms_per_token'] = time_generation(m, L, n, trials, device, graph=graph)
                 row['decode_tokens_per_s'] = 1e3 / row['decode_ms_per_token']
+                if graph:  # the eager steps, same run: what the graph saves
+                    _, row['decode_eager_ms_per_token'] = time_generation(m, L, n, trials, device)
+                    row['eager_over_graph'] = row['decode_eager_ms_per_token'] / row['decode_ms_per_token']
                 if nocache and mt == 'vanilla':
                     _, row['nocache_ms_per_token'] = time_generation(m, L, n, trials, device, cached=False)
                     row['nocache_over_cache'] = row['nocache_ms_per_token'] / row['decode_ms_per_token']
@@ -513,18 +525,21 @@ def latency(out='results', tiny=False, device='auto', models=None, contexts=None
                 _free(device)
             rows.append(row)
             print(f"[latency] {mt} L={L}: " + (f"prefill {row['prefill_ms']:.3f} ms, decode "
-                  f"{row['decode_ms_per_token']:.3f} ms/token" if row['status'] == 'ok' else row['status'])
+                  f"{row['decode_ms_per_token']:.3f} ms/token" + (" (CUDA graph; eager "
+                  f"{row['decode_eager_ms_per_token']:.3f})" if graph else '') if row['status'] == 'ok' else row['status'])
                   + (f", no-cache {row['nocache_ms_per_token']:.3f} ms/token "
                      f"({row['nocache_over_cache']:.1f}x)" if 'nocache_ms_per_token' in row else ''), flush=True)
         del m
         _free(device)
     cols = ['model', 'context', 'status', 'prefill_ms', 'decode_ms_per_token', 'decode_tokens_per_s',
-            'nocache_ms_per_token', 'nocache_over_cache', 'n_decode', 'trials']
+            'decode_cuda_graph', 'decode_eager_ms_per_token', 'eager_over_graph', 'nocache_ms_per_token',
+            'nocache_over_cache', 'n_decode', 'trials']
     write_csv(os.path.join(out, 'latency.csv'), rows, cols)
     write_meta(out, 'latency', device, dict(tiny=tiny, models=models, contexts=contexts, n_decode=n, trials=trials,
-                                            nocache=nocache, model_kw=model_kw),
+                                            nocache=nocache, cuda_graph=cuda_graph, model_kw=model_kw),
                method=f"batch 1, greedy; prefill = one forward of the L-token prompt into a fresh state of capacity "
-                      f"L+n; decode = n={n} steps model(token, state, last_only=True), ms/token; no-cache = full "
+                      f"L+n; decode = n={n} steps model(token, state, last_only=True), ms/token, replayed from a "
+                      f"CUDA graph where decode_cuda_graph (eager steps beside it); no-cache = full "
                       f"forward over the whole sequence per token (vanilla); medians of {trials} trials after one "
                       f"warm-up; {'CUDA events, bf16 autocast' if 'cuda' in device else 'perf_counter, fp32'}")
     plot_latency(rows, os.path.join(out, 'latency.png'))
@@ -545,8 +560,13 @@ def plot_latency(rows, path):
             continue
         L = [int(r['context']) for r in rs]
         ax1.plot(L, [_num(r, 'prefill_ms') for r in rs], marker='o', ms=3, color=_color(mt), label=mt)
+        graph = any(r.get('decode_cuda_graph') in (True, 'True') for r in rs)
         ax2.plot(L, [_num(r, 'decode_ms_per_token') for r in rs], marker='o', ms=3, color=_color(mt),
-                 label=f'{mt} (cache/state)')
+                 label=f"{mt} (cache/state{', CUDA graph' if graph else ''})")
+        eager = [(int(r['context']), _num(r, 'decode_eager_ms_per_token')) for r in rs
+                 if _num(r, 'decode_eager_ms_per_token') is not None]
+        if eager:
+            ax2.plot(*zip(*eager), ':', marker='.', ms=3, color=_color(mt), label=f'{mt} (eager steps)')
         nc = [(int(r['context']), _num(r, 'nocache_ms_per_token')) for r in rs
               if _num(r, 'nocache_ms_per_token') is not None]
         if nc:
@@ -1214,8 +1234,15 @@ def report(out='results'):
         def ms(k):
             return lambda r: f"{float(r[k]):.3f}" if r['status'] == 'ok' and r.get(k) else (
                 '-' if r['status'] == 'ok' else r['status'])
-        for title, key in (('Prefill time (ms) vs prompt length', 'prefill_ms'),
-                           ('Decode time per token (ms) with the cache/state', 'decode_ms_per_token')):
+        graphed = any(r.get('decode_cuda_graph') == 'True' for r in rows)
+        tables = [('Prefill time (ms) vs prompt length', 'prefill_ms'),
+                  ('Decode time per token (ms) with the cache/state' + (
+                      ', steps replayed from a CUDA graph where the model supports it (not NSA)' if graphed else ''),
+                   'decode_ms_per_token')]
+        if graphed:
+            tables.append(('The same decode steps run eagerly (launched one kernel at a time), same run',
+                           'decode_eager_ms_per_token'))
+        for title, key in tables:
             table, cols = _pivot(rows, lambda r: r['context'], lambda r: r['model'], ms(key))
             md += [f"{title}:", "", _md_table(table, cols, ['context'] + cols[1:]), ""]
         nc = [r for r in rows if r.get('nocache_ms_per_token')]

@@ -26,6 +26,10 @@ A mixer module implements this interface (see CausalSelfAttention for the refere
         at context length T; feeds estimate_mfu and the FLOPs axis of the bake-off.
     post_init()  (optional)
         Mixer-specific initialisation, run after the generic one (gates, decay rates...).
+    static_decode (class attribute, default False)
+        True if a one-token step (T == 1) also accepts `pos` as a 0-d long tensor and then runs with
+        shapes and indices that depend on no Python value, so the step can be captured in a CUDA graph
+        (GraphedDecodeStep). Recurrent mixers ignore pos and are static as they are.
 
 Its output projection is named `c_proj` so it gets GPT-2's scaled residual init.
 Parameters flagged `p._no_weight_decay = True` are excluded from weight decay.
@@ -145,6 +149,66 @@ class DecodeState:
         return state_nbytes(self.layers)
 
 
+class GraphedDecodeStep:
+    """One decoding step -- (B, 1) tokens in, (B, 1, V) logits out, the state advanced -- captured once
+    in a CUDA graph and replayed, gpt-fast style: at batch 1 a step is dozens of small kernels per layer,
+    and launching them one by one from Python costs more than running them. The state's buffers are
+    preallocated and the step indexes them through a device-side position (forward's static_pos), so
+    every replay has the same shapes. Replays read and write the very state object, so eager calls (the
+    prefill, a re-prefill of a slid window) can run in between. Building it leaves the state as it was
+    (the warm-up steps run on it, then it is restored). The step runs under the autocast context that is
+    active when it is built. Needs model.static_decode (vanilla and the delta models; not NSA)."""
+
+    def __init__(self, model, state, warmup=2):
+        if not model.static_decode:
+            raise ValueError(f"{type(model).__module__}: its mixer can't decode with static shapes (static_decode "
+                             f"is False), so its steps can't be captured in a CUDA graph; decode eagerly")
+        dev = next(model.parameters()).device
+        if dev.type != 'cuda':
+            raise ValueError(f"CUDA graphs need a model on a CUDA device, got {dev}")
+        self.model, self.state = model, state
+        batch = next(iter(state.layers[0].values())).size(0)
+        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self.pos_t = torch.zeros((), dtype=torch.long, device=dev)
+        self._check_room()
+        saved, pos0 = [{k: t.clone() for k, t in layer.items()} for layer in state.layers], state.pos
+        self.pos_t.fill_(pos0)
+        with torch.no_grad():
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    self._step()
+                    state.pos = pos0
+            torch.cuda.current_stream(dev).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._step()
+        state.pos = pos0
+        for layer, snap in zip(state.layers, saved):
+            for k, t in layer.items():
+                t.copy_(snap[k])
+
+    def _step(self):
+        return self.model(self.tok, state=self.state, last_only=True, static_pos=self.pos_t)[0]
+
+    def _check_room(self):
+        st, cfg = self.state, self.model.config
+        if st.pos >= st.max_len or (cfg.pos_emb == 'learned' and st.pos >= cfg.block_size):
+            raise RuntimeError(f"no room for another token: the state holds {st.pos} of {st.max_len} "
+                               f"(block_size {cfg.block_size}, positions {cfg.pos_emb})")
+
+    @torch.no_grad()
+    def __call__(self, tok):
+        """tok (B, 1) -> logits (B, 1, V), in a buffer the next call overwrites; the state advances by one."""
+        self._check_room()
+        self.tok.copy_(tok)
+        self.pos_t.fill_(self.state.pos)
+        self.graph.replay()
+        self.state.pos += 1
+        return self.logits
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
 
@@ -159,6 +223,7 @@ class LayerNorm(nn.Module):
 
 class CausalSelfAttention(nn.Module):
     """Multi-head causal softmax attention through SDPA, with a preallocated static KV cache."""
+    static_decode = True
 
     def __init__(self, config, layer_idx=0):
         super().__init__()
@@ -177,7 +242,17 @@ class CausalSelfAttention(nn.Module):
         # (B, T, C) -> (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
         dropout_p = self.dropout if self.training else 0.0
-        if state is None or pos == 0:
+        if isinstance(pos, torch.Tensor):
+            # static one-token step (CUDA graphs): write at the position held by the tensor and attend over
+            # the whole preallocated cache, masking the slots past it, so no shape depends on pos
+            if T != 1:
+                raise ValueError(f"a tensor pos is for one-token steps, got T={T}")
+            kc, vc = state['k'], state['v']  # (B, nh, max_len, hs)
+            kc.index_copy_(2, pos.view(1), k)
+            vc.index_copy_(2, pos.view(1), v)
+            mask = (torch.arange(kc.size(2), device=x.device) <= pos)[None, :]  # (1, max_len): (q, keys)
+            y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask)
+        elif state is None or pos == 0:
             # training, or a prefill from an empty cache: plain causal attention over x alone
             if state is not None:
                 state['k'][:, :, :T] = k
@@ -322,21 +397,29 @@ class GPT(nn.Module):
         return self.flops_per_token(T) * T * fwdbwd_per_iter / dt / peak_flops
 
     # ----------------------------------------------------------------------------- forward
-    def forward(self, idx, targets=None, state=None, last_only=False):
+    def forward(self, idx, targets=None, state=None, last_only=False, static_pos=None):
         """idx (B, T) -> (logits, loss). logits are (B, T, V), or (B, 1, V) with last_only.
-        With a DecodeState, idx continues the sequence the state holds, and the state advances."""
+        With a DecodeState, idx continues the sequence the state holds, and the state advances.
+        static_pos: for a one-token step that a CUDA graph can capture (see GraphedDecodeStep), a 0-d
+        long tensor equal to state.pos, which the mixers then read instead of the Python int."""
         B, T = idx.size()
         pos = state.pos if state is not None else 0
+        if static_pos is not None:
+            if state is None or T != 1 or not self.static_decode:
+                raise ValueError("static_pos is for one-token steps with a state, on a model whose mixers all "
+                                 f"support static decoding (this one: {self.static_decode})")
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.transformer.wpe is not None:
             if pos + T > self.config.block_size:
                 raise ValueError(f"sequence of {pos + T} tokens exceeds block_size {self.config.block_size} "
                                  f"(learned positions); crop it, as generate() does")
-            x = x + self.transformer.wpe(torch.arange(pos, pos + T, dtype=torch.long, device=idx.device))
+            positions = static_pos.view(1) if static_pos is not None else \
+                torch.arange(pos, pos + T, dtype=torch.long, device=idx.device)
+            x = x + self.transformer.wpe(positions)
         x = self.transformer.drop(x)
         layer_states = state.layers if state is not None else [None] * len(self.transformer.h)
         for block, s in zip(self.transformer.h, layer_states):
-            x = block(x, s, pos)
+            x = block(x, s, static_pos if static_pos is not None else pos)
         if state is not None:
             state.pos += T
         if last_only:
@@ -349,6 +432,11 @@ class GPT(nn.Module):
         return logits, loss
 
     # ----------------------------------------------------------------------------- decoding
+    @property
+    def static_decode(self):
+        """Whether one-token steps can be captured in a CUDA graph (every mixer supports it)."""
+        return all(getattr(blk.mixer, 'static_decode', False) for blk in self.transformer.h)
+
     def init_state(self, batch_size, max_len, device=None, dtype=None):
         """A fresh DecodeState for sequences of up to max_len tokens. dtype is the activations'
         dtype (KV caches use it; recurrent states keep fp32 inside the mixer)."""
@@ -363,8 +451,11 @@ class GPT(nn.Module):
         return self.init_state(batch_size, context_len, device='meta', dtype=dtype).nbytes()
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, cuda_graph='auto'):
         """Sample max_new_tokens tokens after idx (B, T). temperature=0 is greedy.
+
+        cuda_graph: with the cache on CUDA, replay one-token steps from a CUDA graph (GraphedDecodeStep);
+        'auto' = when the model supports it (static_decode), True = required, False = eager steps.
 
         Long prompts: a model with learned positions (max_context = block_size) conditions on the
         last block_size tokens only, nanoGPT's sliding window. With the cache, once the window is
@@ -387,6 +478,13 @@ class GPT(nn.Module):
         dtype = torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type) else None
         state = self.init_state(idx.size(0), total if ctx is None else min(total, ctx), dtype=dtype)
         logits, _ = self(crop(idx), state=state, last_only=True)  # prefill
+        if cuda_graph not in ('auto', True, False):
+            raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
+        graphed = None
+        if cuda_graph is True or (cuda_graph == 'auto' and idx.is_cuda and self.static_decode
+                                  and max_new_tokens > 1 and (ctx is None or state.pos < ctx)):
+            graphed = GraphedDecodeStep(self, state)
+        step = graphed or (lambda tok: self(tok, state=state, last_only=True)[0])
         for i in range(max_new_tokens):
             nxt = self._sample(logits[:, -1, :], temperature, top_k)
             idx = torch.cat((idx, nxt), dim=1)
@@ -396,7 +494,7 @@ class GPT(nn.Module):
                 state.reset()
                 logits, _ = self(crop(idx), state=state, last_only=True)
             else:
-                logits, _ = self(nxt, state=state, last_only=True)
+                logits = step(nxt)
         return idx
 
     @staticmethod

@@ -198,6 +198,9 @@ class HeadRMSNorm(nn.Module):
 
 class DeltaNetMixer(nn.Module):
     """Multi-head delta-rule token mixer (see the module docstring)."""
+    # a one-token step reads and writes fixed-size buffers (state, conv caches) and ignores pos: it can be
+    # captured in a CUDA graph as it is (model.GraphedDecodeStep)
+    static_decode = True
 
     def __init__(self, config, layer_idx=0):
         super().__init__()

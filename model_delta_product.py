@@ -245,6 +245,9 @@ class GatedRMSNorm(nn.Module):
 
 
 class GatedDeltaProductMixer(nn.Module):
+    # a one-token step reads and writes fixed-size buffers (state, conv caches) and ignores pos: it can be
+    # captured in a CUDA graph as it is (model.GraphedDecodeStep)
+    static_decode = True
 
     def __init__(self, config, layer_idx=0):
         super().__init__()

@@ -142,3 +142,71 @@ def test_generate_rejects_bad_arguments():
         m.generate(torch.zeros(1, 1, dtype=torch.long), 3, temperature=-1)
     with pytest.raises(ValueError, match='top_k'):
         m.generate(torch.zeros(1, 1, dtype=torch.long), 3, top_k=0)
+
+
+# ----------------------------------------------------------------------------- static (CUDA-graph) decoding
+
+STATIC = [mt for mt in MODEL_TYPES if model_lib.build_model(mt, **model_lib.get_model_module(mt).TINY).static_decode]
+
+
+def test_which_models_decode_statically():
+    # NSA's step depends on its position in Python (RoPE tables, the compressed-key cache grows per block)
+    assert STATIC == ['vanilla', 'delta', 'delta_product']
+
+
+@pytest.mark.parametrize('model_type', STATIC)
+def test_static_step_equals_the_dynamic_step(model_type):
+    """The one-token step with a tensor position (full-cache masked attention, index_copy_ writes: what a
+    CUDA graph captures) computes what the ordinary cached step computes, and leaves the same state."""
+    m = tiny(model_type)
+    prompt = torch.randint(0, 65, (2, 9))
+    cap = m.config.block_size
+    a, b = m.init_state(2, cap), m.init_state(2, cap)
+    m(prompt, state=a)
+    m(prompt, state=b)
+    tok = torch.randint(0, 65, (2, 1))
+    for _ in range(6):
+        la, _ = m(tok, state=a, last_only=True)
+        lb, _ = m(tok, state=b, last_only=True, static_pos=torch.tensor(b.pos))
+        torch.testing.assert_close(lb, la, rtol=1e-10, atol=1e-10)
+        tok = la[:, -1].argmax(-1, keepdim=True)
+    assert a.pos == b.pos == 15
+    for sa, sb in zip(a.layers, b.layers):
+        for k in sa:
+            torch.testing.assert_close(sb[k], sa[k], rtol=1e-10, atol=1e-10)
+
+
+def test_static_decoding_is_refused_where_it_cant_work():
+    nsa = tiny('nsa')
+    st = nsa.init_state(1, 32)
+    nsa(torch.zeros(1, 4, dtype=torch.long), state=st)
+    with pytest.raises(ValueError, match='static decoding'):
+        nsa(torch.zeros(1, 1, dtype=torch.long), state=st, static_pos=torch.tensor(st.pos))
+    with pytest.raises(ValueError, match="can't decode with static shapes"):
+        model_lib.GraphedDecodeStep(nsa, st)
+    van = tiny('vanilla')
+    with pytest.raises(ValueError, match='need a model on a CUDA device'):
+        model_lib.GraphedDecodeStep(van, van.init_state(1, 8))
+    with pytest.raises(ValueError, match='need a model on a CUDA device'):
+        van.generate(torch.zeros(1, 3, dtype=torch.long), 4, temperature=0, cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph must be"):
+        van.generate(torch.zeros(1, 3, dtype=torch.long), 4, temperature=0, cuda_graph='yes')
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('model_type', MODEL_TYPES)
+def test_cuda_graph_generation_equals_eager_generation(model_type):
+    """generate() on CUDA replays its steps from a CUDA graph where it can: the same greedy tokens as eager
+    steps (fp32 model, so near-ties don't flip), through a window re-prefill for learned positions."""
+    mod = model_lib.get_model_module(model_type)
+    torch.manual_seed(0)
+    m = model_lib.build_model(model_type, **mod.TINY).cuda().eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, p.shape[-1] ** -0.5)
+    prompt = torch.randint(0, 65, (2, 40), device='cuda')
+    n = m.config.block_size  # long enough to slide vanilla's window
+    want = m.generate(prompt, n, temperature=0, cuda_graph=False)
+    got = m.generate(prompt, n, temperature=0)  # 'auto': graphed where static_decode
+    assert torch.equal(got, want)
