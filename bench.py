@@ -13,6 +13,7 @@ Benchmarks of the four token mixers, and the generated report.
     report      results/REPORT.md from whatever result files exist
     selfcheck   each model's fla-kernel-vs-reference check (CUDA); non-zero exit on any FAIL
     profile     where a training step's time goes: wall vs GPU kernel time, kernels/iter, top kernels
+    scaling     DDP over N GPUs against one at the same global batch: tokens/s ratio and both loss curves
     all         params, memory, latency, throughput, bakeoff, report
 
 Every sub-command is also a function: bench.params(out='results', tiny=False, device='auto', ...).
@@ -1442,6 +1443,101 @@ def vs_nanogpt(out='results', nanogpt_dir=None, iters=500, skip=20, tiny=False, 
     return rows
 
 
+SCALING_SHAPES = ([(32, 256), (1, 8192)], [(8, 32)])  # per-process micro-batch (B, T): (full, tiny)
+
+
+def scaling(out='results', tiny=False, device='auto', models='vanilla,delta', shapes=None, gpus=2, iters=None,
+            model_kw=None):
+    """DDP over `gpus` GPUs of this host against one GPU at the same global batch: training tokens/s of
+    each, their ratio (the scaling factor), and both loss curves. For each model and micro-batch shape
+    (B, T), train_runner trains twice: one process doing `gpus` micro-steps of B x T per step, then
+    torchrun with `gpus` processes doing one each. CUDA graphs are off in both (DDP does not capture
+    them), so the ratio measures data parallelism alone. Each process draws its own data stream, so the
+    curves agree statistically, not bit for bit. On CPU the processes use gloo (tiny sizes, for tests).
+    Writes <out>/scaling.csv, scaling_loss.png and the runs' records under <out>/scaling_runs/."""
+    import subprocess
+    device = _resolve_device(device)
+    cuda = torch.device(device).type == 'cuda'
+    gpus = int(gpus)
+    if gpus < 2:
+        raise ValueError(f"gpus must be >= 2 (DDP against one process), got {gpus}")
+    if cuda and gpus > torch.cuda.device_count():
+        raise ValueError(f"gpus={gpus} but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    shapes = [tuple(int(v) for v in sh) for sh in (shapes or SCALING_SHAPES[tiny])]
+    iters = int(iters or (20 if tiny else 300))
+    env = {**os.environ, **({} if cuda else {'OMP_NUM_THREADS': '1'})}
+    rows, curves = [], {}
+    for mt, mod in available_models(_as_list(models)):
+        kw = model_kwargs(mt, mod, tiny, model_kw)
+        for B, T in shapes:
+            args = [f'--{k}={v}' for k, v in {**kw, 'block_size': T}.items() if k != 'model_type']
+            args += [f'--model_type={mt}', f'--batch_size={B}', f'--gradient_accumulation_steps={gpus}',
+                     f'--max_iters={iters}', f'--lr_decay_iters={iters}', f'--eval_interval={iters}',
+                     '--eval_iters=2', f'--eval_batch_size={4 if tiny else 8}', '--log_interval=10',
+                     '--warmup_iters=10', '--cuda_graphs=False', '--wandb_log=False', '--dropout=0.0',
+                     f"--device={'cuda' if cuda else 'cpu'}"] + ([] if cuda else ['--compile=False'])
+            row = dict(model=mt, batch=B, context=T, gpus=gpus, tokens_per_step=gpus * B * T, iters=iters)
+            res = {}
+            for kind in ('single', 'ddp'):
+                run_dir = os.path.join(out, 'scaling_runs', f'{mt}-B{B}-T{T}-{kind}')
+                launch = [sys.executable] + (['-m', 'torch.distributed.run', '--standalone',
+                                              f'--nproc_per_node={gpus}'] if kind == 'ddp' else [])
+                cmd = launch + ['train_runner.py', *args, f'--out_dir={run_dir}']
+                print(f"[scaling] {mt} B={B} T={T} {kind}: {' '.join(cmd[1:])}", flush=True)
+                r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, env=env)
+                with open(os.path.join(out, 'scaling_runs', f'{mt}-B{B}-T{T}-{kind}.log'), 'w') as f:
+                    f.write(r.stdout + r.stderr)
+                if r.returncode != 0:
+                    res[kind] = f"error (exit {r.returncode}): {(r.stderr.strip().splitlines() or ['?'])[-1][:200]}"
+                    continue
+                with open(os.path.join(run_dir, 'summary.json')) as f:
+                    summ = json.load(f)
+                with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
+                    curve = [(m['iter'], m['loss']) for m in map(json.loads, f) if m['kind'] == 'train']
+                res[kind] = summ
+                curves[(mt, B, T, kind)] = curve
+            if isinstance(res.get('single'), str) or isinstance(res.get('ddp'), str):
+                row['status'] = '; '.join(f"{k}: {v}" for k, v in res.items() if isinstance(v, str))
+            else:
+                a, b = res['single'], res['ddp']
+                ca, cb = dict(curves[(mt, B, T, 'single')]), dict(curves[(mt, B, T, 'ddp')])
+                common_iters = sorted(set(ca) & set(cb) - {min(ca)})  # the first window is still warming up
+                row.update(status='ok', single_tokens_per_s=a['tokens_per_s'], ddp_tokens_per_s=b['tokens_per_s'],
+                           scaling=b['tokens_per_s'] / a['tokens_per_s'],
+                           single_final_val=a['final_val_loss'], ddp_final_val=b['final_val_loss'],
+                           val_diff=b['final_val_loss'] - a['final_val_loss'],
+                           max_train_loss_diff=max((abs(ca[i] - cb[i]) for i in common_iters), default=None))
+            rows.append(row)
+            print(f"[scaling] {mt} B={B} T={T}: " + (f"{row['single_tokens_per_s']:,.0f} -> "
+                  f"{row['ddp_tokens_per_s']:,.0f} tok/s on {gpus} ({row['scaling']:.2f}x); final val "
+                  f"{row['single_final_val']:.4f} vs {row['ddp_final_val']:.4f}"
+                  if row['status'] == 'ok' else row['status']), flush=True)
+    write_csv(os.path.join(out, 'scaling.csv'), rows,
+              ['model', 'batch', 'context', 'gpus', 'tokens_per_step', 'iters', 'status', 'single_tokens_per_s',
+               'ddp_tokens_per_s', 'scaling', 'single_final_val', 'ddp_final_val', 'val_diff',
+               'max_train_loss_diff'])
+    write_meta(out, 'scaling', device, dict(tiny=tiny, models=models, shapes=shapes, gpus=gpus, iters=iters,
+                                            model_kw=model_kw),
+               method="tokens/s = the run's summary (global tokens per step / median ms per step, first timing "
+                      "window excluded); single = one process with `gpus` micro-steps per step, ddp = torchrun "
+                      "with `gpus` processes of one micro-step, same global batch, CUDA graphs off in both; "
+                      "max_train_loss_diff over the logged steps after the first")
+    plt = _plt()
+    keys = list(dict.fromkeys(k[:3] for k in curves))
+    if keys:
+        fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
+        for ax, (mt, B, T) in zip(axes[0], keys):
+            for kind, style in (('single', '-'), ('ddp', '--')):
+                if (mt, B, T, kind) in curves:
+                    ax.plot(*zip(*curves[(mt, B, T, kind)]), style, color=_color(mt),
+                            label='1 process' if kind == 'single' else f'DDP, {gpus} processes')
+            ax.set(title=f'{mt}, {gpus} x {B} x {T} tokens/step', xlabel='iteration', ylabel='train loss')
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        _savefig(fig, os.path.join(out, 'scaling_loss.png'))
+    return rows
+
+
 README = os.path.join(HERE, 'README.md')
 RUNS_MARK = ('<!-- runs-table:start -->', '<!-- runs-table:end -->')
 
@@ -1479,7 +1575,7 @@ def runs(runs_dir='results/h200', readme=False):
 
 
 COMMANDS = {**{f.__name__: f for f in (params, memory, latency, throughput, bakeoff, report, selfcheck, runs,
-                                        vs_nanogpt, profile)},
+                                        vs_nanogpt, profile, scaling)},
             'all': _all_cli}
 all = run_all  # bench.all(...) as in the docs (shadows the builtin in this module only; bench never uses it)
 

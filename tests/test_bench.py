@@ -165,6 +165,7 @@ def test_latency_rows(results):
     for r in table:
         assert float(r['prefill_ms']) > 0 and float(r['decode_ms_per_token']) > 0
         assert bool(r['nocache_ms_per_token']) == (r['model'] == 'vanilla')
+        assert r['decode_cuda_graph'] == 'False' and not r['decode_eager_ms_per_token']  # no CUDA here
 
 
 def test_bakeoff_values(results):
@@ -253,3 +254,18 @@ def test_vs_nanogpt_side_by_side(prepared, tmp_path):
     assert [r['impl'] for r in table] == ['nanoGPT', 'this repo (vanilla)']
     with pytest.raises(FileNotFoundError, match='clone karpathy/nanoGPT'):
         bench.vs_nanogpt(out=str(tmp_path), nanogpt_dir=str(tmp_path / 'nope'))
+
+
+def test_scaling_ddp_against_one_process(prepared, tmp_path):
+    """bench.scaling on CPU (gloo): one process with 2 micro-steps against torchrun with 2 processes, same
+    global batch: both train, tokens/s of each and their ratio, the two curves plotted, records kept."""
+    rows = bench.scaling(out=str(tmp_path), tiny=True, device='cpu', models='vanilla', iters=20)
+    (r,) = rows
+    assert r['status'] == 'ok' and r['tokens_per_step'] == 2 * 8 * 32
+    assert r['scaling'] == r['ddp_tokens_per_s'] / r['single_tokens_per_s'] > 0
+    assert abs(r['val_diff']) < 0.1  # 20 steps from the same init on the same global batch size
+    assert os.path.exists(tmp_path / 'scaling_loss.png') and os.path.exists(tmp_path / 'scaling.meta.json')
+    rec = json.load(open(tmp_path / 'scaling_runs' / 'vanilla-B8-T32-ddp' / 'config.json'))
+    assert rec['world_size'] == 2 and rec['cuda_graphs'] is False
+    with pytest.raises(ValueError, match='gpus must be >= 2'):
+        bench.scaling(out=str(tmp_path), tiny=True, device='cpu', gpus=1)
