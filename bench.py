@@ -42,7 +42,8 @@ import torch
 
 import model
 # train_runner imports bench only inside its sweep, so importing it here is no cycle
-from train_runner import _as_list, _parse_value, device_name, load_dataset, peak_flops, run_metadata, train
+from train_runner import (_as_list, _first_line, _parse_value, device_name, load_dataset, peak_flops, run_metadata,
+                          train)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -351,7 +352,7 @@ def memory(out='results', tiny=False, device='auto', models=None, contexts=None,
                     if not _is_oom(e):
                         traceback.print_exc()
                     oom = _is_oom(e)
-                    row['status'] = 'OOM' if oom else f'error: {type(e).__name__}: {str(e).splitlines()[0][:200]}'
+                    row['status'] = 'OOM' if oom else f'error: {type(e).__name__}: {_first_line(e, 200)}'
                 del m
                 _free(device)  # outside the except block: the traceback no longer pins the tensors
                 if oom:
@@ -515,12 +516,14 @@ def latency(out='results', tiny=False, device='auto', models=None, contexts=None
                     row['eager_over_graph'] = row['decode_eager_ms_per_token'] / row['decode_ms_per_token']
                 if nocache and mt == 'vanilla':
                     _, row['nocache_ms_per_token'] = time_generation(m, L, n, trials, device, cached=False)
-                    row['nocache_over_cache'] = row['nocache_ms_per_token'] / row['decode_ms_per_token']
+                    # against the eager cached steps: the ratio is what the cache saves, not the graph too
+                    row['nocache_over_cache'] = row['nocache_ms_per_token'] / row.get(
+                        'decode_eager_ms_per_token', row['decode_ms_per_token'])
                 row['status'] = 'ok'
             except Exception as e:
                 if not _is_oom(e):
                     traceback.print_exc()
-                err = 'OOM' if _is_oom(e) else f'error: {type(e).__name__}: {str(e).splitlines()[0][:200]}'
+                err = 'OOM' if _is_oom(e) else f'error: {type(e).__name__}: {_first_line(e, 200)}'
             if err:
                 row['status'] = err
                 _free(device)
@@ -601,14 +604,20 @@ def train_step_times(m, B, T, device, iters, warmup, compile=False, reuse=False,
     AdamW step, like train_runner), after `warmup` untimed ones. compile / cuda_graphs: as in
     train_runner (a CUDA graph of forward+backward, train_runner.GraphedStep). reuse: the optimizer,
     compiled module and graph of the previous call on m (no re-compilation, no re-capture)."""
-    from train_runner import GraphedStep
+    from train_runner import CaptureError, GraphedStep
     vocab = m.config.vocab_size
     X = torch.randint(vocab, (B, T), device=device)
     Y = torch.randint(vocab, (B, T), device=device)
     if not (reuse and hasattr(m, '_bench_step')):
         opt = m.configure_optimizers(0.1, 1e-4, (0.9, 0.95), torch.device(device).type)
         fwd = torch.compile(m) if compile else m
-        graphed = GraphedStep(fwd, m.parameters(), _autocast(device), X, Y) if cuda_graphs else None
+        graphed = None
+        if cuda_graphs:
+            try:
+                graphed = GraphedStep(fwd, m.parameters(), _autocast(device), X, Y)
+            except CaptureError as e:  # as train_runner does: eager steps, said so (the row records it)
+                print(f"[bench] CUDA graph capture failed for {m.config.model_type} ({e}); timing eager steps")
+                opt.zero_grad(set_to_none=True)
         m._bench_step = (opt, fwd, graphed)
     opt, fwd, graphed = m._bench_step
     times = []
@@ -657,12 +666,14 @@ def profile(out='results', tiny=False, device='auto', models=None, batch=None, c
         kw = model_kwargs(mt, mod, tiny, model_kw)
         for tag in modes:
             row = dict(model=mt, batch=B, context=T, mode=tag)
+            m = prof = None
             try:
                 m = build(mt, kw, device, block_size=T)
                 comp, graphs = _step_modes(m, device, *PROFILE_MODES[tag])
                 row.update(compile=comp, cuda_graphs=graphs)
                 # timed without the profiler (its own overhead would inflate the wall time) ...
                 times = train_step_times(m, B, T, device, steps, 10 if comp else 5, comp, cuda_graphs=graphs)
+                row['cuda_graphs'] = m._bench_step[2] is not None  # as it ran
                 # ... then the same steps again under it, for the kernel breakdown
                 with torch_profile(activities=acts) as prof:
                     train_step_times(m, B, T, device, steps, 0, comp, reuse=True)
@@ -689,11 +700,11 @@ def profile(out='results', tiny=False, device='auto', models=None, batch=None, c
                 with open(os.path.join(out, f'profile_{mt}_{tag}.txt'), 'w') as f:
                     f.write('\n'.join(lines) + '\n')
                 print('[profile] ' + lines[0], flush=True)
-                del m
             except Exception as e:
                 traceback.print_exc()
-                row['status'] = 'OOM' if _is_oom(e) else f'error: {type(e).__name__}: {str(e).splitlines()[0][:200]}'
+                row['status'] = 'OOM' if _is_oom(e) else f'error: {type(e).__name__}: {_first_line(e, 200)}'
                 print(f"[profile] {mt} ({tag}): {row['status']}", flush=True)
+            m = prof = None  # drop the model, its optimizer, compiled module and graph before the next one
             _free(device)
             rows.append(row)
     write_csv(os.path.join(out, 'profile.csv'), rows, ['model', 'batch', 'context', 'mode', 'compile', 'cuda_graphs',
@@ -730,6 +741,7 @@ def throughput(out='results', tiny=False, device='auto', models=None, shapes=Non
                 comp, graphs = _step_modes(m, device, compile, cuda_graphs)
                 row.update(compile=comp, cuda_graphs=graphs)
                 times = train_step_times(m, B, T, device, iters, warmup, comp, cuda_graphs=graphs)
+                row['cuda_graphs'] = m._bench_step[2] is not None  # as it ran
                 dt = _median(times) / 1e3
                 row.update(status='ok', ms_per_iter=dt * 1e3, tokens_per_s=B * T / dt,
                            mfu=m.estimate_mfu(B, dt, peak, T=T) if peak else None,
@@ -737,7 +749,7 @@ def throughput(out='results', tiny=False, device='auto', models=None, shapes=Non
             except Exception as e:
                 if not _is_oom(e):
                     traceback.print_exc()
-                err = 'OOM' if _is_oom(e) else f'error: {type(e).__name__}: {str(e).splitlines()[0][:200]}'
+                err = 'OOM' if _is_oom(e) else f'error: {type(e).__name__}: {_first_line(e, 200)}'
             if err:
                 row['status'] = err
             del m
@@ -895,8 +907,8 @@ def _decode_ms(out, context=1024):
     path = os.path.join(out, 'latency.csv')
     if not os.path.exists(path):
         return {}
-    return {r['model']: float(r['decode_ms_per_token']) for r in read_csv(path)
-            if int(r['context']) == context and r['status'] == 'ok'}
+    return {r['model']: (float(r['decode_ms_per_token']), r.get('decode_cuda_graph', 'False') == 'True')
+            for r in read_csv(path) if int(r['context']) == context and r['status'] == 'ok'}
 
 
 def _source_meta(out, name):
@@ -957,7 +969,8 @@ def bakeoff(out='results', preset=None, runs_dir=None):
             best_val_loss_mean=_f(lm, '.4f'), best_val_loss_std=_f(ls, '.4f'),
             val_ppl_mean=_f(pm, '.4f'), val_ppl_std=_f(ps, '.4f'),
             oom_context_b1=oom.get(1, '-'), oom_context_b4=oom.get(4, '-'),
-            decode_ms_per_token_1024=_f(decode.get(mt), '.3f'), train_tokens_per_s=_f(tps, '.0f'),
+            decode_ms_per_token_1024=_f(decode.get(mt, (None,))[0], '.3f'),
+            decode_cuda_graph=str(decode[mt][1]) if mt in decode else '-', train_tokens_per_s=_f(tps, '.0f'),
             train_mode=' / '.join(modes)))
         for r in rs:
             for e in r['evals']:
@@ -968,7 +981,7 @@ def bakeoff(out='results', preset=None, runs_dir=None):
 
     main_cols = ['model', 'n_params', 'lrs_finished', 'best_lr', 'n_seeds', 'seeds', 'best_val_loss_mean',
                  'best_val_loss_std', 'val_ppl_mean', 'val_ppl_std', 'oom_context_b1', 'oom_context_b4',
-                 'decode_ms_per_token_1024', 'train_tokens_per_s', 'train_mode']
+                 'decode_ms_per_token_1024', 'decode_cuda_graph', 'train_tokens_per_s', 'train_mode']
     write_csv(os.path.join(out, 'bakeoff.csv'), main_rows, main_cols)
     write_csv(os.path.join(out, 'bakeoff_lr.csv'), lr_rows,
               ['model', 'learning_rate', 'n_seeds', 'best_val_loss_mean', 'best_val_loss_std', 'best'])
@@ -991,7 +1004,8 @@ def bakeoff(out='results', preset=None, runs_dir=None):
                   "val loss) are mean ± sample std over the seeds at the best LR; tokens/s = mean of the runs' "
                   "summaries at the best LR, which depend on train_mode (how those runs executed: torch.compile, "
                   "CUDA graphs); lrs_finished = the LRs with a finished run; OOM context = first context whose fwd+bwd ran out of memory "
-                  "(memory.csv; '>T' = none up to T); decode ms/token at context 1024 from latency.csv",
+                  "(memory.csv; '>T' = none up to T); decode ms/token at context 1024 from latency.csv "
+                  "(decode_cuda_graph: its steps replayed from a CUDA graph, else eager)",
     })
     plot_val_curves(runs, groups, {r['model']: float(r['best_lr']) for r in main_rows},
                     os.path.join(out, 'bakeoff_val_loss.png'))
@@ -1180,11 +1194,11 @@ def report(out='results'):
             r['loss'] = f"{r['best_val_loss_mean']} ± {r['best_val_loss_std']}"
             r['ppl'] = f"{r['val_ppl_mean']} ± {r['val_ppl_std']}"
         md += [_md_table(rows, ['model', 'n_params', 'lrs_finished', 'best_lr', 'n_seeds', 'loss', 'ppl',
-                                'oom_context_b1', 'oom_context_b4', 'decode_ms_per_token_1024', 'train_tokens_per_s',
-                                'train_mode'],
+                                'oom_context_b1', 'oom_context_b4', 'decode_ms_per_token_1024', 'decode_cuda_graph',
+                                'train_tokens_per_s', 'train_mode'],
                          ['model', 'params', 'LRs finished', 'best LR', 'seeds', 'best val loss', 'val perplexity',
-                          'OOM context (B=1)', 'OOM context (B=4)', 'decode ms/token @1024', 'train tokens/s',
-                          'runs executed with']), ""]
+                          'OOM context (B=1)', 'OOM context (B=4)', 'decode ms/token @1024', 'decode CUDA graph',
+                          'train tokens/s', 'runs executed with']), ""]
         if have('bakeoff_lr.csv'):
             lr = read_csv(os.path.join(out, 'bakeoff_lr.csv'))
             lrs = sorted({r['learning_rate'] for r in lr}, key=float)
@@ -1250,10 +1264,11 @@ def report(out='results'):
         if nc:
             md += ["Vanilla without a KV cache (full forward over the whole context per token), same run:", "",
                    _md_table([dict(r, nc=f"{float(r['nocache_ms_per_token']):.3f}",
-                                   c=f"{float(r['decode_ms_per_token']):.3f}",
+                                   c=f"{float(r.get('decode_eager_ms_per_token') or r['decode_ms_per_token']):.3f}",
                                    x=f"{float(r['nocache_over_cache']):.1f}x") for r in nc],
                              ['model', 'context', 'c', 'nc', 'x'],
-                             ['model', 'context', 'cached ms/token', 'no-cache ms/token', 'no-cache / cached']), ""]
+                             ['model', 'context', 'cached ms/token (eager steps)', 'no-cache ms/token',
+                              'no-cache / cached']), ""]
         md += [img('latency.png', 'latency vs context'), "", _meta_lines(out, 'latency')]
     else:
         md.append(missing('latency.csv', 'python bench.py latency'))
@@ -1466,6 +1481,7 @@ def scaling(out='results', tiny=False, device='auto', models='vanilla,delta', sh
     shapes = [tuple(int(v) for v in sh) for sh in (shapes or SCALING_SHAPES[tiny])]
     iters = int(iters or (20 if tiny else 300))
     env = {**os.environ, **({} if cuda else {'OMP_NUM_THREADS': '1'})}
+    os.makedirs(os.path.join(out, 'scaling_runs'), exist_ok=True)
     rows, curves = [], {}
     for mt, mod in available_models(_as_list(models)):
         kw = model_kwargs(mt, mod, tiny, model_kw)

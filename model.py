@@ -38,6 +38,7 @@ Parameters flagged `p._no_weight_decay = True` are excluded from weight decay.
 import importlib
 import inspect
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
 import torch
@@ -171,9 +172,14 @@ class GraphedDecodeStep:
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.pos_t = torch.zeros((), dtype=torch.long, device=dev)
         self._check_room()
+        # under autocast, the graph must compute its own bf16 copies of the weights: with the autocast
+        # cache on it would record the addresses of copies cached outside it, freed when that context exits
+        amp = torch.is_autocast_enabled('cuda')
+        self._amp = (lambda: torch.autocast('cuda', dtype=torch.get_autocast_dtype('cuda'), cache_enabled=False)) \
+            if amp else nullcontext
         saved, pos0 = [{k: t.clone() for k, t in layer.items()} for layer in state.layers], state.pos
         self.pos_t.fill_(pos0)
-        with torch.no_grad():
+        with torch.no_grad(), torch.cuda.device(dev):
             side = torch.cuda.Stream(dev)
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):
@@ -190,7 +196,8 @@ class GraphedDecodeStep:
                 t.copy_(snap[k])
 
     def _step(self):
-        return self.model(self.tok, state=self.state, last_only=True, static_pos=self.pos_t)[0]
+        with self._amp():
+            return self.model(self.tok, state=self.state, last_only=True, static_pos=self.pos_t)[0]
 
     def _check_room(self):
         st, cfg = self.state, self.model.config
@@ -201,6 +208,8 @@ class GraphedDecodeStep:
     @torch.no_grad()
     def __call__(self, tok):
         """tok (B, 1) -> logits (B, 1, V), in a buffer the next call overwrites; the state advances by one."""
+        if tok.shape != self.tok.shape:
+            raise ValueError(f"expected tokens of shape {tuple(self.tok.shape)}, got {tuple(tok.shape)}")
         self._check_room()
         self.tok.copy_(tok)
         self.pos_t.fill_(self.state.pos)
@@ -248,8 +257,8 @@ class CausalSelfAttention(nn.Module):
             if T != 1:
                 raise ValueError(f"a tensor pos is for one-token steps, got T={T}")
             kc, vc = state['k'], state['v']  # (B, nh, max_len, hs)
-            kc.index_copy_(2, pos.view(1), k)
-            vc.index_copy_(2, pos.view(1), v)
+            kc.index_copy_(2, pos.view(1), k.to(kc.dtype))
+            vc.index_copy_(2, pos.view(1), v.to(vc.dtype))
             mask = (torch.arange(kc.size(2), device=x.device) <= pos)[None, :]  # (1, max_len): (q, keys)
             y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask)
         elif state is None or pos == 0:
@@ -480,10 +489,12 @@ class GPT(nn.Module):
         logits, _ = self(crop(idx), state=state, last_only=True)  # prefill
         if cuda_graph not in ('auto', True, False):
             raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
+        if cuda_graph is True and not (idx.is_cuda and self.static_decode):
+            raise ValueError(f"cuda_graph=True needs a model on a CUDA device whose steps are static "
+                             f"(device {idx.device.type}, static_decode {self.static_decode}); use 'auto' or False")
         graphed = None
-        if cuda_graph is True or (cuda_graph == 'auto' and idx.is_cuda and self.static_decode
-                                  and max_new_tokens > 1 and (ctx is None or state.pos < ctx)):
-            graphed = GraphedDecodeStep(self, state)
+        if cuda_graph and idx.is_cuda and self.static_decode and max_new_tokens > 1 and (ctx is None or state.pos < ctx):
+            graphed = GraphedDecodeStep(self, state)  # (a window already full re-prefills every step: no graph)
         step = graphed or (lambda tok: self(tok, state=state, last_only=True)[0])
         for i in range(max_new_tokens):
             nxt = self._sample(logits[:, -1, :], temperature, top_k)

@@ -171,11 +171,13 @@ class ShortConv(nn.Module):
             xp = torch.cat([cache.to(x.dtype), x], dim=1)
             # the last K-1 inputs; a positive start index so that K == 1 (empty cache) works too
             cache.copy_(xp[:, xp.size(1) - (K - 1):])
-        w = self.weight[:, 0, :].to(x.dtype)                     # (C, K)
+        # accumulate in fp32 (fp64 for fp64), like a conv kernel; under torch.compile this is free
+        acc = torch.promote_types(x.dtype, torch.float32)
+        xp, w = xp.to(acc), self.weight[:, 0, :].to(acc)        # (B, K-1+T, C), (C, K)
         y = xp[:, K - 1:] * w[:, K - 1]
         for j in range(K - 1):
             y = y + xp[:, j:j + T] * w[:, j]
-        return F.silu(y)
+        return F.silu(y).to(x.dtype)
 
     def init_cache(self, batch_size, device, dtype):
         return torch.zeros(batch_size, self.kernel_size - 1, self.weight.size(0), device=device, dtype=dtype)

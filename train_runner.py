@@ -527,10 +527,19 @@ def train(config_file=None, overrides=None):
                                                          (cfg['batch_size'],), generator=data_gen), block_size)
             if use_graphs and graphed is None:
                 try:
-                    graphed = GraphedStep(model, raw_model.parameters(), autocast, X, Y, gas)
-                except Exception as e:  # e.g. a kernel that synchronises with the host: fall back, loudly
-                    print(f"cuda_graphs: capture failed for {cfg['model_type']} ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:300]}); running eagerly")
+                    try:
+                        graphed = GraphedStep(model, raw_model.parameters(), autocast, X, Y, gas)
+                    except CaptureError:
+                        raise
+                    except Exception as e:  # the warm-up failed: with torch.compile, try without it
+                        if not use_compile:
+                            raise
+                        print(f"torch.compile failed for {cfg['model_type']} ({type(e).__name__}: "
+                              f"{_first_line(e)}); falling back to eager mode")
+                        use_compile, model = False, raw_model
+                        graphed = GraphedStep(model, raw_model.parameters(), autocast, X, Y, gas)
+                except CaptureError as e:  # e.g. a kernel that synchronises with the host: fall back, loudly
+                    print(f"cuda_graphs: capture failed for {cfg['model_type']} ({e}); running eagerly")
                     use_graphs = False
                     optimizer.zero_grad(set_to_none=True)
             if graphed is not None:
@@ -543,7 +552,7 @@ def train(config_file=None, overrides=None):
                 except Exception as e:  # compile failures surface on the first call: fall back, loudly
                     if not use_compile or iter_num != start_iter:
                         raise
-                    print(f"torch.compile failed for {cfg['model_type']} ({type(e).__name__}: {e}); "
+                    print(f"torch.compile failed for {cfg['model_type']} ({type(e).__name__}: {_first_line(e)}); "
                           f"falling back to eager mode")
                     use_compile, model = False, raw_model if not ddp else DDP(raw_model)
                     _, loss = model(X, Y)
@@ -602,6 +611,15 @@ def train(config_file=None, overrides=None):
     return summary
 
 
+class CaptureError(RuntimeError):
+    """A CUDA graph could not be captured (e.g. a kernel that synchronises with the host)."""
+
+
+def _first_line(e, n=300):
+    """The first line of an exception's message (which may be empty), at most n characters."""
+    return (str(e).splitlines() or [''])[0][:n]
+
+
 class GraphedStep:
     """One micro-step -- forward, loss / gas, backward into the existing .grad tensors -- captured once
     in a CUDA graph and replayed. Why: at this model size every mixer except vanilla is bound by the
@@ -613,7 +631,10 @@ class GraphedStep:
     backward is captured as an in-place accumulation (gas > 1 works) -- step() zeroes them each
     optimizer step. Dropout is graph-safe (PyTorch advances the Philox offset on each replay).
     Capture runs a few warm-up micro-steps on a side stream first (Triton autotuning, torch.compile),
-    whose gradients are discarded. Raises if the model can't be captured; the caller falls back."""
+    whose gradients are discarded and whose dropout draws are undone (the CUDA RNG state is restored,
+    so a resumed run continues the same stream). An error in the warm-up (the model itself, or
+    torch.compile) propagates as it is; one in the capture raises CaptureError, with the current stream
+    restored, and the caller falls back to eager steps."""
 
     def __init__(self, model, params, autocast, X, Y, gas=1, warmup=3):
         self.params = [p for p in params if p.requires_grad]
@@ -621,6 +642,7 @@ class GraphedStep:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         self.x, self.y = X.clone(), Y.clone()
+        rng = torch.cuda.get_rng_state()
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
@@ -630,11 +652,19 @@ class GraphedStep:
                 loss.backward()
         torch.cuda.current_stream().wait_stream(s)
         self.zero_grad()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            with autocast:
-                self.loss = model(self.x, self.y)[1] / gas
-            self.loss.backward()
+        stream = torch.cuda.current_stream()
+        try:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                with autocast:
+                    self.loss = model(self.x, self.y)[1] / gas
+                self.loss.backward()
+        except Exception as e:
+            torch.cuda.set_stream(stream)  # a failed capture_end() can leave its side stream current
+            torch.cuda.synchronize()
+            raise CaptureError(f"{type(e).__name__}: {_first_line(e)}") from e
+        finally:
+            torch.cuda.set_rng_state(rng)
         self.zero_grad()
 
     def zero_grad(self):
@@ -782,11 +812,17 @@ def sweep(overrides=None):
             free_gpus.put(g)
         print(f"training {len(todo)} runs on {gpus} GPUs, one run per GPU at a time; logs in <run>/train.log")
         with ProcessPoolExecutor(gpus, mp_context=ctx, initializer=_pin_gpu, initargs=(free_gpus,)) as pool:
-            started = {pool.submit(_sweep_run, run_cfg, True): (i, run_cfg, time.time()) for i, run_cfg in todo}
+            started = {pool.submit(_sweep_run, run_cfg, True): (i, run_cfg) for i, run_cfg in todo}
             for n, fut in enumerate(as_completed(started), 1):
-                i, run_cfg, t_sub = started[fut]
-                summaries[i] = s = fut.result()
-                times.append(s.get('wall_s') or (time.time() - t_sub))
+                i, run_cfg = started[fut]
+                try:
+                    summaries[i] = s = fut.result()
+                except BaseException:  # stop now, as the one-GPU sweep does, not after every queued run
+                    print(f"run {i + 1}/{len(runs)} failed; see {os.path.join(run_cfg['out_dir'], 'train.log')}")
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
+                if s.get('wall_s'):
+                    times.append(s['wall_s'])
                 print(f"run {i + 1}/{len(runs)} {run_cfg['model_type']} lr={run_cfg['learning_rate']:g} "
                       f"seed={run_cfg['seed']}: {s['status']}, best val loss {s['best_val_loss']:.4f} "
                       f"| {progress(n, times)}", flush=True)
@@ -807,8 +843,11 @@ def sweep(overrides=None):
 
 
 def _pin_gpu(free_gpus):
-    """Sweep worker initialiser: this process sees one GPU only (set before CUDA is initialised)."""
-    os.environ['CUDA_VISIBLE_DEVICES'] = str(free_gpus.get())
+    """Sweep worker initialiser: this process sees one GPU only (set before CUDA is initialised): the
+    g-th of those the parent sees (CUDA_VISIBLE_DEVICES, if set, chooses them)."""
+    g = free_gpus.get()
+    visible = [d for d in os.environ.get('CUDA_VISIBLE_DEVICES', '').split(',') if d.strip()]
+    os.environ['CUDA_VISIBLE_DEVICES'] = visible[g] if visible else str(g)
 
 
 def _sweep_run(run_cfg, log_to_file=False):

@@ -187,7 +187,7 @@ def test_static_decoding_is_refused_where_it_cant_work():
     van = tiny('vanilla')
     with pytest.raises(ValueError, match='need a model on a CUDA device'):
         model_lib.GraphedDecodeStep(van, van.init_state(1, 8))
-    with pytest.raises(ValueError, match='need a model on a CUDA device'):
+    with pytest.raises(ValueError, match='cuda_graph=True needs a model on a CUDA device'):
         van.generate(torch.zeros(1, 3, dtype=torch.long), 4, temperature=0, cuda_graph=True)
     with pytest.raises(ValueError, match="cuda_graph must be"):
         van.generate(torch.zeros(1, 3, dtype=torch.long), 4, temperature=0, cuda_graph='yes')
@@ -210,3 +210,32 @@ def test_cuda_graph_generation_equals_eager_generation(model_type):
     want = m.generate(prompt, n, temperature=0, cuda_graph=False)
     got = m.generate(prompt, n, temperature=0)  # 'auto': graphed where static_decode
     assert torch.equal(got, want)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('model_type', STATIC)
+def test_cuda_graph_step_built_under_autocast_outlives_the_context(model_type):
+    """A graphed step captured under bf16 autocast, replayed after that context has closed (as bench's
+    latency timing does): its logits equal eager steps run under autocast (the graph must make its own
+    bf16 weight copies, not record ones from autocast's cache, which is freed when the context exits)."""
+    mod = model_lib.get_model_module(model_type)
+    torch.manual_seed(0)
+    m = model_lib.build_model(model_type, **mod.TINY).cuda().eval()
+    prompt = torch.randint(0, 65, (1, 8), device='cuda')
+    ac = lambda: torch.autocast('cuda', dtype=torch.bfloat16)  # noqa: E731
+    a, b = m.init_state(1, 32, dtype=torch.bfloat16), m.init_state(1, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        with ac():
+            m(prompt, state=a)
+            m(prompt, state=b)
+            step = model_lib.GraphedDecodeStep(m, b)
+        torch.cuda.empty_cache()
+        junk = torch.randn(1 << 20, device='cuda')  # takes any freed blocks the graph might still point to
+        tok = prompt[:, -1:]
+        for _ in range(5):
+            with ac():
+                want = m(tok, state=a, last_only=True)[0]
+                got = step(tok)
+            torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+            tok = want[:, -1].argmax(-1, keepdim=True)
+        del junk

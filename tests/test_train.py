@@ -273,6 +273,19 @@ def test_a_sweep_worker_logs_to_its_run_folder(prepared, tmp_path):
     assert 'done: best val loss' in (out / 'train.log').read_text()
 
 
+def test_sweep_worker_takes_the_gth_of_the_visible_gpus(monkeypatch):
+    class Queue:
+        def get(self):
+            return 1
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '2,3')
+    train_runner._pin_gpu(Queue())
+    assert os.environ['CUDA_VISIBLE_DEVICES'] == '3'  # the user's choice of GPUs is kept
+    monkeypatch.delenv('CUDA_VISIBLE_DEVICES')
+    train_runner._pin_gpu(Queue())
+    assert os.environ['CUDA_VISIBLE_DEVICES'] == '1'
+    assert train_runner._first_line(AssertionError()) == ''  # a message-less error can be reported
+
+
 def test_cuda_graphs_need_cuda(prepared, tmp_path):
     with pytest.raises(ValueError, match='cuda_graphs=True needs a CUDA device'):
         train_runner.train(None, {**TINY_RUN, 'out_dir': str(tmp_path), 'max_iters': 2, 'cuda_graphs': True})
@@ -355,3 +368,20 @@ def test_sweep_on_two_gpus_equals_one(prepared, tmp_path):
     for a, b in zip(one['runs'], two['runs']):
         assert (a['model_type'], a['learning_rate']) == (b['model_type'], b['learning_rate'])
         assert abs(a['final_val_loss'] - b['final_val_loss']) < 1e-2
+
+
+@pytest.mark.cuda
+def test_a_model_that_cannot_be_captured_trains_eagerly(prepared, tmp_path, monkeypatch):
+    """A forward that synchronises with the host can't be captured: train() says so, runs eager steps
+    (record: cuda_graphs False) and the run still learns; torch.compile stays on."""
+    orig = model_lib.GPT.forward
+
+    def syncing(self, *a, **k):
+        out = orig(self, *a, **k)
+        if self.training:
+            out[1].item()  # a host sync: illegal while a CUDA graph is being captured
+        return out
+    monkeypatch.setattr(model_lib.GPT, 'forward', syncing)
+    s = train_runner.train(None, {**GPU_RUN, 'model_type': 'vanilla', 'out_dir': str(tmp_path),
+                                  'cuda_graphs': True})
+    assert s['cuda_graphs'] is False and s['final_val_loss'] < 3.0
