@@ -718,8 +718,8 @@ PRESETS = {
 }
 SWEEP_KEYS = dict(preset='auto', seeds=1, models=','.join(model_lib.MODEL_TYPES), lrs='', results_dir='',
                   bench=True, gpus=1)
-# overrides that change no number a run produces, or only at rounding level (how it is executed): they
-# don't turn a preset into a custom one
+# overrides that change no number a run produces, or only through rounding (how it is executed; a discrete
+# choice such as NSA's top-k can amplify that): they don't turn a preset into a custom one
 NEUTRAL_KEYS = {'wandb_log', 'wandb_project', 'wandb_run_name', 'log_interval', 'device', 'compile', 'cuda_graphs'}
 
 
