@@ -42,8 +42,8 @@ import torch
 
 import model
 # train_runner imports bench only inside its sweep, so importing it here is no cycle
-from train_runner import (_as_list, _first_line, _parse_value, device_name, load_dataset, peak_flops, run_metadata,
-                          train)
+from train_runner import (_as_list, _first_line, _parse_value, device_name, execution_modes, load_dataset,
+                          peak_flops, run_metadata, train)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -587,18 +587,6 @@ def plot_latency(rows, path):
 
 
 # ----------------------------------------------------------------------------- throughput
-def _step_modes(m, device, compile, cuda_graphs):
-    """(compile, cuda_graphs) as train_runner resolves them: 'auto' = on for CUDA; compile off (with the
-    reason printed) for a model that declares a compile_problem."""
-    cuda = torch.device(device).type == 'cuda'
-    compile = cuda if compile == 'auto' else bool(compile)
-    if compile and getattr(m, 'compile_problem', None):
-        print(f"[bench] torch.compile off for {m.config.model_type}: {m.compile_problem}")
-        compile = False
-    graphs = cuda if cuda_graphs == 'auto' else bool(cuda_graphs) and cuda
-    return compile, graphs
-
-
 def train_step_times(m, B, T, device, iters, warmup, compile=False, reuse=False, cuda_graphs=False):
     """ms of each of `iters` training iterations (fwd+bwd in bf16 autocast on CUDA, grad clip 1.0,
     AdamW step, like train_runner), after `warmup` untimed ones. compile / cuda_graphs: as in
@@ -669,7 +657,7 @@ def profile(out='results', tiny=False, device='auto', models=None, batch=None, c
             m = prof = None
             try:
                 m = build(mt, kw, device, block_size=T)
-                comp, graphs = _step_modes(m, device, *PROFILE_MODES[tag])
+                comp, graphs = execution_modes(type(m), torch.device(device).type, *PROFILE_MODES[tag])
                 row.update(compile=comp, cuda_graphs=graphs)
                 # timed without the profiler (its own overhead would inflate the wall time) ...
                 times = train_step_times(m, B, T, device, steps, 10 if comp else 5, comp, cuda_graphs=graphs)
@@ -738,7 +726,7 @@ def throughput(out='results', tiny=False, device='auto', models=None, shapes=Non
             m, err = None, None
             try:
                 m = build(mt, kw, device, block_size=T)
-                comp, graphs = _step_modes(m, device, compile, cuda_graphs)
+                comp, graphs = execution_modes(type(m), torch.device(device).type, compile, cuda_graphs)
                 row.update(compile=comp, cuda_graphs=graphs)
                 times = train_step_times(m, B, T, device, iters, warmup, comp, cuda_graphs=graphs)
                 row['cuda_graphs'] = m._bench_step[2] is not None  # as it ran

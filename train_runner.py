@@ -349,13 +349,8 @@ def train(config_file=None, overrides=None):
         'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32')
     ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
     autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=ptdtype)
-    use_compile = (device_type == 'cuda') if cfg['compile'] == 'auto' else bool(cfg['compile'])
-    use_graphs = (device_type == 'cuda' and not ddp) if cfg['cuda_graphs'] == 'auto' else bool(cfg['cuda_graphs'])
-    if use_graphs and device_type != 'cuda':
-        raise ConfigError(f"cuda_graphs=True needs a CUDA device, got device={device!r}; use cuda_graphs='auto' or False")
-    if use_graphs and ddp:
-        print("cuda_graphs: off under DDP (its gradient all-reduce hooks are not captured); running eagerly")
-        use_graphs = False
+    use_compile, use_graphs = execution_modes(model_lib.get_model_module(cfg['model_type']).GPT, device_type,
+                                              cfg['compile'], cfg['cuda_graphs'], ddp)
     eval_bs = cfg['eval_batch_size'] or (256 if device_type == 'cuda' else cfg['batch_size'])
     if device_type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -421,9 +416,6 @@ def train(config_file=None, overrides=None):
                 os.remove(f)
 
     raw_model = model
-    if use_compile and getattr(raw_model, 'compile_problem', None):
-        print(f"torch.compile: off for {cfg['model_type']}: {raw_model.compile_problem}; running eagerly")
-        use_compile = False
     if use_compile:
         model = torch.compile(model)
     if ddp:
@@ -609,6 +601,24 @@ def train(config_file=None, overrides=None):
         import torch.distributed as dist
         dist.destroy_process_group()
     return summary
+
+
+def execution_modes(gpt_cls, device_type, compile='auto', cuda_graphs='auto', ddp=False):
+    """(use torch.compile, use CUDA graphs) for a model class on a device type, 'auto' = on for CUDA.
+    Off, with the reason printed, where they can't work: compile for a model that declares a
+    compile_problem, graphs under DDP. cuda_graphs=True without CUDA is an error. train() and bench's
+    timings both decide here."""
+    use_compile = (device_type == 'cuda') if compile == 'auto' else bool(compile)
+    if use_compile and getattr(gpt_cls, 'compile_problem', None):
+        print(f"torch.compile: off for {gpt_cls.__module__}: {gpt_cls.compile_problem}; running eagerly")
+        use_compile = False
+    use_graphs = (device_type == 'cuda' and not ddp) if cuda_graphs == 'auto' else bool(cuda_graphs)
+    if use_graphs and device_type != 'cuda':
+        raise ConfigError(f"cuda_graphs=True needs a CUDA device, got {device_type!r}; use cuda_graphs='auto' or False")
+    if use_graphs and ddp:
+        print("cuda_graphs: off under DDP (its gradient all-reduce hooks are not captured); running eagerly")
+        use_graphs = False
+    return use_compile, use_graphs
 
 
 class CaptureError(RuntimeError):
