@@ -495,6 +495,8 @@ def latency(out='results', tiny=False, device='auto', models=None, contexts=None
     plus vanilla's no-cache recompute path in the same run, reported as a ratio.
     cuda_graph: 'auto' = on CUDA, decode steps replayed from a CUDA graph for the models that support
     it (what generate() does), with the eager steps measured in the same run beside them; False = eager."""
+    if cuda_graph not in ('auto', False):
+        raise ValueError(f"cuda_graph must be 'auto' or False, got {cuda_graph!r}")
     device = _resolve_device(device)
     contexts = _as_list(contexts, int) or LATENCY_CONTEXTS[tiny]
     n = n_decode or (4 if tiny else 32)

@@ -166,6 +166,8 @@ def test_latency_rows(results):
         assert float(r['prefill_ms']) > 0 and float(r['decode_ms_per_token']) > 0
         assert bool(r['nocache_ms_per_token']) == (r['model'] == 'vanilla')
         assert r['decode_cuda_graph'] == 'False' and not r['decode_eager_ms_per_token']  # no CUDA here
+    with pytest.raises(ValueError, match="cuda_graph must be 'auto' or False"):
+        bench.latency(out=out, tiny=True, device='cpu', cuda_graph=True)
 
 
 def test_bakeoff_values(results):
