@@ -1137,9 +1137,6 @@ def report(out='results'):
     def have(name):
         return os.path.exists(os.path.join(out, name))
 
-    def missing(name, how):
-        return f"*Missing: `{name}` not found in this folder (make it with `{how}`).*"
-
     def img(name, alt):
         return f"![{alt}]({name})" if have(name) else f"*Missing plot `{name}`.*"
 
@@ -1148,94 +1145,78 @@ def report(out='results'):
           "is read from those files. Each section lists how its file was made (command, commit, device, versions).",
           ""]
 
-    md += ["## Kernel self-checks (fla vs reference)", ""]
-    if have('selfcheck.csv'):
-        rows = read_csv(os.path.join(out, 'selfcheck.csv'))
+    def section(title, name, how, body, missing_note=''):
+        """A '## title' section: body(rows of <out>/name) -> lines, or a line saying the file is missing."""
+        md.extend([f"## {title}", ""])
+        if have(name):
+            md.extend(body(read_csv(os.path.join(out, name))))
+        else:
+            md.append(f"*Missing: `{name}` not found in this folder (make it with `{how}`).*" + missing_note)
+        md.append("")
+
+    def selfcheck_body(rows):
         for r in rows:
             r['result'] = 'PASS' if r['ok'] == 'True' else 'FAIL'
-        md += [_md_table(rows, ['model', 'name', 'result', 'max_rel_rms', 'detail']), "", _meta_lines(out, 'selfcheck')]
-    else:
-        md.append(missing('selfcheck.csv', 'python bench.py selfcheck') + " Self-checks need CUDA.")
-    md.append("")
+        return [_md_table(rows, ['model', 'name', 'result', 'max_rel_rms', 'detail']), "", _meta_lines(out, 'selfcheck')]
 
-    md += ["## Parameters", ""]
-    if have('params.csv'):
-        rows = read_csv(os.path.join(out, 'params.csv'))
-        md += [_md_table(rows, ['model', 'n_layer', 'n_head', 'n_embd', 'd_ff', 'd_ff_from', 'head_dims',
-                                'total_params', 'non_embedding_params', 'diff_vs_vanilla_pct', 'mixer_config'],
-                         ['model', 'layers', 'heads', 'n_embd', 'd_ff', 'd_ff from', 'head dims', 'total params',
-                          'non-embedding', '% vs vanilla', 'mixer config']), ""]
+    def params_body(rows):
+        lines = [_md_table(rows, ['model', 'n_layer', 'n_head', 'n_embd', 'd_ff', 'd_ff_from', 'head_dims',
+                                  'total_params', 'non_embedding_params', 'diff_vs_vanilla_pct', 'mixer_config'],
+                           ['model', 'layers', 'heads', 'n_embd', 'd_ff', 'd_ff from', 'head dims', 'total params',
+                            'non-embedding', '% vs vanilla', 'mixer config']), ""]
         mp = os.path.join(out, 'params.meta.json')
         if os.path.exists(mp):
             with open(mp) as f:
                 notes = json.load(f).get('d_ff_solve', [])
             if notes:
-                md += ["How d_ff was solved (`model.solve_d_ff`, matching *total* trainable parameters, tied head "
-                       "counted once):", ""] + [f"- {n}" for n in notes] + [""]
-        md.append(_meta_lines(out, 'params'))
-    else:
-        md.append(missing('params.csv', 'python bench.py params'))
-    md.append("")
+                lines += ["How d_ff was solved (`model.solve_d_ff`, matching *total* trainable parameters, tied head "
+                          "counted once):", ""] + [f"- {n}" for n in notes] + [""]
+        return lines + [_meta_lines(out, 'params')]
 
-    md += ["## Bake-off (sweep results)", ""]
-    if have('bakeoff.csv'):
-        rows = read_csv(os.path.join(out, 'bakeoff.csv'))
+    def bakeoff_body(rows):
         for r in rows:
             r['loss'] = f"{r['best_val_loss_mean']} ± {r['best_val_loss_std']}"
             r['ppl'] = f"{r['val_ppl_mean']} ± {r['val_ppl_std']}"
-        md += [_md_table(rows, ['model', 'n_params', 'lrs_finished', 'best_lr', 'n_seeds', 'loss', 'ppl',
-                                'oom_context_b1', 'oom_context_b4', 'decode_ms_per_token_1024', 'decode_cuda_graph',
-                                'train_tokens_per_s', 'train_mode'],
-                         ['model', 'params', 'LRs finished', 'best LR', 'seeds', 'best val loss', 'val perplexity',
-                          'OOM context (B=1)', 'OOM context (B=4)', 'decode ms/token @1024', 'decode CUDA graph',
-                          'train tokens/s', 'runs executed with']), ""]
+        lines = [_md_table(rows, ['model', 'n_params', 'lrs_finished', 'best_lr', 'n_seeds', 'loss', 'ppl',
+                                  'oom_context_b1', 'oom_context_b4', 'decode_ms_per_token_1024', 'decode_cuda_graph',
+                                  'train_tokens_per_s', 'train_mode'],
+                           ['model', 'params', 'LRs finished', 'best LR', 'seeds', 'best val loss', 'val perplexity',
+                            'OOM context (B=1)', 'OOM context (B=4)', 'decode ms/token @1024', 'decode CUDA graph',
+                            'train tokens/s', 'runs executed with']), ""]
         if have('bakeoff_lr.csv'):
             lr = read_csv(os.path.join(out, 'bakeoff_lr.csv'))
             lrs = sorted({r['learning_rate'] for r in lr}, key=float)
             table, cols = _pivot(lr, lambda r: r['model'], lambda r: r['learning_rate'],
                                  lambda r: (f"**{r['best_val_loss_mean']}**" if r['best'] == 'True'
                                             else r['best_val_loss_mean']) + f" (n={r['n_seeds']})")
-            md += ["Mean best validation loss per learning rate (best in bold):", "",
-                   _md_table(table, ['_'] + lrs, ['model \\ lr'] + lrs), ""]
-        md += [img('bakeoff_val_loss.png', 'validation loss curves'), "",
-               img('bakeoff_ppl_vs_flops.png', 'validation perplexity vs FLOPs'), "", _meta_lines(out, 'bakeoff')]
-    else:
-        md.append(missing('bakeoff.csv', 'python bench.py bakeoff --preset=<preset>')
-                  + " (needs the sweep's run records in results/runs/<preset>/).")
-    md.append("")
+            lines += ["Mean best validation loss per learning rate (best in bold):", "",
+                      _md_table(table, ['_'] + lrs, ['model \\ lr'] + lrs), ""]
+        return lines + [img('bakeoff_val_loss.png', 'validation loss curves'), "",
+                        img('bakeoff_ppl_vs_flops.png', 'validation perplexity vs FLOPs'), "", _meta_lines(out, 'bakeoff')]
 
-    md += ["## Memory", ""]
-    if have('memory.csv'):
-        rows = read_csv(os.path.join(out, 'memory.csv'))
-
+    def memory_body(rows):
         def cell(r):
             if r['status'] == 'ok' and r['peak_gib']:
                 return f"{float(r['peak_gib']):.3f}"
             return {'ok (peak not measured on cpu)': 'n/m'}.get(r['status'], r['status'].split(' (')[0])
         table, cols = _pivot(rows, lambda r: r['context'], lambda r: f"{r['model']} B={r['batch']}", cell)
-        md += ["Peak training memory, fwd+bwd (GiB; OOM = out of memory; skipped = past the OOM; n/m = not "
-               "measured):", "", _md_table(table, cols, ['context'] + cols[1:]), ""]
+        lines = ["Peak training memory, fwd+bwd (GiB; OOM = out of memory; skipped = past the OOM; n/m = not "
+                 "measured):", "", _md_table(table, cols, ['context'] + cols[1:]), ""]
         timed = [r for r in rows if r.get('fwdbwd_ms')]
         if timed:
             table, cols = _pivot(timed, lambda r: r['context'], lambda r: f"{r['model']} B={r['batch']}",
                                  lambda r: f"{float(r['fwdbwd_ms']):.2f}" + (
                                      f" ({float(r['fwdbwd_vs_vanilla']):.2f}x)" if r.get('fwdbwd_vs_vanilla') else ''))
-            md += ["fwd+bwd time per step (ms, median; in parentheses: over vanilla's at the same batch and "
-                   "context, same run):", "", _md_table(table, cols, ['context'] + cols[1:]), ""]
+            lines += ["fwd+bwd time per step (ms, median; in parentheses: over vanilla's at the same batch and "
+                      "context, same run):", "", _md_table(table, cols, ['context'] + cols[1:]), ""]
         st = {(r['context'], r['model']): r['state_bytes'] for r in rows}
         table, cols = _pivot([dict(context=c, model=mt, b=b) for (c, mt), b in st.items()],
                              lambda r: r['context'], lambda r: r['model'], lambda r: f"{int(r['b']):,}")
-        md += ["Decoding-state bytes per sequence (KV cache grows with context; a recurrent state does not):", "",
-               _md_table(table, cols, ['context'] + cols[1:]), "", img('memory.png', 'memory wall'), "",
-               _meta_lines(out, 'memory')]
-    else:
-        md.append(missing('memory.csv', 'python bench.py memory'))
-    md.append("")
+        return lines + ["Decoding-state bytes per sequence (KV cache grows with context; a recurrent state does not):",
+                        "", _md_table(table, cols, ['context'] + cols[1:]), "", img('memory.png', 'memory wall'), "",
+                        _meta_lines(out, 'memory')]
 
-    md += ["## Generation latency (batch 1)", ""]
-    if have('latency.csv'):
-        rows = read_csv(os.path.join(out, 'latency.csv'))
-
+    def latency_body(rows):
         def ms(k):
             return lambda r: f"{float(r[k]):.3f}" if r['status'] == 'ok' and r.get(k) else (
                 '-' if r['status'] == 'ok' else r['status'])
@@ -1247,47 +1228,46 @@ def report(out='results'):
         if graphed:
             tables.append(('The same decode steps run eagerly (launched one kernel at a time), same run',
                            'decode_eager_ms_per_token'))
+        lines = []
         for title, key in tables:
             table, cols = _pivot(rows, lambda r: r['context'], lambda r: r['model'], ms(key))
-            md += [f"{title}:", "", _md_table(table, cols, ['context'] + cols[1:]), ""]
+            lines += [f"{title}:", "", _md_table(table, cols, ['context'] + cols[1:]), ""]
         nc = [r for r in rows if r.get('nocache_ms_per_token')]
         if nc:
-            md += ["Vanilla without a KV cache (full forward over the whole context per token), same run:", "",
-                   _md_table([dict(r, nc=f"{float(r['nocache_ms_per_token']):.3f}",
-                                   c=f"{float(r.get('decode_eager_ms_per_token') or r['decode_ms_per_token']):.3f}",
-                                   x=f"{float(r['nocache_over_cache']):.1f}x") for r in nc],
-                             ['model', 'context', 'c', 'nc', 'x'],
-                             ['model', 'context', 'cached ms/token (eager steps)', 'no-cache ms/token',
-                              'no-cache / cached']), ""]
-        md += [img('latency.png', 'latency vs context'), "", _meta_lines(out, 'latency')]
-    else:
-        md.append(missing('latency.csv', 'python bench.py latency'))
-    md.append("")
+            lines += ["Vanilla without a KV cache (full forward over the whole context per token), same run:", "",
+                      _md_table([dict(r, nc=f"{float(r['nocache_ms_per_token']):.3f}",
+                                      c=f"{float(r.get('decode_eager_ms_per_token') or r['decode_ms_per_token']):.3f}",
+                                      x=f"{float(r['nocache_over_cache']):.1f}x") for r in nc],
+                                ['model', 'context', 'c', 'nc', 'x'],
+                                ['model', 'context', 'cached ms/token (eager steps)', 'no-cache ms/token',
+                                 'no-cache / cached']), ""]
+        return lines + [img('latency.png', 'latency vs context'), "", _meta_lines(out, 'latency')]
 
-    md += ["## Training speed against nanoGPT (same shape, same run)", ""]
-    if have('vs_nanogpt.csv'):
-        rows = read_csv(os.path.join(out, 'vs_nanogpt.csv'))
-        md += [_md_table(rows, ['impl', 'iters', 'median_ms', 'p10_ms', 'p90_ms', 'ratio_vs_nanogpt'],
-                         ['implementation', 'timed iterations', 'median ms/iter', 'p10', 'p90', 'vs nanoGPT']), "",
-               _meta_lines(out, 'vs_nanogpt')]
-    else:
-        md.append(missing('vs_nanogpt.csv', 'python bench.py vs_nanogpt (karpathy/nanoGPT cloned into .nanogpt/)'))
-    md.append("")
+    def vs_nanogpt_body(rows):
+        return [_md_table(rows, ['impl', 'iters', 'median_ms', 'p10_ms', 'p90_ms', 'ratio_vs_nanogpt'],
+                          ['implementation', 'timed iterations', 'median ms/iter', 'p10', 'p90', 'vs nanoGPT']), "",
+                _meta_lines(out, 'vs_nanogpt')]
 
-    md += ["## Training throughput", ""]
-    if have('throughput.csv'):
-        rows = read_csv(os.path.join(out, 'throughput.csv'))
+    def throughput_body(rows):
         for r in rows:
             ok = r['status'] == 'ok'
             r['ms'] = f"{float(r['ms_per_iter']):.2f}" if ok else r['status']
             r['tps'] = f"{float(r['tokens_per_s']):,.0f}" if ok else '-'
             r['mfu_pct'] = f"{100 * float(r['mfu']):.1f}" if ok and r['mfu'] else '-'
-        md += [_md_table(rows, ['model', 'batch', 'context', 'ms', 'tps', 'mfu_pct', 'compile', 'cuda_graphs'],
-                         ['model', 'B', 'T', 'ms/iter', 'tokens/s', 'MFU %', 'torch.compile', 'CUDA graph']), "",
-               img('throughput.png', 'training throughput'), "", _meta_lines(out, 'throughput')]
-    else:
-        md.append(missing('throughput.csv', 'python bench.py throughput'))
-    md.append("")
+        return [_md_table(rows, ['model', 'batch', 'context', 'ms', 'tps', 'mfu_pct', 'compile', 'cuda_graphs'],
+                          ['model', 'B', 'T', 'ms/iter', 'tokens/s', 'MFU %', 'torch.compile', 'CUDA graph']), "",
+                img('throughput.png', 'training throughput'), "", _meta_lines(out, 'throughput')]
+
+    section('Kernel self-checks (fla vs reference)', 'selfcheck.csv', 'python bench.py selfcheck', selfcheck_body,
+            " Self-checks need CUDA.")
+    section('Parameters', 'params.csv', 'python bench.py params', params_body)
+    section('Bake-off (sweep results)', 'bakeoff.csv', 'python bench.py bakeoff --preset=<preset>', bakeoff_body,
+            " (needs the sweep's run records in results/runs/<preset>/).")
+    section('Memory', 'memory.csv', 'python bench.py memory', memory_body)
+    section('Generation latency (batch 1)', 'latency.csv', 'python bench.py latency', latency_body)
+    section('Training speed against nanoGPT (same shape, same run)', 'vs_nanogpt.csv',
+            'python bench.py vs_nanogpt (karpathy/nanoGPT cloned into .nanogpt/)', vs_nanogpt_body)
+    section('Training throughput', 'throughput.csv', 'python bench.py throughput', throughput_body)
 
     path = os.path.join(out, 'REPORT.md')
     os.makedirs(out, exist_ok=True)
