@@ -42,8 +42,8 @@ import torch
 
 import model
 # train_runner imports bench only inside its sweep, so importing it here is no cycle
-from train_runner import (_as_list, _first_line, _parse_value, device_name, execution_modes, load_dataset,
-                          peak_flops, run_metadata, train)
+from train_runner import (_as_list, _parse_value, device_name, execution_modes, load_dataset, peak_flops,
+                          run_metadata, train)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -352,7 +352,7 @@ def memory(out='results', tiny=False, device='auto', models=None, contexts=None,
                     if not _is_oom(e):
                         traceback.print_exc()
                     oom = _is_oom(e)
-                    row['status'] = 'OOM' if oom else f'error: {type(e).__name__}: {_first_line(e, 200)}'
+                    row['status'] = 'OOM' if oom else f'error: {type(e).__name__}: {model.first_line(e, 200)}'
                 del m
                 _free(device)  # outside the except block: the traceback no longer pins the tensors
                 if oom:
@@ -525,7 +525,7 @@ def latency(out='results', tiny=False, device='auto', models=None, contexts=None
             except Exception as e:
                 if not _is_oom(e):
                     traceback.print_exc()
-                err = 'OOM' if _is_oom(e) else f'error: {type(e).__name__}: {_first_line(e, 200)}'
+                err = 'OOM' if _is_oom(e) else f'error: {type(e).__name__}: {model.first_line(e, 200)}'
             if err:
                 row['status'] = err
                 _free(device)
@@ -594,7 +594,7 @@ def train_step_times(m, B, T, device, iters, warmup, compile=False, reuse=False,
     AdamW step, like train_runner), after `warmup` untimed ones. compile / cuda_graphs: as in
     train_runner (a CUDA graph of forward+backward, train_runner.GraphedStep). reuse: the optimizer,
     compiled module and graph of the previous call on m (no re-compilation, no re-capture)."""
-    from train_runner import CaptureError, GraphedStep
+    from train_runner import GraphedStep
     vocab = m.config.vocab_size
     X = torch.randint(vocab, (B, T), device=device)
     Y = torch.randint(vocab, (B, T), device=device)
@@ -605,7 +605,7 @@ def train_step_times(m, B, T, device, iters, warmup, compile=False, reuse=False,
         if cuda_graphs:
             try:
                 graphed = GraphedStep(fwd, m.parameters(), _autocast(device), X, Y)
-            except CaptureError as e:  # as train_runner does: eager steps, said so (the row records it)
+            except model.CaptureError as e:  # as train_runner does: eager steps, said so (the row records it)
                 print(f"[bench] CUDA graph capture failed for {m.config.model_type} ({e}); timing eager steps")
                 opt.zero_grad(set_to_none=True)
         m._bench_step = (opt, fwd, graphed)
@@ -692,7 +692,7 @@ def profile(out='results', tiny=False, device='auto', models=None, batch=None, c
                 print('[profile] ' + lines[0], flush=True)
             except Exception as e:
                 traceback.print_exc()
-                row['status'] = 'OOM' if _is_oom(e) else f'error: {type(e).__name__}: {_first_line(e, 200)}'
+                row['status'] = 'OOM' if _is_oom(e) else f'error: {type(e).__name__}: {model.first_line(e, 200)}'
                 print(f"[profile] {mt} ({tag}): {row['status']}", flush=True)
             m = prof = None  # drop the model, its optimizer, compiled module and graph before the next one
             _free(device)
@@ -739,7 +739,7 @@ def throughput(out='results', tiny=False, device='auto', models=None, shapes=Non
             except Exception as e:
                 if not _is_oom(e):
                     traceback.print_exc()
-                err = 'OOM' if _is_oom(e) else f'error: {type(e).__name__}: {_first_line(e, 200)}'
+                err = 'OOM' if _is_oom(e) else f'error: {type(e).__name__}: {model.first_line(e, 200)}'
             if err:
                 row['status'] = err
             del m

@@ -150,6 +150,41 @@ class DecodeState:
         return state_nbytes(self.layers)
 
 
+def first_line(e, n=300):
+    """The first line of an exception's message (which may be empty), at most n characters."""
+    return (str(e).splitlines() or [''])[0][:n]
+
+
+class CaptureError(RuntimeError):
+    """A CUDA graph could not be captured (e.g. a kernel that synchronises with the host)."""
+
+
+def capture_cuda_graph(fn, warmup, after_warmup=None):
+    """Run fn() `warmup` times on a side stream (autotuning, compilation, lazy allocations), calling
+    after_warmup() after each, then capture one call of fn in a CUDA graph on fn's current device.
+    Returns (graph, what the captured call returned). An error in a warm-up call propagates as it is;
+    one in the capture raises CaptureError, with the current stream restored (a failed capture_end()
+    can leave the capture's side stream current)."""
+    cur = torch.cuda.current_stream()
+    side = torch.cuda.Stream()
+    side.wait_stream(cur)
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+            if after_warmup is not None:
+                after_warmup()
+    cur.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            out = fn()
+    except Exception as e:
+        torch.cuda.set_stream(cur)
+        torch.cuda.synchronize()
+        raise CaptureError(f"{type(e).__name__}: {first_line(e)}") from e
+    return graph, out
+
+
 class GraphedDecodeStep:
     """One decoding step -- (B, 1) tokens in, (B, 1, V) logits out, the state advanced -- captured once
     in a CUDA graph and replayed, gpt-fast style: at batch 1 a step is dozens of small kernels per layer,
@@ -179,18 +214,12 @@ class GraphedDecodeStep:
             if amp else nullcontext
         saved, pos0 = [{k: t.clone() for k, t in layer.items()} for layer in state.layers], state.pos
         self.pos_t.fill_(pos0)
-        with torch.no_grad(), torch.cuda.device(dev):
-            side = torch.cuda.Stream(dev)
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
-                for _ in range(warmup):
-                    self._step()
-                    state.pos = pos0
-            torch.cuda.current_stream(dev).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = self._step()
-        state.pos = pos0
+        try:
+            with torch.no_grad(), torch.cuda.device(dev):
+                self.graph, self.logits = capture_cuda_graph(self._step, warmup,
+                                                             after_warmup=lambda: setattr(state, 'pos', pos0))
+        finally:
+            state.pos = pos0
         for layer, snap in zip(state.layers, saved):
             for k, t in layer.items():
                 t.copy_(snap[k])

@@ -521,16 +521,16 @@ def train(config_file=None, overrides=None):
                 try:
                     try:
                         graphed = GraphedStep(model, raw_model.parameters(), autocast, X, Y, gas)
-                    except CaptureError:
+                    except model_lib.CaptureError:
                         raise
                     except Exception as e:  # the warm-up failed: with torch.compile, try without it
                         if not use_compile:
                             raise
                         print(f"torch.compile failed for {cfg['model_type']} ({type(e).__name__}: "
-                              f"{_first_line(e)}); falling back to eager mode")
+                              f"{model_lib.first_line(e)}); falling back to eager mode")
                         use_compile, model = False, raw_model
                         graphed = GraphedStep(model, raw_model.parameters(), autocast, X, Y, gas)
-                except CaptureError as e:  # e.g. a kernel that synchronises with the host: fall back, loudly
+                except model_lib.CaptureError as e:  # e.g. a kernel that synchronises with the host: fall back, loudly
                     print(f"cuda_graphs: capture failed for {cfg['model_type']} ({e}); running eagerly")
                     use_graphs = False
                     optimizer.zero_grad(set_to_none=True)
@@ -544,8 +544,8 @@ def train(config_file=None, overrides=None):
                 except Exception as e:  # compile failures surface on the first call: fall back, loudly
                     if not use_compile or iter_num != start_iter:
                         raise
-                    print(f"torch.compile failed for {cfg['model_type']} ({type(e).__name__}: {_first_line(e)}); "
-                          f"falling back to eager mode")
+                    print(f"torch.compile failed for {cfg['model_type']} ({type(e).__name__}: "
+                          f"{model_lib.first_line(e)}); falling back to eager mode")
                     use_compile, model = False, raw_model if not ddp else DDP(raw_model)
                     _, loss = model(X, Y)
                 loss = loss / gas
@@ -621,15 +621,6 @@ def execution_modes(gpt_cls, device_type, compile='auto', cuda_graphs='auto', dd
     return use_compile, use_graphs
 
 
-class CaptureError(RuntimeError):
-    """A CUDA graph could not be captured (e.g. a kernel that synchronises with the host)."""
-
-
-def _first_line(e, n=300):
-    """The first line of an exception's message (which may be empty), at most n characters."""
-    return (str(e).splitlines() or [''])[0][:n]
-
-
 class GraphedStep:
     """One micro-step -- forward, loss / gas, backward into the existing .grad tensors -- captured once
     in a CUDA graph and replayed. Why: at this model size every mixer except vanilla is bound by the
@@ -643,8 +634,8 @@ class GraphedStep:
     Capture runs a few warm-up micro-steps on a side stream first (Triton autotuning, torch.compile),
     whose gradients are discarded and whose dropout draws are undone (the CUDA RNG state is restored,
     so a resumed run continues the same stream). An error in the warm-up (the model itself, or
-    torch.compile) propagates as it is; one in the capture raises CaptureError, with the current stream
-    restored, and the caller falls back to eager steps."""
+    torch.compile) propagates as it is; one in the capture raises model.CaptureError, and the caller
+    falls back to eager steps."""
 
     def __init__(self, model, params, autocast, X, Y, gas=1, warmup=3):
         self.params = [p for p in params if p.requires_grad]
@@ -652,27 +643,16 @@ class GraphedStep:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         self.x, self.y = X.clone(), Y.clone()
+
+        def micro_step():
+            with autocast:
+                loss = model(self.x, self.y)[1] / gas
+            loss.backward()
+            return loss
+
         rng = torch.cuda.get_rng_state()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(warmup):
-                with autocast:
-                    loss = model(self.x, self.y)[1] / gas
-                loss.backward()
-        torch.cuda.current_stream().wait_stream(s)
-        self.zero_grad()
-        stream = torch.cuda.current_stream()
-        try:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                with autocast:
-                    self.loss = model(self.x, self.y)[1] / gas
-                self.loss.backward()
-        except Exception as e:
-            torch.cuda.set_stream(stream)  # a failed capture_end() can leave its side stream current
-            torch.cuda.synchronize()
-            raise CaptureError(f"{type(e).__name__}: {_first_line(e)}") from e
+        try:  # the warm-up steps' gradients are zeroed after each, so the captured one starts from zero
+            self.graph, self.loss = model_lib.capture_cuda_graph(micro_step, warmup, after_warmup=self.zero_grad)
         finally:
             torch.cuda.set_rng_state(rng)
         self.zero_grad()

@@ -283,7 +283,7 @@ def test_sweep_worker_takes_the_gth_of_the_visible_gpus(monkeypatch):
     monkeypatch.delenv('CUDA_VISIBLE_DEVICES')
     train_runner._pin_gpu(Queue())
     assert os.environ['CUDA_VISIBLE_DEVICES'] == '1'
-    assert train_runner._first_line(AssertionError()) == ''  # a message-less error can be reported
+    assert model_lib.first_line(AssertionError()) == ''  # a message-less error can be reported
 
 
 def test_cuda_graphs_need_cuda(prepared, tmp_path):
