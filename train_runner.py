@@ -517,23 +517,18 @@ def train(config_file=None, overrides=None):
         for micro in range(gas):
             X, Y = get_batch(data['train'], torch.randint(len(data['train']) - block_size - 1,
                                                          (cfg['batch_size'],), generator=data_gen), block_size)
-            if use_graphs and graphed is None:
+            while use_graphs and graphed is None:  # capture; if the warm-up fails compiled, again without
                 try:
-                    try:
-                        graphed = GraphedStep(model, raw_model.parameters(), autocast, X, Y, gas)
-                    except model_lib.CaptureError:
-                        raise
-                    except Exception as e:  # the warm-up failed: with torch.compile, try without it
-                        if not use_compile:
-                            raise
-                        print(f"torch.compile failed for {cfg['model_type']} ({type(e).__name__}: "
-                              f"{model_lib.first_line(e)}); falling back to eager mode")
-                        use_compile, model = False, raw_model
-                        graphed = GraphedStep(model, raw_model.parameters(), autocast, X, Y, gas)
+                    graphed = GraphedStep(model, raw_model.parameters(), autocast, X, Y, gas)
                 except model_lib.CaptureError as e:  # e.g. a kernel that synchronises with the host: fall back, loudly
                     print(f"cuda_graphs: capture failed for {cfg['model_type']} ({e}); running eagerly")
                     use_graphs = False
                     optimizer.zero_grad(set_to_none=True)
+                except Exception as e:
+                    if not use_compile:
+                        raise
+                    _say_compile_failed(cfg['model_type'], e)
+                    use_compile, model = False, raw_model
             if graphed is not None:
                 loss = graphed(X, Y)  # forward + backward, replayed
                 continue
@@ -544,8 +539,7 @@ def train(config_file=None, overrides=None):
                 except Exception as e:  # compile failures surface on the first call: fall back, loudly
                     if not use_compile or iter_num != start_iter:
                         raise
-                    print(f"torch.compile failed for {cfg['model_type']} ({type(e).__name__}: "
-                          f"{model_lib.first_line(e)}); falling back to eager mode")
+                    _say_compile_failed(cfg['model_type'], e)
                     use_compile, model = False, raw_model if not ddp else DDP(raw_model)
                     _, loss = model(X, Y)
                 loss = loss / gas
@@ -601,6 +595,11 @@ def train(config_file=None, overrides=None):
         import torch.distributed as dist
         dist.destroy_process_group()
     return summary
+
+
+def _say_compile_failed(model_type, e):
+    print(f"torch.compile failed for {model_type} ({type(e).__name__}: {model_lib.first_line(e)}); "
+          f"falling back to eager mode")
 
 
 def execution_modes(gpt_cls, device_type, compile='auto', cuda_graphs='auto', ddp=False):
