@@ -1068,18 +1068,23 @@ def selfcheck(out='results', device='auto', models=None):
         if not hasattr(mod, 'selfcheck'):
             print(f"[selfcheck] {mt}: no selfcheck() (no fla kernels to check)")
             continue
+        t0 = time.perf_counter()
         try:
             results = mod.selfcheck(device)
         except Exception as e:
             traceback.print_exc()
             results = [dict(name='selfcheck()', ok=False, max_rel_rms=float('nan'),
                             detail=f'raised {type(e).__name__}: {e}')]
+        secs = time.perf_counter() - t0  # includes first-call kernel compilation and autotuning
         for r in results:
             rows.append(dict(model=mt, name=r.get('name'), ok=bool(r.get('ok')), max_rel_rms=r.get('max_rel_rms'),
-                             detail=r.get('detail', '')))
+                             model_seconds=secs, detail=r.get('detail', '')))
             print(f"[selfcheck] {'PASS' if r.get('ok') else 'FAIL'} {mt}: {r.get('name')} "
                   f"max_rel_rms={_fmt(r.get('max_rel_rms'))} {r.get('detail', '')}", flush=True)
-    write_csv(os.path.join(out, 'selfcheck.csv'), rows, ['model', 'name', 'ok', 'max_rel_rms', 'detail'])
+        print(f"[selfcheck] {mt}: {secs:.1f} s (first calls compile and autotune the kernels; cached after)",
+              flush=True)
+    write_csv(os.path.join(out, 'selfcheck.csv'), rows,
+              ['model', 'name', 'ok', 'max_rel_rms', 'model_seconds', 'detail'])
     write_meta(out, 'selfcheck', device, dict(models=models))
     n_fail = sum(not r['ok'] for r in rows)
     print(f"[selfcheck] {len(rows) - n_fail} PASS, {n_fail} FAIL")
@@ -1157,7 +1162,10 @@ def report(out='results'):
     def selfcheck_body(rows):
         for r in rows:
             r['result'] = 'PASS' if r['ok'] == 'True' else 'FAIL'
-        return [_md_table(rows, ['model', 'name', 'result', 'max_rel_rms', 'detail']), "", _meta_lines(out, 'selfcheck')]
+        return [_md_table(rows, ['model', 'name', 'result', 'max_rel_rms', 'model_seconds', 'detail'],
+                          ['model', 'check', 'result', 'max rel RMS', 'model s', 'detail']), "",
+                "`model s`: seconds of that model's checks, first-call kernel compilation and autotuning included.",
+                "", _meta_lines(out, 'selfcheck')]
 
     def params_body(rows):
         lines = [_md_table(rows, ['model', 'n_layer', 'n_head', 'n_embd', 'd_ff', 'd_ff_from', 'head_dims',
@@ -1391,6 +1399,8 @@ def vs_nanogpt(out='results', nanogpt_dir=None, iters=500, skip=20, tiny=False, 
         raise FileNotFoundError(f"{script} not found: clone karpathy/nanoGPT into {nanogpt_dir} first")
     load_dataset('shakespeare_char', 'cpu')  # prepares data/shakespeare_char if needed
     link = os.path.join(nanogpt_dir, 'data', 'shakespeare_char')
+    if os.path.islink(link) and not os.path.exists(link):  # a dangling link, e.g. a copy made elsewhere
+        os.remove(link)
     if not os.path.exists(link):  # nanoGPT reads data/<dataset>/ relative to its working directory
         os.makedirs(os.path.dirname(link), exist_ok=True)
         os.symlink(os.path.join(HERE, 'data', 'shakespeare_char'), link)
