@@ -399,8 +399,9 @@ def train(config_file=None, overrides=None):
         optimizer.load_state_dict(ckpt['optimizer'])
         iter_num, best_val, best_iter = ckpt['iter_num'], ckpt['best_val_loss'], ckpt['best_iter']
         rng = ckpt['rng'][rank]
-        data_gen.set_state(rng['data'])
-        torch.set_rng_state(rng['torch'])
+        # map_location moved every tensor to `device`; generator states are CPU ByteTensors
+        data_gen.set_state(rng['data'].cpu())
+        torch.set_rng_state(rng['torch'].cpu())
         if device_type == 'cuda' and rng['cuda'] is not None:
             torch.cuda.set_rng_state(rng['cuda'].cpu())
         if master and os.path.exists(metrics_path):  # drop lines logged after the checkpoint
