@@ -511,7 +511,16 @@ def latency(out='results', tiny=False, device='auto', models=None, contexts=None
             row = dict(model=mt, context=L, n_decode=n, trials=trials, decode_cuda_graph=graph)
             err = None
             try:
-                row['prefill_ms'], row['decode_ms_per_token'] = time_generation(m, L, n, trials, device, graph=graph)
+                if graph:
+                    try:
+                        row['prefill_ms'], row['decode_ms_per_token'] = time_generation(m, L, n, trials, device,
+                                                                                        graph=True)
+                    except model.CaptureError as e:  # as generate() does: decode eagerly, and say why
+                        graph = row['decode_cuda_graph'] = False
+                        row['note'] = f"CUDA-graph capture failed, eager steps: {model.first_line(e, 150)}"
+                        print(f"[latency] {mt} L={L}: {row['note']}", flush=True)
+                if not graph:
+                    row['prefill_ms'], row['decode_ms_per_token'] = time_generation(m, L, n, trials, device)
                 row['decode_tokens_per_s'] = 1e3 / row['decode_ms_per_token']
                 if graph:  # the eager steps, same run: what the graph saves
                     _, row['decode_eager_ms_per_token'] = time_generation(m, L, n, trials, device)
@@ -539,7 +548,7 @@ def latency(out='results', tiny=False, device='auto', models=None, contexts=None
         _free(device)
     cols = ['model', 'context', 'status', 'prefill_ms', 'decode_ms_per_token', 'decode_tokens_per_s',
             'decode_cuda_graph', 'decode_eager_ms_per_token', 'eager_over_graph', 'nocache_ms_per_token',
-            'nocache_over_cache', 'n_decode', 'trials']
+            'nocache_over_cache', 'n_decode', 'trials', 'note']
     write_csv(os.path.join(out, 'latency.csv'), rows, cols)
     write_meta(out, 'latency', device, dict(tiny=tiny, models=models, contexts=contexts, n_decode=n, trials=trials,
                                             nocache=nocache, cuda_graph=cuda_graph, model_kw=model_kw),
@@ -1203,13 +1212,15 @@ def report(out='results'):
                         img('bakeoff_ppl_vs_flops.png', 'validation perplexity vs FLOPs'), "", _meta_lines(out, 'bakeoff')]
 
     def memory_body(rows):
+        err_cell, err_lines = errors_of(rows)
+
         def cell(r):
             if r['status'] == 'ok' and r['peak_gib']:
                 return f"{float(r['peak_gib']):.3f}"
-            return {'ok (peak not measured on cpu)': 'n/m'}.get(r['status'], r['status'].split(' (')[0])
+            return {'ok (peak not measured on cpu)': 'n/m'}.get(r['status'], err_cell(r['status']).split(' (')[0])
         table, cols = _pivot(rows, lambda r: r['context'], lambda r: f"{r['model']} B={r['batch']}", cell)
         lines = ["Peak training memory, fwd+bwd (GiB; OOM = out of memory; skipped = past the OOM; n/m = not "
-                 "measured):", "", _md_table(table, cols, ['context'] + cols[1:]), ""]
+                 "measured):", "", _md_table(table, cols, ['context'] + cols[1:]), "", *err_lines]
         timed = [r for r in rows if r.get('fwdbwd_ms')]
         if timed:
             table, cols = _pivot(timed, lambda r: r['context'], lambda r: f"{r['model']} B={r['batch']}",
@@ -1224,10 +1235,18 @@ def report(out='results'):
                         "", _md_table(table, cols, ['context'] + cols[1:]), "", img('memory.png', 'memory wall'), "",
                         _meta_lines(out, 'memory')]
 
+    def errors_of(rows):
+        """(cell text for a status, footnote lines): errors are numbered once, not repeated in every cell."""
+        errs = list(dict.fromkeys(r['status'] for r in rows if r['status'].startswith('error')))
+        cell = lambda st: f"error {errs.index(st) + 1}" if st in errs else st  # noqa: E731
+        return cell, (["Errors: " + '; '.join(f"({i}) {e}" for i, e in enumerate(errs, 1)), ""] if errs else [])
+
     def latency_body(rows):
+        err_cell, err_lines = errors_of(rows)
+
         def ms(k):
             return lambda r: f"{float(r[k]):.3f}" if r['status'] == 'ok' and r.get(k) else (
-                '-' if r['status'] == 'ok' else r['status'])
+                '-' if r['status'] == 'ok' else err_cell(r['status']))
         graphed = any(r.get('decode_cuda_graph') == 'True' for r in rows)
         tables = [('Prefill time (ms) vs prompt length', 'prefill_ms'),
                   ('Decode time per token (ms) with the cache/state' + (
@@ -1240,6 +1259,9 @@ def report(out='results'):
         for title, key in tables:
             table, cols = _pivot(rows, lambda r: r['context'], lambda r: r['model'], ms(key))
             lines += [f"{title}:", "", _md_table(table, cols, ['context'] + cols[1:]), ""]
+        lines += err_lines
+        notes = list(dict.fromkeys(f"{r['model']}: {r['note']}" for r in rows if r.get('note')))
+        lines += [f"Notes: {'; '.join(notes)}", ""] if notes else []
         nc = [r for r in rows if r.get('nocache_ms_per_token')]
         if nc:
             lines += ["Vanilla without a KV cache (full forward over the whole context per token), same run:", "",
@@ -1257,14 +1279,33 @@ def report(out='results'):
                 _meta_lines(out, 'vs_nanogpt')]
 
     def throughput_body(rows):
+        err_cell, err_lines = errors_of(rows)
         for r in rows:
             ok = r['status'] == 'ok'
-            r['ms'] = f"{float(r['ms_per_iter']):.2f}" if ok else r['status']
+            r['ms'] = f"{float(r['ms_per_iter']):.2f}" if ok else err_cell(r['status'])
             r['tps'] = f"{float(r['tokens_per_s']):,.0f}" if ok else '-'
             r['mfu_pct'] = f"{100 * float(r['mfu']):.1f}" if ok and r['mfu'] else '-'
         return [_md_table(rows, ['model', 'batch', 'context', 'ms', 'tps', 'mfu_pct', 'compile', 'cuda_graphs'],
                           ['model', 'B', 'T', 'ms/iter', 'tokens/s', 'MFU %', 'torch.compile', 'CUDA graph']), "",
+                *err_lines,
+                "MFU counts attention over the full T x T score matrix, as nanoGPT and PaLM do; a causal kernel "
+                "does about half of that work, so at long context vanilla's MFU reads up to 2x high.", "",
                 img('throughput.png', 'training throughput'), "", _meta_lines(out, 'throughput')]
+
+    def scaling_body(rows):
+        for r in rows:
+            ok = r['status'] == 'ok'
+            r['shape'] = f"{r['gpus']} x {r['batch']} x {r['context']}"
+            for k, f in (('single_tokens_per_s', '{:,.0f}'), ('ddp_tokens_per_s', '{:,.0f}'), ('scaling', '{:.2f}x'),
+                         ('single_final_val', '{:.4f}'), ('ddp_final_val', '{:.4f}'), ('max_train_loss_diff', '{:.3f}')):
+                r[k + '_'] = f.format(float(r[k])) if ok and r.get(k) else ('-' if ok else r['status'])
+        return [_md_table(rows, ['model', 'shape', 'iters', 'single_tokens_per_s_', 'ddp_tokens_per_s_', 'scaling_',
+                                 'single_final_val_', 'ddp_final_val_', 'max_train_loss_diff_'],
+                          ['model', 'global batch (GPUs x B x T)', 'iters', '1 GPU tokens/s', 'DDP tokens/s',
+                           'scaling', '1 GPU final val', 'DDP final val', 'max train-loss gap']), "",
+                "1 GPU = one process doing every micro-step of the global batch; DDP = one micro-step per GPU. "
+                "Each rank draws its own data, so the curves agree statistically, not step for step.", "",
+                img('scaling_loss.png', 'loss curves, DDP vs one GPU'), "", _meta_lines(out, 'scaling')]
 
     section('Kernel self-checks (fla vs reference)', 'selfcheck.csv', 'python bench.py selfcheck', selfcheck_body,
             " Self-checks need CUDA.")
@@ -1276,6 +1317,7 @@ def report(out='results'):
     section('Training speed against nanoGPT (same shape, same run)', 'vs_nanogpt.csv',
             'python bench.py vs_nanogpt (karpathy/nanoGPT cloned into .nanogpt/)', vs_nanogpt_body)
     section('Training throughput', 'throughput.csv', 'python bench.py throughput', throughput_body)
+    section('Data-parallel scaling (DDP)', 'scaling.csv', 'python bench.py scaling (2+ GPUs)', scaling_body)
 
     path = os.path.join(out, 'REPORT.md')
     os.makedirs(out, exist_ok=True)

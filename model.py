@@ -218,11 +218,11 @@ class GraphedDecodeStep:
             with torch.no_grad(), torch.cuda.device(dev):
                 self.graph, self.logits = capture_cuda_graph(self._step, warmup,
                                                              after_warmup=lambda: setattr(state, 'pos', pos0))
-        finally:
+        finally:  # also when the capture fails: the caller may go on decoding eagerly from this state
             state.pos = pos0
-        for layer, snap in zip(state.layers, saved):
-            for k, t in layer.items():
-                t.copy_(snap[k])
+            for layer, snap in zip(state.layers, saved):
+                for k, t in layer.items():
+                    t.copy_(snap[k])
 
     def _step(self):
         with self._amp():
@@ -461,7 +461,7 @@ class GPT(nn.Module):
         if state is not None:
             state.pos += T
         if last_only:
-            x = x[:, [-1], :]
+            x = x[:, -1:, :]  # a slice: indexing with [-1] would copy a host tensor (breaks CUDA-graph capture)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)
         loss = None
@@ -523,7 +523,12 @@ class GPT(nn.Module):
                              f"(device {idx.device.type}, static_decode {self.static_decode}); use 'auto' or False")
         graphed = None
         if cuda_graph and idx.is_cuda and self.static_decode and max_new_tokens > 1 and (ctx is None or state.pos < ctx):
-            graphed = GraphedDecodeStep(self, state)  # (a window already full re-prefills every step: no graph)
+            try:  # (a window already full re-prefills every step: no graph)
+                graphed = GraphedDecodeStep(self, state)
+            except CaptureError as e:
+                if cuda_graph is True:
+                    raise
+                print(f"generate: CUDA-graph capture failed ({e}); decoding eagerly")
         step = graphed or (lambda tok: self(tok, state=state, last_only=True)[0])
         for i in range(max_new_tokens):
             nxt = self._sample(logits[:, -1, :], temperature, top_k)

@@ -219,7 +219,7 @@ def test_report(results):
 
 def test_report_states_missing(tmp_path):
     md = open(bench.report(str(tmp_path))).read()
-    assert md.count('*Missing:') == 7 and '![' not in md
+    assert md.count('*Missing:') == 8 and '![' not in md
 
 
 def test_cli(results, tmp_path):
@@ -269,5 +269,8 @@ def test_scaling_ddp_against_one_process(prepared, tmp_path):
     assert os.path.exists(tmp_path / 'scaling_loss.png') and os.path.exists(tmp_path / 'scaling.meta.json')
     rec = json.load(open(tmp_path / 'scaling_runs' / 'vanilla-B8-T32-ddp' / 'config.json'))
     assert rec['world_size'] == 2 and rec['cuda_graphs'] is False
+    md = open(bench.report(out=str(tmp_path))).read()  # the report renders the scaling table and its plot
+    assert '## Data-parallel scaling (DDP)' in md and '| vanilla | 2 x 8 x 32 | 20 |' in md
+    assert '![loss curves, DDP vs one GPU](scaling_loss.png)' in md
     with pytest.raises(ValueError, match='gpus must be >= 2'):
         bench.scaling(out=str(tmp_path), tiny=True, device='cpu', gpus=1)

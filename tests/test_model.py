@@ -176,6 +176,33 @@ def test_static_step_equals_the_dynamic_step(model_type):
             torch.testing.assert_close(sb[k], sa[k], rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize('model_type', STATIC)
+def test_static_step_stays_on_the_device(model_type):
+    """What a CUDA graph can't capture, checked on CPU at the dispatcher: no tensor made from host data
+    (aten.lift_fresh: on CUDA a host-to-device copy, e.g. x[:, [-1]] once broke every capture on the
+    H200) and no host sync (aten._local_scalar_dense: .item(), int(tensor), a data-dependent branch)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    m = tiny(model_type)
+    st = m.init_state(2, m.config.block_size)
+    m(torch.randint(0, 65, (2, 5)), state=st)
+    tok, pos = torch.randint(0, 65, (2, 1)), torch.tensor(st.pos)
+    with torch.no_grad(), Ops() as ops:
+        m(tok, state=st, last_only=True, static_pos=pos)
+    bad = sorted({op for op in ops.seen if 'lift_fresh' in op or '_local_scalar_dense' in op})
+    assert not bad, f"the static step would not capture: {bad}"
+    assert len(ops.seen) > 20  # the recorder saw the step
+
+
 def test_static_decoding_is_refused_where_it_cant_work():
     nsa = tiny('nsa')
     st = nsa.init_state(1, 32)
