@@ -168,12 +168,14 @@ def capture_cuda_graph(fn, warmup, after_warmup=None):
     cur = torch.cuda.current_stream()
     side = torch.cuda.Stream()
     side.wait_stream(cur)
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-            if after_warmup is not None:
-                after_warmup()
-    cur.wait_stream(side)
+    try:
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+                if after_warmup is not None:
+                    after_warmup()
+    finally:  # also after a failed warm-up: what the caller does next is ordered after the side stream
+        cur.wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph):
@@ -212,13 +214,20 @@ class GraphedDecodeStep:
         amp = torch.is_autocast_enabled('cuda')
         self._amp = (lambda: torch.autocast('cuda', dtype=torch.get_autocast_dtype('cuda'), cache_enabled=False)) \
             if amp else nullcontext
-        saved, pos0 = [{k: t.clone() for k, t in layer.items()} for layer in state.layers], state.pos
+        try:  # the warm-up steps write into the state: keep a copy (as big as the state)
+            saved, pos0 = [{k: t.clone() for k, t in layer.items()} for layer in state.layers], state.pos
+        except torch.OutOfMemoryError as e:
+            raise CaptureError(f"no memory for a copy of the decoding state ({first_line(e)})") from e
         self.pos_t.fill_(pos0)
+        rng = torch.cuda.get_rng_state(dev)  # warm-up and capture must not shift the sampling/dropout RNG
         try:
             with torch.no_grad(), torch.cuda.device(dev):
                 self.graph, self.logits = capture_cuda_graph(self._step, warmup,
                                                              after_warmup=lambda: setattr(state, 'pos', pos0))
+        except torch.OutOfMemoryError as e:  # e.g. in a warm-up step: eager steps may still fit
+            raise CaptureError(f"out of memory while capturing ({first_line(e)})") from e
         finally:  # also when the capture fails: the caller may go on decoding eagerly from this state
+            torch.cuda.set_rng_state(rng, dev)
             state.pos = pos0
             for layer, snap in zip(state.layers, saved):
                 for k, t in layer.items():

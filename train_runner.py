@@ -341,6 +341,10 @@ def train(config_file=None, overrides=None):
     else:
         world_size, rank, device = 1, 0, pick_device(cfg['device'])
         gas = cfg['gradient_accumulation_steps']
+        if device.startswith('cuda:') and torch.cuda.is_available():
+            # device='cuda:N': the CUDA RNG states saved for resume and the graph capture's streams are
+            # the current device's, so make it N
+            torch.cuda.set_device(device)
     master = rank == 0
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
     if device_type == 'cuda' and not torch.cuda.is_available():

@@ -177,30 +177,41 @@ def test_static_step_equals_the_dynamic_step(model_type):
 
 
 @pytest.mark.parametrize('model_type', STATIC)
-def test_static_step_stays_on_the_device(model_type):
-    """What a CUDA graph can't capture, checked on CPU at the dispatcher: no tensor made from host data
-    (aten.lift_fresh: on CUDA a host-to-device copy, e.g. x[:, [-1]] once broke every capture on the
-    H200) and no host sync (aten._local_scalar_dense: .item(), int(tensor), a data-dependent branch)."""
+def test_static_step_stays_on_the_device(model_type, monkeypatch):
+    """What a CUDA graph can't capture, checked without a GPU by recording every op the static step
+    dispatches, once on CPU and once on the meta device. Flagged: a tensor made from host data
+    (lift_fresh: x[:, [-1]] once broke every capture on the H200; only the CPU run shows it), an op
+    touching a tensor on another device (a host tensor copied in, torch.arange(n).to(dev): only the
+    meta run shows it), a device change (_to_copy), and host syncs or data-dependent shapes
+    (_local_scalar_dense: .item(), int(t); nonzero: boolean indexing)."""
     from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
 
     class Ops(TorchDispatchMode):
-        def __init__(self):
+        def __init__(self, home):
             super().__init__()
-            self.seen = []
+            self.home, self.seen, self.bad = home, 0, []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.seen.append(str(func))
+            self.seen += 1
+            devs = {t.device.type for t in tree_flatten((args, kwargs or {}))[0] if isinstance(t, torch.Tensor)}
+            if devs - {self.home} or any(k in str(func) for k in ('lift_fresh', '_to_copy', '_local_scalar_dense',
+                                                                  'nonzero')):
+                self.bad.append(f"{func} on {sorted(devs)}")
             return func(*args, **(kwargs or {}))
 
-    m = tiny(model_type)
-    st = m.init_state(2, m.config.block_size)
-    m(torch.randint(0, 65, (2, 5)), state=st)
-    tok, pos = torch.randint(0, 65, (2, 1)), torch.tensor(st.pos)
-    with torch.no_grad(), Ops() as ops:
-        m(tok, state=st, last_only=True, static_pos=pos)
-    bad = sorted({op for op in ops.seen if 'lift_fresh' in op or '_local_scalar_dense' in op})
-    assert not bad, f"the static step would not capture: {bad}"
-    assert len(ops.seen) > 20  # the recorder saw the step
+    real_autocast = torch.autocast  # the mixers switch autocast off by device type; meta has none
+    monkeypatch.setattr(torch, 'autocast', lambda device_type, *a, **k: real_autocast(
+        'cpu' if device_type == 'meta' else device_type, *a, **k))
+    for dev in ('cpu', 'meta'):
+        m = tiny(model_type).to(dev).eval()
+        st = m.init_state(2, m.config.block_size)
+        m(torch.zeros(2, 5, dtype=torch.long, device=dev), state=st)  # prefill
+        tok, pos = torch.zeros(2, 1, dtype=torch.long, device=dev), torch.tensor(st.pos, device=dev)
+        with torch.no_grad(), Ops(dev) as ops:
+            m(tok, state=st, last_only=True, static_pos=pos)
+        assert not ops.bad, f"the static step would not capture ({dev} run): {sorted(set(ops.bad))}"
+        assert ops.seen > 20  # the recorder saw the step
 
 
 def test_static_decoding_is_refused_where_it_cant_work():
@@ -235,7 +246,8 @@ def test_cuda_graph_generation_equals_eager_generation(model_type):
     prompt = torch.randint(0, 65, (2, 40), device='cuda')
     n = m.config.block_size  # long enough to slide vanilla's window
     want = m.generate(prompt, n, temperature=0, cuda_graph=False)
-    got = m.generate(prompt, n, temperature=0)  # 'auto': graphed where static_decode
+    # graphed where static_decode, and required there: 'auto' would fall back to eager steps and pass anyway
+    got = m.generate(prompt, n, temperature=0, cuda_graph=True if m.static_decode else 'auto')
     assert torch.equal(got, want)
 
 
