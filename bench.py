@@ -1250,7 +1250,7 @@ def report(out='results'):
         graphed = any(r.get('decode_cuda_graph') == 'True' for r in rows)
         tables = [('Prefill time (ms) vs prompt length', 'prefill_ms'),
                   ('Decode time per token (ms) with the cache/state' + (
-                      ', steps replayed from a CUDA graph where the model supports it (not NSA)' if graphed else ''),
+                      ', steps replayed from a CUDA graph where decode_cuda_graph is true in latency.csv' if graphed else ''),
                    'decode_ms_per_token')]
         if graphed:
             tables.append(('The same decode steps run eagerly (launched one kernel at a time), same run',

@@ -195,7 +195,7 @@ class GraphedDecodeStep:
     every replay has the same shapes. Replays read and write the very state object, so eager calls (the
     prefill, a re-prefill of a slid window) can run in between. Building it leaves the state as it was
     (the warm-up steps run on it, then it is restored). The step runs under the autocast context that is
-    active when it is built. Needs model.static_decode (vanilla and the delta models; not NSA)."""
+    active when it is built. Needs model.static_decode (every mixer here has it)."""
 
     def __init__(self, model, state, warmup=2):
         if not model.static_decode:

@@ -88,11 +88,12 @@ import model
 
 def rotary(x, pos, theta=10000.0):
     """Rotate x (B, T, H, D) by RoPE at absolute positions pos .. pos+T-1 (GPT-NeoX layout: the two
-    halves of the head dim form the pairs). Angles in fp32 (fp64 for fp64 x); returned in x's dtype."""
+    halves of the head dim form the pairs); pos an int or a 0-d device tensor (static decoding).
+    Angles in fp32 (fp64 for fp64 x); returned in x's dtype."""
     B, T, H, D = x.shape
     cdt = torch.promote_types(x.dtype, torch.float32)
     inv_freq = theta ** (-torch.arange(0, D, 2, device=x.device, dtype=cdt) / D)  # (D/2,)
-    angle = torch.arange(pos, pos + T, device=x.device, dtype=cdt)[:, None] * inv_freq  # (T, D/2)
+    angle = (torch.arange(T, device=x.device, dtype=cdt) + pos)[:, None] * inv_freq  # (T, D/2)
     cos, sin = angle.cos()[None, :, None, :], angle.sin()[None, :, None, :]
     x1, x2 = x.to(cdt).chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
@@ -131,15 +132,17 @@ def compressed_attention(q, k_cmp, v_cmp, block_size, scale, pos=0):
     Returns o_cmp (B, T, HQ, D) (0 before the first block completes) and p_cmp (B, T, HQ, C)."""
     B, T, HQ, D = q.shape
     C = k_cmp.size(1)
-    q_pos = torch.arange(pos, pos + T, device=q.device)
+    q_pos = torch.arange(T, device=q.device) + pos  # pos: an int or a 0-d tensor
     last_token = (torch.arange(C, device=q.device) + 1) * block_size - 1  # (C,)
     visible = last_token[None, :] <= q_pos[:, None]  # (T, C)
     return masked_attention(q, k_cmp, v_cmp, visible[None, :, None, :], scale)
 
 
-def select_blocks(p_cmp, n_kv_head, block_size, block_counts, pos=0):
+def select_blocks(p_cmp, n_kv_head, block_size, block_counts, pos=0, n_blocks=None):
     """Top-k block selection from the compression probabilities.
     p_cmp (B, T, HQ, C): compression probabilities of the queries at absolute positions pos .. pos+T-1.
+    n_blocks: how many blocks to rank (default: those that exist up to the last query; a static decoding
+    step, whose pos is a tensor, ranks a fixed number and masks the ones that don't exist yet).
     Returns block_indices (B, T, n_kv_head, block_counts), long, -1 for empty slots.
 
     Per query t and KV head h: importance of block c = sum over the G query heads of group h of
@@ -149,8 +152,8 @@ def select_blocks(p_cmp, n_kv_head, block_size, block_counts, pos=0):
     B, T, HQ, C = p_cmp.shape
     H = n_kv_head
     G = HQ // H
-    cur = torch.arange(pos, pos + T, device=p_cmp.device) // block_size  # (T,) the query's own block
-    NB = (pos + T - 1) // block_size + 1  # blocks that exist up to the last query (C complete ones)
+    cur = (torch.arange(T, device=p_cmp.device) + pos) // block_size  # (T,) the query's own block
+    NB = (pos + T - 1) // block_size + 1 if n_blocks is None else n_blocks  # blocks up to the last query
     with torch.no_grad():  # the choice of blocks is discrete: no gradient flows through it
         importance = p_cmp.reshape(B, T, H, G, C).sum(3)  # (B, T, H, C)
         score = F.pad(importance, (0, NB - C))  # (B, T, H, NB): the partial last block scores 0
@@ -216,7 +219,12 @@ def nsa_ref(q, k, v, g_cmp, g_slc, g_swa, block_size, block_counts, window_size,
 def update_caches(state, k, v, pos, block_size):
     """Write k, v (B, T, H, D) (post-RoPE) for positions pos .. pos+T-1 into the KV cache and
     compress every block that these tokens complete (mean in fp32, stored in the cache's dtype,
-    as fla's mean_pooling does). Blocks completed earlier are not touched."""
+    as fla's mean_pooling does). Blocks completed earlier are not touched.
+    A 0-d tensor pos (one token, static decoding): the same writes with no shape or branch depending
+    on pos -- the mean of the token's block is computed every step and stored only if the token
+    completes it (a device-side select), so a CUDA graph can replay the step."""
+    if isinstance(pos, torch.Tensor):
+        return _update_caches_static(state, k, v, pos, block_size)
     T = k.size(1)
     end = pos + T
     if end > state['k'].size(1):
@@ -230,6 +238,21 @@ def update_caches(state, k, v, pos, block_size):
             x = state[name][:, c0 * block_size:c1 * block_size]
             cdt = torch.promote_types(x.dtype, torch.float32)
             state[name + '_cmp'][:, c0:c1] = x.to(cdt).reshape(B, c1 - c0, block_size, H, D).mean(2)
+
+
+def _update_caches_static(state, k, v, pos, block_size):
+    L, n_cmp = state['k'].size(1), state['k_cmp'].size(1)
+    c = pos // block_size  # the token's block
+    rows = (c * block_size + torch.arange(block_size, device=k.device)).clamp(max=L - 1)
+    slot = c.clamp(max=max(n_cmp - 1, 0)).view(1)
+    complete = ((pos + 1) % block_size == 0) & (c < n_cmp)
+    for name, x in (('k', k), ('v', v)):
+        state[name].index_copy_(1, pos.view(1), x.to(state[name].dtype))
+        if n_cmp:
+            blk = state[name].index_select(1, rows)  # (B, bs, H, D)
+            mean = blk.to(torch.promote_types(blk.dtype, torch.float32)).mean(1, keepdim=True)
+            old = state[name + '_cmp'].index_select(1, slot)
+            state[name + '_cmp'].index_copy_(1, slot, torch.where(complete, mean.to(old.dtype), old))
 
 
 def gathered_attention(q, kc, vc, tok, valid, scale):
@@ -258,15 +281,16 @@ def nsa_cached(q, state, pos, g_cmp, g_slc, g_swa, block_size, block_counts, win
     q (B, T, HQ, D) in the compute dtype; state: k, v (B, L, H, D), k_cmp, v_cmp (B, L // bs, H, D)."""
     B, T, HQ, D = q.shape
     H = state['k'].size(2)
-    end = pos + T
     dev = q.device
-    t = torch.arange(pos, end, device=dev)  # (T,) absolute query positions
-    C = end // block_size  # complete blocks so far, all cached
+    t = torch.arange(T, device=dev) + pos  # (T,) absolute query positions
+    static = isinstance(pos, torch.Tensor)  # static decoding: every cached block, masked by position
+    C = state['k_cmp'].size(1) if static else (pos + T) // block_size  # complete blocks, all cached
     k_cmp, v_cmp = state['k_cmp'][:, :C].to(q.dtype), state['v_cmp'][:, :C].to(q.dtype)
     o_cmp, p_cmp = compressed_attention(q, k_cmp, v_cmp, block_size, scale, pos=pos)
 
     # selection: the tokens of the chosen blocks, causal
-    idx = select_blocks(p_cmp, H, block_size, block_counts, pos=pos)  # (B, T, H, S)
+    n_blocks = -(-state['k'].size(1) // block_size) if static else None
+    idx = select_blocks(p_cmp, H, block_size, block_counts, pos=pos, n_blocks=n_blocks)  # (B, T, H, S)
     tok = (idx.unsqueeze(-1) * block_size + torch.arange(block_size, device=dev)).flatten(-2)  # (B, T, H, S*bs)
     valid = (idx.unsqueeze(-1) >= 0).expand(-1, -1, -1, -1, block_size).flatten(-2) & (tok <= t[:, None, None])
     o = o_cmp * g_cmp.unsqueeze(-1)
@@ -304,6 +328,7 @@ def nsa_fla(q, k, v, g_cmp, g_slc, g_swa, block_size, block_counts, window_size,
 
 class NSAMixer(nn.Module):
     """Native Sparse Attention token mixer (see the module docstring)."""
+    static_decode = True  # a tensor pos: RoPE, cache writes and block selection with fixed shapes
 
     def __init__(self, config, layer_idx=0):
         super().__init__()
@@ -340,7 +365,10 @@ class NSAMixer(nn.Module):
         gates = (g_cmp, g_slc, g_swa)
         cdt = torch.promote_types(v.dtype, torch.float32)  # torch paths: fp32 (fp64 for an fp64 model)
 
-        if state is None or (pos == 0 and T > 1):
+        static = isinstance(pos, torch.Tensor)
+        if static and T != 1:
+            raise ValueError(f"a tensor pos is for one-token steps, got T={T}")
+        if not static and (state is None or (pos == 0 and T > 1)):
             # training, or a prefill from an empty cache: the whole-sequence function
             if state is not None:
                 update_caches(state, k, v, 0, self.block_size)
