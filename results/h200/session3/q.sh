@@ -45,7 +45,11 @@ run_q() {  # single-GPU tasks, in priority order, on GPU $1
     profile) task profile 200 400 $g $h python3 bench.py profile --modes=train --out=results/h200/issue5/profile_train ;;
   esac; done
 }
-if [ "$CALL" = c3 ]; then  # a fresh machine: finish both sweeps (resumable), the CUDA tests
+if [ "$CALL" = c4 ]; then  # next session (x4): what the third session left unmeasured
+  QUEUE="test_model test_delta test_dp profile test_nsa"
+  ( task latency 200 420 0 /tmp/hb python3 bench.py latency --out=results/full; run_q 0 ) &
+  run_q 1 & run_q 2 & run_q 3 &
+elif [ "$CALL" = c3 ]; then  # a fresh machine: finish both sweeps (resumable), the CUDA tests
   QUEUE="test_delta test_model test_dp test_nsa profile"
   ( task sweep1 30 600 0 /tmp/h0 python3 train_runner.py --bench=False; run_q 0 ) &
   ( task sweep2 30 600 1 /tmp/h12 python3 train_runner.py --bench=False --results_dir=results/h200/issue6/sweep_gpus2
