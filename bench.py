@@ -80,6 +80,15 @@ def _act_dtype(device):
     return torch.bfloat16 if torch.device(device).type == 'cuda' else torch.float32
 
 
+def _failure(e):
+    """The status of a measurement that raised: 'OOM' (expected at the memory wall: no traceback) or
+    'error: <type>: <first line>' (traceback printed)."""
+    if _is_oom(e):
+        return 'OOM'
+    traceback.print_exc()
+    return f'error: {type(e).__name__}: {model.first_line(e, 200)}'
+
+
 def _is_oom(e):
     return isinstance(e, torch.cuda.OutOfMemoryError) or 'out of memory' in str(e).lower()
 
@@ -349,10 +358,8 @@ def memory(out='results', tiny=False, device='auto', models=None, contexts=None,
                     if repeats:
                         row['fwdbwd_ms'] = time_fwd_bwd(m, B, T, device, repeats)
                 except Exception as e:
-                    if not _is_oom(e):
-                        traceback.print_exc()
-                    oom = _is_oom(e)
-                    row['status'] = 'OOM' if oom else f'error: {type(e).__name__}: {model.first_line(e, 200)}'
+                    row['status'] = _failure(e)
+                    oom = row['status'] == 'OOM'
                 del m
                 _free(device)  # outside the except block: the traceback no longer pins the tensors
                 if oom:
@@ -532,9 +539,7 @@ def latency(out='results', tiny=False, device='auto', models=None, contexts=None
                         'decode_eager_ms_per_token', row['decode_ms_per_token'])
                 row['status'] = 'ok'
             except Exception as e:
-                if not _is_oom(e):
-                    traceback.print_exc()
-                err = 'OOM' if _is_oom(e) else f'error: {type(e).__name__}: {model.first_line(e, 200)}'
+                err = _failure(e)
             if err:
                 row['status'] = err
                 _free(device)
@@ -700,8 +705,7 @@ def profile(out='results', tiny=False, device='auto', models=None, batch=None, c
                     f.write('\n'.join(lines) + '\n')
                 print('[profile] ' + lines[0], flush=True)
             except Exception as e:
-                traceback.print_exc()
-                row['status'] = 'OOM' if _is_oom(e) else f'error: {type(e).__name__}: {model.first_line(e, 200)}'
+                row['status'] = _failure(e)
                 print(f"[profile] {mt} ({tag}): {row['status']}", flush=True)
             m = prof = None  # drop the model, its optimizer, compiled module and graph before the next one
             _free(device)
@@ -746,9 +750,7 @@ def throughput(out='results', tiny=False, device='auto', models=None, shapes=Non
                            mfu=m.estimate_mfu(B, dt, peak, T=T) if peak else None,
                            flops_per_token=m.flops_per_token(T))
             except Exception as e:
-                if not _is_oom(e):
-                    traceback.print_exc()
-                err = 'OOM' if _is_oom(e) else f'error: {type(e).__name__}: {model.first_line(e, 200)}'
+                err = _failure(e)
             if err:
                 row['status'] = err
             del m
