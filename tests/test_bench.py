@@ -217,6 +217,23 @@ def test_report(results):
     assert '| vanilla |' in md and 'git commit' in md
 
 
+def test_readme_blocks_are_generated(results, tmp_path, monkeypatch):
+    """report(readme=True) and runs(readme=True) rewrite only their README blocks, from the files."""
+    out, _ = results
+    readme = tmp_path / 'README.md'
+    readme.write_text('intro\n' + '\n'.join(bench.BAKEOFF_MARK) + '\nmiddle\n' + '\n'.join(bench.RUNS_MARK) + '\nend\n')
+    monkeypatch.setattr(bench, 'README', str(readme))
+    bench.report(out, readme=True)
+    bench.runs(runs_dir=out, readme=True)
+    text = readme.read_text()
+    assert text.startswith('intro\n') and '\nmiddle\n' in text and text.endswith('\nend\n')
+    block = text[text.index(bench.BAKEOFF_MARK[0]):text.index(bench.BAKEOFF_MARK[1])]
+    assert 'bakeoff.csv' in block and '| vanilla |' in block and 'Mean best validation loss per learning rate' in block
+    assert '![' not in block  # tables only: the README places its own plots
+    with pytest.raises(FileNotFoundError, match='bench.py bakeoff'):
+        bench.report(str(tmp_path / 'empty'), readme=True)
+
+
 def test_report_states_missing(tmp_path):
     md = open(bench.report(str(tmp_path))).read()
     assert md.count('*Missing:') == 8 and '![' not in md
