@@ -711,7 +711,7 @@ PRESETS = {
     ),
 }
 SWEEP_KEYS = dict(preset='auto', seeds=1, models=','.join(model_lib.MODEL_TYPES), lrs='', results_dir='',
-                  bench=True, gpus=1, runs_per_gpu=1)
+                  bench=True, gpus=1)
 # overrides that change no number a run produces, or only through rounding (how it is executed; a discrete
 # choice such as NSA's top-k can amplify that): they don't turn a preset into a custom one
 NEUTRAL_KEYS = {'wandb_log', 'wandb_project', 'wandb_run_name', 'log_interval', 'device', 'compile', 'cuda_graphs'}
@@ -762,12 +762,6 @@ def sweep(overrides=None):
     if gpus > 1 and (not cuda or gpus > torch.cuda.device_count()):
         raise ConfigError(f"--gpus={gpus} but this machine has {torch.cuda.device_count() if cuda else 0} CUDA "
                           f"GPU(s); valid: 1..{max(1, torch.cuda.device_count() if cuda else 1)}")
-    per_gpu = int(opts['runs_per_gpu'])
-    if per_gpu < 1:
-        raise ConfigError(f"runs_per_gpu must be >= 1, got {per_gpu}")
-    if per_gpu > 1 and not cuda:
-        raise ConfigError("runs_per_gpu > 1 shares a GPU between concurrent runs and needs CUDA; this run is on CPU")
-    slots = gpus * per_gpu  # runs trained at once
 
     t0, summaries, todo = time.time(), {}, []
     for i, (m, lr, seed) in enumerate(runs):
@@ -788,12 +782,12 @@ def sweep(overrides=None):
 
     def progress(n_done, times):
         left = len(todo) - n_done
-        eta = np.mean(times) * left / slots if times else None
+        eta = np.mean(times) * left / gpus if times else None
         return (f"{n_done}/{len(todo)} runs to train done | elapsed {_fmt_time(time.time() - t0)}"
                 + (f", eta {_fmt_time(eta)}" if eta else ''))
 
     times = []
-    if slots == 1:
+    if gpus == 1:
         for n, (i, run_cfg) in enumerate(todo):
             print(f"\n=== run {i + 1}/{len(runs)}: {run_cfg['model_type']} lr={run_cfg['learning_rate']:g} "
                   f"seed={run_cfg['seed']} | {progress(n, times)} ===")
@@ -801,19 +795,17 @@ def sweep(overrides=None):
             summaries[i] = _sweep_run(run_cfg)
             times.append(time.time() - t_run)
     else:
-        # independent runs, runs_per_gpu processes per GPU (spawned, each sees only its GPU); each run's
-        # console output goes to <out_dir>/train.log. Every run is seeded on its own, so the records are the
-        # same as one after another (timings aside). Several runs on one GPU fill each other's idle time
-        # (kernel compilation and autotuning on the CPU, launch gaps between small kernels).
+        # independent runs, one process per GPU (spawned, each sees only its GPU); each run's console
+        # output goes to <out_dir>/train.log. Every run is seeded on its own, so the records are the same
+        # as one after another (timings aside).
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
         ctx = mp.get_context('spawn')
         free_gpus = ctx.Queue()
-        for g in list(range(gpus)) * per_gpu:
+        for g in range(gpus):
             free_gpus.put(g)
-        print(f"training {len(todo)} runs on {gpus} GPU(s), {per_gpu} run(s) per GPU at a time; "
-              f"logs in <run>/train.log")
-        with ProcessPoolExecutor(slots, mp_context=ctx, initializer=_pin_gpu, initargs=(free_gpus,)) as pool:
+        print(f"training {len(todo)} runs on {gpus} GPUs, one run per GPU at a time; logs in <run>/train.log")
+        with ProcessPoolExecutor(gpus, mp_context=ctx, initializer=_pin_gpu, initargs=(free_gpus,)) as pool:
             started = {pool.submit(_sweep_run, run_cfg, True): (i, run_cfg) for i, run_cfg in todo}
             for n, fut in enumerate(as_completed(started), 1):
                 i, run_cfg = started[fut]
