@@ -51,6 +51,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MEMORY_CONTEXTS = ([2 ** i for i in range(8, 18)], [32, 64])           # 256 -> 131072
 MEMORY_BATCHES = ((1, 4), (1, 2))
 LATENCY_CONTEXTS = ([2 ** i for i in range(7, 16)], [16, 32])          # 128 -> 32768
+_DECODE_COL = {'compiled graph': 'decode_compiled_ms_per_token', 'graph': 'decode_graph_ms_per_token',
+               'eager': 'decode_eager_ms_per_token'}                     # latency's decode modes
 THROUGHPUT_SHAPES = ([(64, 256), (16, 1024), (4, 4096), (1, 16384)],  # (B, T): training shape, then 16384 tokens/step
                      [(4, 32), (1, 64)])
 
@@ -453,14 +455,33 @@ def _median(xs):
     return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
+def _time_decode_modes(row, modes, timer):
+    """Fill row with timer(mode) -> (prefill ms, decode ms/token) for each decode mode, its column in
+    _DECODE_COL, and the fastest as decode_mode / decode_ms_per_token / prefill_ms. A graph mode that
+    fails is skipped with a note (generate() falls back the same way): a compile error, or a capture
+    error of the uncompiled graph. Out of memory, and any error of the eager step, propagate."""
+    notes = []
+    for mode in modes:
+        try:
+            p, row[_DECODE_COL[mode]] = timer(mode)
+        except Exception as e:
+            if _is_oom(e) or mode == 'eager' or (mode == 'graph' and not isinstance(e, model.CaptureError)):
+                raise
+            notes.append(f"{mode} failed: {model.first_line(e, 150)}")
+            continue
+        if row[_DECODE_COL[mode]] < row.get('decode_ms_per_token', float('inf')):
+            row.update(decode_mode=mode, prefill_ms=p, decode_ms_per_token=row[_DECODE_COL[mode]])
+    return notes
+
+
 @torch.no_grad()
-def time_generation(m, L, n, trials, device, cached=True, graph=False):
+def time_generation(m, L, n, trials, device, cached=True, graph=False, compile=False):
     """Batch-1 greedy generation after a random prompt of L tokens: (prefill ms, decode ms per token),
     each the median over `trials` (after one untimed warm-up trial).
     cached: prefill the prompt into a state of capacity L+n, then n steps of
     model(next_token, state=state, last_only=True) -- or, with graph=True, n replays of that step
     captured once in a CUDA graph (model.GraphedDecodeStep, what generate() uses on CUDA; the capture
-    happens in the warm-up trial). Not cached: every new token runs a full forward over the whole
+    happens in the warm-up trial), compile=True: of the step under torch.compile. Not cached: every new token runs a full forward over the whole
     sequence so far (prefill ms is then None)."""
     vocab = m.config.vocab_size
     prompt = torch.randint(vocab, (1, L), device=device)
@@ -477,7 +498,7 @@ def time_generation(m, L, n, trials, device, cached=True, graph=False):
             nxt = logits[:, -1].argmax(-1, keepdim=True)
             if graph and trial == 0:
                 with _autocast(device):
-                    step = model.GraphedDecodeStep(m, state)
+                    step = model.GraphedDecodeStep(m, state, compile=compile)
             with _autocast(device), _Timer(device) as td:
                 for _ in range(n):
                     logits = step(nxt)
@@ -497,11 +518,15 @@ def time_generation(m, L, n, trials, device, cached=True, graph=False):
 
 
 def latency(out='results', tiny=False, device='auto', models=None, contexts=None, n_decode=None, trials=None,
-            nocache=True, cuda_graph='auto', model_kw=None):
+            nocache=True, cuda_graph='auto', compile_decode=True, model_kw=None):
     """Batch-1 prefill time vs prompt length and per-token decode time at those contexts (cache/state),
     plus vanilla's no-cache recompute path in the same run, reported as a ratio.
-    cuda_graph: 'auto' = on CUDA, decode steps replayed from a CUDA graph for the models that support
-    it (what generate() does), with the eager steps measured in the same run beside them; False = eager."""
+    Decode modes, each timed in the same run where it applies: 'compiled graph' (the step under
+    torch.compile, replayed from a CUDA graph: generate(compile=True)), 'graph' (the eager step replayed
+    from a CUDA graph: generate()'s default on CUDA) and 'eager' (one kernel launch at a time). The
+    headline decode_ms_per_token is the fastest of them (decode_mode says which).
+    cuda_graph: 'auto' = the graph modes on CUDA for models with static steps; False = eager only.
+    compile_decode: also time the compiled graph (compilation happens in the untimed warm-up)."""
     if cuda_graph not in ('auto', False):
         raise ValueError(f"cuda_graph must be 'auto' or False, got {cuda_graph!r}")
     device = _resolve_device(device)
@@ -513,57 +538,56 @@ def latency(out='results', tiny=False, device='auto', models=None, contexts=None
         kw = model_kwargs(mt, mod, tiny, model_kw)
         # one model for all contexts; its block_size covers the longest context plus the decoded tokens
         m = build(mt, kw, device, block_size=max(contexts) + n).eval()
+        graphs = cuda_graph == 'auto' and torch.device(device).type == 'cuda' and m.static_decode
+        modes = (['compiled graph'] if graphs and compile_decode else []) + (['graph'] if graphs else []) + ['eager']
         for L in contexts:
-            graph = cuda_graph == 'auto' and torch.device(device).type == 'cuda' and m.static_decode
-            row = dict(model=mt, context=L, n_decode=n, trials=trials, decode_cuda_graph=graph)
-            err = None
+            row, notes, err = dict(model=mt, context=L, n_decode=n, trials=trials), [], None
             try:
-                if graph:
-                    try:
-                        row['prefill_ms'], row['decode_ms_per_token'] = time_generation(m, L, n, trials, device,
-                                                                                        graph=True)
-                    except model.CaptureError as e:  # as generate() does: decode eagerly, and say why
-                        graph = row['decode_cuda_graph'] = False
-                        row['note'] = f"CUDA-graph capture failed, eager steps: {model.first_line(e, 150)}"
-                        print(f"[latency] {mt} L={L}: {row['note']}", flush=True)
-                if not graph:
-                    row['prefill_ms'], row['decode_ms_per_token'] = time_generation(m, L, n, trials, device)
+                notes = _time_decode_modes(row, modes, lambda mode: time_generation(
+                    m, L, n, trials, device, graph=mode != 'eager', compile=mode == 'compiled graph'))
+                for note in notes:
+                    print(f"[latency] {mt} L={L}: {note}", flush=True)
                 row['decode_tokens_per_s'] = 1e3 / row['decode_ms_per_token']
-                if graph:  # the eager steps, same run: what the graph saves
-                    _, row['decode_eager_ms_per_token'] = time_generation(m, L, n, trials, device)
-                    row['eager_over_graph'] = row['decode_eager_ms_per_token'] / row['decode_ms_per_token']
                 if nocache and mt == 'vanilla':
                     _, row['nocache_ms_per_token'] = time_generation(m, L, n, trials, device, cached=False)
                     # against the eager cached steps: the ratio is what the cache saves, not the graph too
-                    row['nocache_over_cache'] = row['nocache_ms_per_token'] / row.get(
-                        'decode_eager_ms_per_token', row['decode_ms_per_token'])
+                    row['nocache_over_cache'] = row['nocache_ms_per_token'] / row['decode_eager_ms_per_token']
                 row['status'] = 'ok'
             except Exception as e:
                 err = _failure(e)
             if err:
                 row['status'] = err
                 _free(device)
+            row['note'] = '; '.join(notes)
             rows.append(row)
-            print(f"[latency] {mt} L={L}: " + (f"prefill {row['prefill_ms']:.3f} ms, decode "
-                  f"{row['decode_ms_per_token']:.3f} ms/token" + (" (CUDA graph; eager "
-                  f"{row['decode_eager_ms_per_token']:.3f})" if graph else '') if row['status'] == 'ok' else row['status'])
+            times = ', '.join(f"{md} {row[_DECODE_COL[md]]:.3f}" for md in modes if row.get(_DECODE_COL[md]))
+            print(f"[latency] {mt} L={L}: " + (f"prefill {row['prefill_ms']:.3f} ms, decode ms/token: {times}"
+                  if row['status'] == 'ok' else row['status'])
                   + (f", no-cache {row['nocache_ms_per_token']:.3f} ms/token "
-                     f"({row['nocache_over_cache']:.1f}x)" if 'nocache_ms_per_token' in row else ''), flush=True)
+                     f"({row['nocache_over_cache']:.1f}x eager cached)" if 'nocache_ms_per_token' in row else ''),
+                  flush=True)
         del m
         _free(device)
-    cols = ['model', 'context', 'status', 'prefill_ms', 'decode_ms_per_token', 'decode_tokens_per_s',
-            'decode_cuda_graph', 'decode_eager_ms_per_token', 'eager_over_graph', 'nocache_ms_per_token',
-            'nocache_over_cache', 'n_decode', 'trials', 'note']
+    cols = ['model', 'context', 'status', 'prefill_ms', 'decode_ms_per_token', 'decode_tokens_per_s', 'decode_mode',
+            *_DECODE_COL.values(), 'nocache_ms_per_token', 'nocache_over_cache', 'n_decode', 'trials', 'note']
     write_csv(os.path.join(out, 'latency.csv'), rows, cols)
     write_meta(out, 'latency', device, dict(tiny=tiny, models=models, contexts=contexts, n_decode=n, trials=trials,
-                                            nocache=nocache, cuda_graph=cuda_graph, model_kw=model_kw),
+                                            nocache=nocache, cuda_graph=cuda_graph, compile_decode=compile_decode,
+                                            model_kw=model_kw),
                method=f"batch 1, greedy; prefill = one forward of the L-token prompt into a fresh state of capacity "
-                      f"L+n; decode = n={n} steps model(token, state, last_only=True), ms/token, replayed from a "
-                      f"CUDA graph where decode_cuda_graph (eager steps beside it); no-cache = full "
-                      f"forward over the whole sequence per token (vanilla); medians of {trials} trials after one "
-                      f"warm-up; {'CUDA events, bf16 autocast' if 'cuda' in device else 'perf_counter, fp32'}")
+                      f"L+n; decode = n={n} one-token steps with the state, ms/token, in each decode mode that "
+                      f"applies (compiled graph: torch.compile'd step replayed from a CUDA graph; graph: the eager "
+                      f"step replayed from a CUDA graph; eager: launched op by op), decode_mode = the fastest; "
+                      f"no-cache = full forward over the whole sequence per token (vanilla); medians of "
+                      f"{trials} trials after one warm-up trial (compilation and capture happen in it); "
+                      f"{'CUDA events, bf16 autocast' if 'cuda' in device else 'perf_counter, fp32'}")
     plot_latency(rows, os.path.join(out, 'latency.png'))
     return rows
+
+
+def _decode_mode(r):
+    """A latency.csv row's decode mode; rows written before decode_mode existed say decode_cuda_graph."""
+    return r.get('decode_mode') or ('graph' if r.get('decode_cuda_graph') in (True, 'True') else 'eager')
 
 
 def _num(r, k):
@@ -580,12 +604,12 @@ def plot_latency(rows, path):
             continue
         L = [int(r['context']) for r in rs]
         ax1.plot(L, [_num(r, 'prefill_ms') for r in rs], marker='o', ms=3, color=_color(mt), label=mt)
-        graph = any(r.get('decode_cuda_graph') in (True, 'True') for r in rs)
+        mode = _decode_mode(rs[0])
         ax2.plot(L, [_num(r, 'decode_ms_per_token') for r in rs], marker='o', ms=3, color=_color(mt),
-                 label=f"{mt} (cache/state{', CUDA graph' if graph else ''})")
+                 label=f"{mt} (cache/state, {mode})")
         eager = [(int(r['context']), _num(r, 'decode_eager_ms_per_token')) for r in rs
                  if _num(r, 'decode_eager_ms_per_token') is not None]
-        if eager:
+        if eager and mode != 'eager':
             ax2.plot(*zip(*eager), ':', marker='.', ms=3, color=_color(mt), label=f'{mt} (eager steps)')
         nc = [(int(r['context']), _num(r, 'nocache_ms_per_token')) for r in rs
               if _num(r, 'nocache_ms_per_token') is not None]
@@ -908,7 +932,7 @@ def _decode_ms(out, context=1024):
     path = os.path.join(out, 'latency.csv')
     if not os.path.exists(path):
         return {}
-    return {r['model']: (float(r['decode_ms_per_token']), r.get('decode_cuda_graph', 'False') == 'True')
+    return {r['model']: (float(r['decode_ms_per_token']), _decode_mode(r))
             for r in read_csv(path) if int(r['context']) == context and r['status'] == 'ok'}
 
 
@@ -971,7 +995,7 @@ def bakeoff(out='results', preset=None, runs_dir=None):
             val_ppl_mean=_f(pm, '.4f'), val_ppl_std=_f(ps, '.4f'),
             oom_context_b1=oom.get(1, '-'), oom_context_b4=oom.get(4, '-'),
             decode_ms_per_token_1024=_f(decode.get(mt, (None,))[0], '.3f'),
-            decode_cuda_graph=str(decode[mt][1]) if mt in decode else '-', train_tokens_per_s=_f(tps, '.0f'),
+            decode_mode=decode[mt][1] if mt in decode else '-', train_tokens_per_s=_f(tps, '.0f'),
             train_mode=' / '.join(modes)))
         for r in rs:
             for e in r['evals']:
@@ -982,7 +1006,7 @@ def bakeoff(out='results', preset=None, runs_dir=None):
 
     main_cols = ['model', 'n_params', 'lrs_finished', 'best_lr', 'n_seeds', 'seeds', 'best_val_loss_mean',
                  'best_val_loss_std', 'val_ppl_mean', 'val_ppl_std', 'oom_context_b1', 'oom_context_b4',
-                 'decode_ms_per_token_1024', 'decode_cuda_graph', 'train_tokens_per_s', 'train_mode']
+                 'decode_ms_per_token_1024', 'decode_mode', 'train_tokens_per_s', 'train_mode']
     write_csv(os.path.join(out, 'bakeoff.csv'), main_rows, main_cols)
     write_csv(os.path.join(out, 'bakeoff_lr.csv'), lr_rows,
               ['model', 'learning_rate', 'n_seeds', 'best_val_loss_mean', 'best_val_loss_std', 'best'])
@@ -1006,7 +1030,8 @@ def bakeoff(out='results', preset=None, runs_dir=None):
                   "summaries at the best LR, which depend on train_mode (how those runs executed: torch.compile, "
                   "CUDA graphs); lrs_finished = the LRs with a finished run; OOM context = first context whose fwd+bwd ran out of memory "
                   "(memory.csv; '>T' = none up to T); decode ms/token at context 1024 from latency.csv "
-                  "(decode_cuda_graph: its steps replayed from a CUDA graph, else eager)",
+                  "(decode_mode: compiled graph = torch.compile'd step replayed from a CUDA graph, graph = the eager "
+                  "step replayed from a CUDA graph, eager = launched op by op)",
     })
     plot_val_curves(runs, groups, {r['model']: float(r['best_lr']) for r in main_rows},
                     os.path.join(out, 'bakeoff_val_loss.png'))
@@ -1200,10 +1225,10 @@ def report(out='results', readme=False):
             r['loss'] = f"{r['best_val_loss_mean']} ± {r['best_val_loss_std']}"
             r['ppl'] = f"{r['val_ppl_mean']} ± {r['val_ppl_std']}"
         lines = [_md_table(rows, ['model', 'n_params', 'lrs_finished', 'best_lr', 'n_seeds', 'loss', 'ppl',
-                                  'oom_context_b1', 'oom_context_b4', 'decode_ms_per_token_1024', 'decode_cuda_graph',
+                                  'oom_context_b1', 'oom_context_b4', 'decode_ms_per_token_1024', 'decode_mode',
                                   'train_tokens_per_s', 'train_mode'],
                            ['model', 'params', 'LRs finished', 'best LR', 'seeds', 'best val loss', 'val perplexity',
-                            'OOM context (B=1)', 'OOM context (B=4)', 'decode ms/token @1024', 'decode CUDA graph',
+                            'OOM context (B=1)', 'OOM context (B=4)', 'decode ms/token @1024', 'decode mode',
                             'train tokens/s', 'runs executed with']), ""]
         bakeoff_tables.append(lines)  # the README quotes these (readme=True); the list grows below
         if have('bakeoff_lr.csv'):
@@ -1253,14 +1278,17 @@ def report(out='results', readme=False):
         def ms(k):
             return lambda r: f"{float(r[k]):.3f}" if r['status'] == 'ok' and r.get(k) else (
                 '-' if r['status'] == 'ok' else err_cell(r['status']))
-        graphed = any(r.get('decode_cuda_graph') == 'True' for r in rows)
+        modes = list(dict.fromkeys(_decode_mode(r) for r in rows if r['status'] == 'ok'))
         tables = [('Prefill time (ms) vs prompt length', 'prefill_ms'),
-                  ('Decode time per token (ms) with the cache/state' + (
-                      ', steps replayed from a CUDA graph where decode_cuda_graph is true in latency.csv' if graphed else ''),
+                  ('Decode time per token (ms) with the cache/state, in the fastest mode measured for the model ('
+                   + ', '.join(f"{mt}: {m}" for mt, m in dict.fromkeys((r['model'], _decode_mode(r)) for r in rows
+                                                                       if r['status'] == 'ok')) + ')',
                    'decode_ms_per_token')]
-        if graphed:
-            tables.append(('The same decode steps run eagerly (launched one kernel at a time), same run',
-                           'decode_eager_ms_per_token'))
+        if modes != ['eager']:
+            titles = {'compiled graph': 'torch.compile\'d step replayed from a CUDA graph',
+                      'graph': 'eager step replayed from a CUDA graph', 'eager': 'eager steps, launched op by op'}
+            tables += [(f"Decode ms/token, {titles[md]}, same run", col) for md, col in _DECODE_COL.items()
+                       if any(r.get(col) for r in rows)]
         lines = []
         for title, key in tables:
             table, cols = _pivot(rows, lambda r: r['context'], lambda r: r['model'], ms(key))

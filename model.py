@@ -195,9 +195,10 @@ class GraphedDecodeStep:
     every replay has the same shapes. Replays read and write the very state object, so eager calls (the
     prefill, a re-prefill of a slid window) can run in between. Building it leaves the state as it was
     (the warm-up steps run on it, then it is restored). The step runs under the autocast context that is
-    active when it is built. Needs model.static_decode (every mixer here has it)."""
+    active when it is built. Needs model.static_decode (every mixer here has it). compile=True captures
+    model.compiled_static_step() instead: the same step with its small kernels fused by torch.compile."""
 
-    def __init__(self, model, state, warmup=2):
+    def __init__(self, model, state, warmup=2, compile=False):
         if not model.static_decode:
             raise ValueError(f"{type(model).__module__}: its mixer can't decode with static shapes (static_decode "
                              f"is False), so its steps can't be captured in a CUDA graph; decode eagerly")
@@ -205,6 +206,8 @@ class GraphedDecodeStep:
         if dev.type != 'cuda':
             raise ValueError(f"CUDA graphs need a model on a CUDA device, got {dev}")
         self.model, self.state = model, state
+        # compile: the step under torch.compile (its small kernels fused), captured the same way
+        self._fn = model.compiled_static_step() if compile else model.static_step
         batch = next(iter(state.layers[0].values())).size(0)
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.pos_t = torch.zeros((), dtype=torch.long, device=dev)
@@ -235,7 +238,7 @@ class GraphedDecodeStep:
 
     def _step(self):
         with self._amp():
-            return self.model(self.tok, state=self.state, last_only=True, static_pos=self.pos_t)[0]
+            return self._fn(self.tok, self.state.layers, self.pos_t)
 
     def _check_room(self):
         st, cfg = self.state, self.model.config
@@ -455,28 +458,51 @@ class GPT(nn.Module):
             if state is None or T != 1 or not self.static_decode:
                 raise ValueError("static_pos is for one-token steps with a state, on a model whose mixers all "
                                  f"support static decoding (this one: {self.static_decode})")
-        x = self.transformer.wte(idx)  # (B, T, C)
-        if self.transformer.wpe is not None:
-            if pos + T > self.config.block_size:
-                raise ValueError(f"sequence of {pos + T} tokens exceeds block_size {self.config.block_size} "
-                                 f"(learned positions); crop it, as generate() does")
-            positions = static_pos.view(1) if static_pos is not None else \
-                torch.arange(pos, pos + T, dtype=torch.long, device=idx.device)
-            x = x + self.transformer.wpe(positions)
-        x = self.transformer.drop(x)
+        if self.transformer.wpe is not None and pos + T > self.config.block_size:
+            raise ValueError(f"sequence of {pos + T} tokens exceeds block_size {self.config.block_size} "
+                             f"(learned positions); crop it, as generate() does")
         layer_states = state.layers if state is not None else [None] * len(self.transformer.h)
-        for block, s in zip(self.transformer.h, layer_states):
-            x = block(x, s, static_pos if static_pos is not None else pos)
+        if static_pos is not None:
+            logits = self.static_step(idx, layer_states, static_pos)
+        else:
+            x = self._trunk(idx, layer_states, pos)
+            if last_only:
+                x = x[:, -1:, :]
+            logits = self.lm_head(self.transformer.ln_f(x))
         if state is not None:
             state.pos += T
-        if last_only:
-            x = x[:, -1:, :]  # a slice: indexing with [-1] would copy a host tensor (breaks CUDA-graph capture)
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def _trunk(self, idx, layer_states, pos):
+        """idx (B, T) -> the last block's output (B, T, C); pos: an int, or a 0-d tensor (static step)."""
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.transformer.wpe is not None:
+            T = idx.size(1)
+            positions = pos.view(1) if isinstance(pos, torch.Tensor) else \
+                torch.arange(pos, pos + T, dtype=torch.long, device=idx.device)
+            x = x + self.transformer.wpe(positions)
+        x = self.transformer.drop(x)
+        for block, s in zip(self.transformer.h, layer_states):
+            x = block(x, s, pos)
+        return x
+
+    def static_step(self, idx, layer_states, pos):
+        """The static one-token step: idx (B, 1) -> logits (B, 1, V), advancing the per-layer states
+        in place at the 0-d long tensor pos. It reads no Python position, so no shape, branch or guard
+        depends on where the sequence is: what a CUDA graph captures and torch.compile compiles once."""
+        x = self._trunk(idx, layer_states, pos)[:, -1:, :]  # a slice: x[:, [-1]] would copy a host tensor
+        return self.lm_head(self.transformer.ln_f(x))
+
+    def compiled_static_step(self):
+        """static_step under torch.compile, made once per model so that every graphed step reuses its
+        compilations: only the state's capacity varies between generations (a KV cache is sized to the
+        sequence), and a second capacity makes that dimension dynamic instead of compiling again."""
+        if getattr(self, '_compiled_step', None) is None:
+            self._compiled_step = torch.compile(self.static_step)
+        return self._compiled_step
 
     # ----------------------------------------------------------------------------- decoding
     @property
@@ -498,11 +524,14 @@ class GPT(nn.Module):
         return self.init_state(batch_size, context_len, device='meta', dtype=dtype).nbytes()
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, cuda_graph='auto'):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, cuda_graph='auto',
+                 compile=False):
         """Sample max_new_tokens tokens after idx (B, T). temperature=0 is greedy.
 
         cuda_graph: with the cache on CUDA, replay one-token steps from a CUDA graph (GraphedDecodeStep);
         'auto' = when the model supports it (static_decode), True = required, False = eager steps.
+        compile: the graphed step under torch.compile (fewer, fused kernels per token; the first use of a
+        model compiles for tens of seconds, so it pays for long generations).
 
         Long prompts: a model with learned positions (max_context = block_size) conditions on the
         last block_size tokens only, nanoGPT's sliding window. With the cache, once the window is
@@ -514,6 +543,10 @@ class GPT(nn.Module):
             raise ValueError(f"idx must be (B, T) with T >= 1 prompt tokens, got shape {tuple(idx.shape)}")
         if temperature < 0 or (top_k is not None and top_k < 1):
             raise ValueError(f"need temperature >= 0 (0 = greedy) and top_k >= 1 or None; got {temperature}, {top_k}")
+        if compile and not (use_cache and cuda_graph and idx.is_cuda and self.static_decode):
+            raise ValueError(f"compile=True compiles the CUDA-graph decoding step: it needs use_cache=True, "
+                             f"cuda_graph 'auto' or True and a CUDA model with static steps (device "
+                             f"{idx.device.type}, use_cache {use_cache}, cuda_graph {cuda_graph!r})")
         ctx = self.max_context
         crop = (lambda s: s) if ctx is None else (lambda s: s[:, -ctx:])
         if not use_cache:
@@ -533,7 +566,7 @@ class GPT(nn.Module):
         graphed = None
         if cuda_graph and idx.is_cuda and self.static_decode and max_new_tokens > 1 and (ctx is None or state.pos < ctx):
             try:  # (a window already full re-prefills every step: no graph)
-                graphed = GraphedDecodeStep(self, state)
+                graphed = GraphedDecodeStep(self, state, compile=compile)
             except CaptureError as e:
                 if cuda_graph is True:
                     raise

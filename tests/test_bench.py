@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import bench  # noqa: E402
+import model as model_lib  # noqa: E402
 
 # tiny benchmark sizes: all four models where their modules import, a few seconds each on one thread
 SIZES = dict(
@@ -165,9 +166,35 @@ def test_latency_rows(results):
     for r in table:
         assert float(r['prefill_ms']) > 0 and float(r['decode_ms_per_token']) > 0
         assert bool(r['nocache_ms_per_token']) == (r['model'] == 'vanilla')
-        assert r['decode_cuda_graph'] == 'False' and not r['decode_eager_ms_per_token']  # no CUDA here
+        # no CUDA here: eager steps only, and they are the headline
+        assert r['decode_mode'] == 'eager' and r['decode_eager_ms_per_token'] == r['decode_ms_per_token']
+        assert not r['decode_graph_ms_per_token'] and not r['decode_compiled_ms_per_token']
     with pytest.raises(ValueError, match="cuda_graph must be 'auto' or False"):
         bench.latency(out=out, tiny=True, device='cpu', cuda_graph=True)
+
+
+def test_latency_keeps_the_fastest_decode_mode_and_notes_a_failed_graph():
+    modes = ['compiled graph', 'graph', 'eager']
+
+    def timer(times):
+        def t(mode):
+            if isinstance(times[mode], Exception):
+                raise times[mode]
+            return 1.0, times[mode]
+        return t
+    row = {}
+    assert bench._time_decode_modes(row, modes, timer({'compiled graph': 0.3, 'graph': 0.2, 'eager': 2.0})) == []
+    assert (row['decode_mode'], row['decode_ms_per_token']) == ('graph', 0.2)  # the fastest, not the first
+    assert row['decode_compiled_ms_per_token'] == 0.3 and row['decode_eager_ms_per_token'] == 2.0
+    row = {}
+    notes = bench._time_decode_modes(row, modes, timer({'compiled graph': RuntimeError('inductor broke\nmore'),
+                                                        'graph': model_lib.CaptureError('no capture'), 'eager': 2.0}))
+    assert notes == ['compiled graph failed: inductor broke', 'graph failed: no capture']
+    assert row['decode_mode'] == 'eager' and 'decode_graph_ms_per_token' not in row
+    for mode, err in [('graph', RuntimeError('a bug in the step')), ('eager', RuntimeError('a bug')),
+                      ('compiled graph', torch.OutOfMemoryError('CUDA out of memory'))]:
+        with pytest.raises(RuntimeError):  # an error of the plain step, or OOM (a status), is not skipped
+            bench._time_decode_modes({}, modes, timer({'compiled graph': 0.3, 'graph': 0.2, 'eager': 2.0, mode: err}))
 
 
 def test_bakeoff_values(results):

@@ -214,6 +214,42 @@ def test_static_step_stays_on_the_device(model_type, monkeypatch):
         assert ops.seen > 20  # the recorder saw the step
 
 
+@pytest.mark.parametrize('model_type', STATIC)
+@torch.no_grad()  # as decoding runs (a state written with grad on would start requiring grad: a guard)
+def test_static_step_compiles_to_one_graph_and_no_recompiles(model_type):
+    """What generate(compile=True) relies on, checked on CPU with a counting backend in place of inductor:
+    dynamo traces the static step whole (fullgraph: no graph break), its output equals the uncompiled
+    step's, later positions reuse the compilation, and a new state capacity (a KV cache sized to another
+    sequence) compiles once more, dynamically, so a third capacity compiles nothing."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    torch._dynamo.reset()
+    m = tiny(model_type)
+    step = torch.compile(m.static_step, backend=counting_backend, fullgraph=True)
+    per_cap = []
+    for cap in (20, 24, 28):
+        a, b = m.init_state(2, cap), m.init_state(2, cap)
+        prompt = torch.randint(0, 65, (2, 9))
+        m(prompt, state=a)
+        m(prompt, state=b)
+        tok = prompt[:, -1:].clone()  # contiguous, like the tokens that follow (strides are guarded too)
+        for _ in range(4):
+            want = m.static_step(tok, a.layers, torch.tensor(a.pos))
+            got = step(tok, b.layers, torch.tensor(b.pos))
+            a.pos += 1
+            b.pos += 1
+            torch.testing.assert_close(got, want)
+            tok = want[:, -1].argmax(-1, keepdim=True)
+        per_cap.append(len(graphs))
+    recurrent = model_type in ('delta', 'delta_product')  # fixed-size state: the capacity changes no shape
+    assert per_cap == ([1, 1, 1] if recurrent else [1, 2, 2]), per_cap
+    assert m.compiled_static_step() is m.compiled_static_step()  # one compiled step per model, reused
+    torch._dynamo.reset()
+
+
 def test_static_decoding_is_refused_where_it_cant_work(monkeypatch):
     import model_nsa
     monkeypatch.setattr(model_nsa.NSAMixer, 'static_decode', False)  # stands for a mixer without a static step
@@ -231,11 +267,14 @@ def test_static_decoding_is_refused_where_it_cant_work(monkeypatch):
         van.generate(torch.zeros(1, 3, dtype=torch.long), 4, temperature=0, cuda_graph=True)
     with pytest.raises(ValueError, match="cuda_graph must be"):
         van.generate(torch.zeros(1, 3, dtype=torch.long), 4, temperature=0, cuda_graph='yes')
+    with pytest.raises(ValueError, match="compile=True compiles the CUDA-graph decoding step"):
+        van.generate(torch.zeros(1, 3, dtype=torch.long), 4, temperature=0, compile=True)
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize('compile', [False, True])
 @pytest.mark.parametrize('model_type', MODEL_TYPES)
-def test_cuda_graph_generation_equals_eager_generation(model_type):
+def test_cuda_graph_generation_equals_eager_generation(model_type, compile):
     """generate() on CUDA replays its steps from a CUDA graph where it can: the same greedy tokens as eager
     steps (fp32 model, so near-ties don't flip), through a window re-prefill for learned positions."""
     mod = model_lib.get_model_module(model_type)
@@ -249,13 +288,14 @@ def test_cuda_graph_generation_equals_eager_generation(model_type):
     n = m.config.block_size  # long enough to slide vanilla's window
     want = m.generate(prompt, n, temperature=0, cuda_graph=False)
     # graphed where static_decode, and required there: 'auto' would fall back to eager steps and pass anyway
-    got = m.generate(prompt, n, temperature=0, cuda_graph=True if m.static_decode else 'auto')
+    got = m.generate(prompt, n, temperature=0, cuda_graph=True if m.static_decode else 'auto', compile=compile)
     assert torch.equal(got, want)
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize('compile', [False, True])
 @pytest.mark.parametrize('model_type', STATIC)
-def test_cuda_graph_step_built_under_autocast_outlives_the_context(model_type):
+def test_cuda_graph_step_built_under_autocast_outlives_the_context(model_type, compile):
     """A graphed step captured under bf16 autocast, replayed after that context has closed (as bench's
     latency timing does): its logits equal eager steps run under autocast (the graph must make its own
     bf16 weight copies, not record ones from autocast's cache, which is freed when the context exits)."""
@@ -269,7 +309,7 @@ def test_cuda_graph_step_built_under_autocast_outlives_the_context(model_type):
         with ac():
             m(prompt, state=a)
             m(prompt, state=b)
-            step = model_lib.GraphedDecodeStep(m, b)
+            step = model_lib.GraphedDecodeStep(m, b, compile=compile)
         torch.cuda.empty_cache()
         junk = torch.randn(1 << 20, device='cuda')  # takes any freed blocks the graph might still point to
         tok = prompt[:, -1:]
