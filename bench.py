@@ -543,7 +543,7 @@ def latency(out='results', tiny=False, device='auto', models=None, contexts=None
         for L in contexts:
             row, notes, err = dict(model=mt, context=L, n_decode=n, trials=trials), [], None
             try:
-                notes = _time_decode_modes(row, modes, lambda mode: time_generation(
+                notes = _time_decode_modes(row, modes, lambda mode, m=m, L=L: time_generation(
                     m, L, n, trials, device, graph=mode != 'eager', compile=mode == 'compiled graph'))
                 for note in notes:
                     print(f"[latency] {mt} L={L}: {note}", flush=True)
