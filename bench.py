@@ -668,7 +668,31 @@ def train_step_times(m, B, T, device, iters, warmup, compile=False, reuse=False,
     return times
 
 
-PROFILE_MODES = {'eager': (False, False), 'compiled': (True, False), 'train': ('auto', 'auto')}
+PROFILE_MODES = {'eager': (False, False), 'compiled': (True, False), 'train': ('auto', 'auto'),
+                 'decode': None, 'decode_compiled': None}  # decode: batch-1 one-token steps, as generate() runs them
+
+
+def _decode_runner(m, L, n, device, compile=False):
+    """run() -> n one-token decoding steps after an L-token prompt, batch 1, as generate() runs them on this
+    device: on CUDA replays of GraphedDecodeStep (compile=True: of the torch.compile'd step), on CPU eager
+    steps. Each run() restarts at position L, so the state (capacity L + n) never fills."""
+    cuda = torch.device(device).type == 'cuda'
+    if compile and not cuda:
+        raise ValueError("profile mode 'decode_compiled' needs CUDA: the compiled step is captured in a CUDA graph")
+    state = m.init_state(1, L + n, dtype=_act_dtype(device))
+    tok = torch.zeros(1, 1, dtype=torch.long, device=device)
+    with torch.no_grad(), _autocast(device):
+        m(torch.randint(m.config.vocab_size, (1, L), device=device), state=state)  # prefill
+        step = model.GraphedDecodeStep(m, state, compile=compile) if cuda else \
+            (lambda t: m(t, state=state, last_only=True)[0])
+
+    @torch.no_grad()
+    def run():
+        state.pos = L
+        with _autocast(device):
+            for _ in range(n):
+                step(tok)
+    return run
 
 
 def profile(out='results', tiny=False, device='auto', models=None, batch=None, context=None, steps=None,
@@ -676,7 +700,10 @@ def profile(out='results', tiny=False, device='auto', models=None, batch=None, c
     """Where a training step's time goes, per model: wall ms/iter against the GPU's kernel time per
     iteration (their gap is launch overhead, Python and synchronisation), the number of kernels a step
     launches, and the kernels that take the most time (torch.profiler). modes: 'eager', 'compiled'
-    (torch.compile), 'train' (what train_runner does by default: compile + a CUDA graph of fwd+bwd).
+    (torch.compile), 'train' (what train_runner does by default: compile + a CUDA graph of fwd+bwd), and
+    for decoding, where an "iter" is one generated token at batch 1 after a prompt of `context` tokens
+    (default 1024): 'decode' (the step as generate() runs it: a CUDA-graph replay on CUDA, eager on CPU)
+    and 'decode_compiled' (the torch.compile'd step in a CUDA graph: generate(compile=True); CUDA only).
     Writes <out>/profile.csv and <out>/profile_<model>_<mode>.txt (the kernel tables)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     device = _resolve_device(device)
@@ -693,18 +720,31 @@ def profile(out='results', tiny=False, device='auto', models=None, batch=None, c
     for mt, mod in available_models(models):
         kw = model_kwargs(mt, mod, tiny, model_kw)
         for tag in modes:
-            row = dict(model=mt, batch=B, context=T, mode=tag)
-            m = prof = None
+            decode = tag.startswith('decode')
+            b, t = (1, context or (32 if tiny else 1024)) if decode else (B, T)
+            row = dict(model=mt, batch=b, context=t, mode=tag)
+            m = prof = run = None
             try:
-                m = build(mt, kw, device, block_size=T)
-                comp, graphs = execution_modes(type(m), torch.device(device).type, *PROFILE_MODES[tag])
-                row.update(compile=comp, cuda_graphs=graphs)
-                # timed without the profiler (its own overhead would inflate the wall time) ...
-                times = train_step_times(m, B, T, device, steps, 10 if comp else 5, comp, cuda_graphs=graphs)
-                row['cuda_graphs'] = m._bench_step[2] is not None  # as it ran
+                if decode:
+                    m = build(mt, kw, device, block_size=t + steps).eval()
+                    row.update(compile=tag == 'decode_compiled', cuda_graphs=cuda)
+                    run = _decode_runner(m, t, steps, device, compile=row['compile'])
+                    run()  # warm-up: capture (and compilation) happen when the runner is built, this settles it
+                    times = []
+                    for _ in range(5):  # timed without the profiler; one "iter" is one token
+                        with _Timer(device) as tm:
+                            run()
+                        times.append(tm.ms / steps)
+                else:
+                    m = build(mt, kw, device, block_size=T)
+                    comp, graphs = execution_modes(type(m), torch.device(device).type, *PROFILE_MODES[tag])
+                    row.update(compile=comp, cuda_graphs=graphs)
+                    # timed without the profiler (its own overhead would inflate the wall time) ...
+                    times = train_step_times(m, B, T, device, steps, 10 if comp else 5, comp, cuda_graphs=graphs)
+                    row['cuda_graphs'] = m._bench_step[2] is not None  # as it ran
                 # ... then the same steps again under it, for the kernel breakdown
                 with torch_profile(activities=acts) as prof:
-                    train_step_times(m, B, T, device, steps, 0, comp, reuse=True)
+                    run() if decode else train_step_times(m, B, T, device, steps, 0, comp, reuse=True)
                 kern = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
                 per_name = {}
                 for e in kern:
@@ -716,12 +756,14 @@ def profile(out='results', tiny=False, device='auto', models=None, batch=None, c
                 row.update(status='ok', ms_per_iter=wall, gpu_kernel_ms_per_iter=gpu_ms if cuda else None,
                            gpu_busy_pct=100 * gpu_ms / wall if cuda else None,
                            kernels_per_iter=len(kern) / steps if cuda else None)
-                lines = [f"{mt} ({tag}), B={B} T={T}: wall {wall:.2f} ms/iter (median of {steps}), "
-                         + (f"GPU kernels {gpu_ms:.2f} ms/iter ({row['gpu_busy_pct']:.0f}% busy), "
-                            f"{row['kernels_per_iter']:.0f} kernels/iter" if cuda else 'no CUDA'),
-                         "", f"{'kernel':<90} {'ms/iter':>8} {'calls/iter':>10} {'% gpu':>6}"]
+                u = 'token' if decode else 'iter'
+                lines = [f"{mt} ({tag}), B={b} T={t}: wall {wall:.3f} ms/{u} (median "
+                         f"of {len(times) if decode else steps}{f' runs of {steps} tokens' if decode else ''}), "
+                         + (f"GPU kernels {gpu_ms:.3f} ms/{u} ({row['gpu_busy_pct']:.0f}% busy), "
+                            f"{row['kernels_per_iter']:.0f} kernels/{u}" if cuda else 'no CUDA'),
+                         "", f"{'kernel':<90} {'ms/' + u:>9} {'calls/' + u:>11} {'% gpu':>6}"]
                 for name, (us, n) in sorted(per_name.items(), key=lambda kv: -kv[1][0])[:top]:
-                    lines.append(f"{name[:90]:<90} {us / 1e3 / steps:8.3f} {n / steps:10.1f} "
+                    lines.append(f"{name[:90]:<90} {us / 1e3 / steps:9.3f} {n / steps:11.1f} "
                                  f"{100 * us / 1e3 / steps / max(gpu_ms, 1e-9):6.1f}")
                 lines += ["", "CPU-side operators (self CPU time, all steps):",
                           prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=top)]
@@ -731,7 +773,7 @@ def profile(out='results', tiny=False, device='auto', models=None, batch=None, c
             except Exception as e:
                 row['status'] = _failure(e)
                 print(f"[profile] {mt} ({tag}): {row['status']}", flush=True)
-            m = prof = None  # drop the model, its optimizer, compiled module and graph before the next one
+            m = prof = run = None  # drop the model, its optimizer, compiled module and graph before the next one
             _free(device)
             rows.append(row)
     write_csv(os.path.join(out, 'profile.csv'), rows, ['model', 'batch', 'context', 'mode', 'compile', 'cuda_graphs',
@@ -739,8 +781,10 @@ def profile(out='results', tiny=False, device='auto', models=None, batch=None, c
                                                        'gpu_kernel_ms_per_iter', 'gpu_busy_pct', 'kernels_per_iter'])
     write_meta(out, 'profile', device, dict(tiny=tiny, models=models, batch=B, context=T, steps=steps,
                                             modes=modes, model_kw=model_kw),
-               method="wall = median ms/iter of train_step_times (fwd+bwd, clip, AdamW) without the profiler; "
-                      "GPU kernel ms = sum of CUDA kernel durations under torch.profiler / steps")
+               method="training modes: wall = median ms/iter of train_step_times (fwd+bwd, clip, AdamW) without the "
+                      "profiler; decode modes: an iter is one generated token (batch 1, the context column is the "
+                      "prompt length), wall = median over 5 runs of `steps` tokens; GPU kernel ms = sum of CUDA "
+                      "kernel durations under torch.profiler / iters")
     return rows
 
 

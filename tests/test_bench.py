@@ -197,6 +197,25 @@ def test_latency_keeps_the_fastest_decode_mode_and_notes_a_failed_graph():
             bench._time_decode_modes({}, modes, timer({'compiled graph': 0.3, 'graph': 0.2, 'eager': 2.0, mode: err}))
 
 
+def test_profile_training_and_decoding_modes(tmp_path):
+    out = str(tmp_path)
+    rows = bench.profile(out=out, tiny=True, device='cpu', modes='eager,decode,decode_compiled', steps=2)
+    by = {(r['model'], r['mode']): r for r in rows}
+    models = list(dict.fromkeys(r['model'] for r in rows))
+    assert models == list(model_lib.MODEL_TYPES) and len(rows) == 3 * len(models)
+    for mt in models:
+        assert by[mt, 'eager']['status'] == 'ok' and (by[mt, 'eager']['batch'], by[mt, 'eager']['context']) == (4, 32)
+        dec = by[mt, 'decode']
+        assert dec['status'] == 'ok' and (dec['batch'], dec['context']) == (1, 32) and dec['ms_per_iter'] > 0
+        text = open(os.path.join(out, f'profile_{mt}_decode.txt')).read()
+        assert text.startswith(f'{mt} (decode), B=1 T=32: wall') and 'ms/token' in text
+        # the compiled step is captured in a CUDA graph: on CPU a clear error, not a silent eager run
+        assert "'decode_compiled' needs CUDA" in by[mt, 'decode_compiled']['status']
+    assert len(read(os.path.join(out, 'profile.csv'))) == len(rows)
+    with pytest.raises(ValueError, match="unknown profile mode.*valid: eager, compiled, train, decode"):
+        bench.profile(out=out, tiny=True, device='cpu', modes='decoding')
+
+
 def test_bakeoff_values(results):
     out, rows = results
     table = {r['model']: r for r in read(os.path.join(out, 'bakeoff.csv'))}
