@@ -35,6 +35,7 @@ Its output projection is named `c_proj` so it gets GPT-2's scaled residual init.
 Parameters flagged `p._no_weight_decay = True` are excluded from weight decay.
 """
 
+import functools
 import importlib
 import inspect
 import math
@@ -187,6 +188,30 @@ def capture_cuda_graph(fn, warmup, after_warmup=None):
     return graph, out
 
 
+_COMPILED_STEP = []  # [compiled_static_step()], made on first use
+
+
+def compiled_static_step():
+    """GPT.static_step under torch.compile, called as fn(model, idx, layer_states, pos). One for the whole
+    process: dynamo keeps compilations per code object, whatever wrapper calls it, so a model of the same
+    class and shapes reuses another's compilation. The KV capacity (a cache sized to the sequence) is the
+    one shape that varies between generations: its second value compiles once more, with that dimension
+    dynamic, and later values compile nothing. fullgraph: a graph break is an error, not a silently
+    slower step."""
+    if not _COMPILED_STEP:
+        _COMPILED_STEP.append(torch.compile(GPT.static_step, fullgraph=True))
+    return _COMPILED_STEP[0]
+
+
+def _recompile_limit(n):
+    """Dynamo's per-code-object recompile limit raised to at least n while a step compiles: every model
+    type and configuration in a process adds compilations of the one static_step, and at the default
+    limit (8) a test session or a benchmark over many models would run out (fullgraph then raises)."""
+    cfg = torch._dynamo.config
+    key = 'recompile_limit' if hasattr(cfg, 'recompile_limit') else 'cache_size_limit'
+    return cfg.patch(**{key: max(n, getattr(cfg, key))})
+
+
 class GraphedDecodeStep:
     """One decoding step -- (B, 1) tokens in, (B, 1, V) logits out, the state advanced -- captured once
     in a CUDA graph and replayed, gpt-fast style: at batch 1 a step is dozens of small kernels per layer,
@@ -196,7 +221,8 @@ class GraphedDecodeStep:
     prefill, a re-prefill of a slid window) can run in between. Building it leaves the state as it was
     (the warm-up steps run on it, then it is restored). The step runs under the autocast context that is
     active when it is built. Needs model.static_decode (every mixer here has it). compile=True captures
-    model.compiled_static_step() instead: the same step with its small kernels fused by torch.compile."""
+    compiled_static_step() instead: the same step with its small kernels fused by torch.compile; if that
+    fails to compile, the constructor raises CaptureError (generate() then decodes eagerly)."""
 
     def __init__(self, model, state, warmup=2, compile=False):
         if not model.static_decode:
@@ -207,7 +233,7 @@ class GraphedDecodeStep:
             raise ValueError(f"CUDA graphs need a model on a CUDA device, got {dev}")
         self.model, self.state = model, state
         # compile: the step under torch.compile (its small kernels fused), captured the same way
-        self._fn = model.compiled_static_step() if compile else model.static_step
+        self._fn = functools.partial(compiled_static_step(), model) if compile else model.static_step
         batch = next(iter(state.layers[0].values())).size(0)
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.pos_t = torch.zeros((), dtype=torch.long, device=dev)
@@ -223,12 +249,18 @@ class GraphedDecodeStep:
             raise CaptureError(f"no memory for a copy of the decoding state ({first_line(e)})") from e
         self.pos_t.fill_(pos0)
         rng = torch.cuda.get_rng_state(dev)  # warm-up and capture must not shift the sampling/dropout RNG
-        try:
-            with torch.no_grad(), torch.cuda.device(dev):
+        try:  # (compilation happens in the first warm-up step)
+            with torch.no_grad(), torch.cuda.device(dev), _recompile_limit(64) if compile else nullcontext():
                 self.graph, self.logits = capture_cuda_graph(self._step, warmup,
                                                              after_warmup=lambda: setattr(state, 'pos', pos0))
         except torch.OutOfMemoryError as e:  # e.g. in a warm-up step: eager steps may still fit
             raise CaptureError(f"out of memory while capturing ({first_line(e)})") from e
+        except CaptureError:
+            raise
+        except Exception as e:
+            if not compile:  # an error of the step itself
+                raise
+            raise CaptureError(f"torch.compile of the step failed: {type(e).__name__}: {first_line(e)}") from e
         finally:  # also when the capture fails: the caller may go on decoding eagerly from this state
             torch.cuda.set_rng_state(rng, dev)
             state.pos = pos0
@@ -495,14 +527,6 @@ class GPT(nn.Module):
         depends on where the sequence is: what a CUDA graph captures and torch.compile compiles once."""
         x = self._trunk(idx, layer_states, pos)[:, -1:, :]  # a slice: x[:, [-1]] would copy a host tensor
         return self.lm_head(self.transformer.ln_f(x))
-
-    def compiled_static_step(self):
-        """static_step under torch.compile, made once per model so that every graphed step reuses its
-        compilations: only the state's capacity varies between generations (a KV cache is sized to the
-        sequence), and a second capacity makes that dimension dynamic instead of compiling again."""
-        if getattr(self, '_compiled_step', None) is None:
-            self._compiled_step = torch.compile(self.static_step)
-        return self._compiled_step
 
     # ----------------------------------------------------------------------------- decoding
     @property

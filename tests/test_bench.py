@@ -16,6 +16,7 @@ sys.path.insert(0, ROOT)
 
 import bench  # noqa: E402
 import model as model_lib  # noqa: E402
+from model import CaptureError  # noqa: E402
 
 # tiny benchmark sizes: all four models where their modules import, a few seconds each on one thread
 SIZES = dict(
@@ -175,6 +176,7 @@ def test_latency_rows(results):
 
 def test_latency_keeps_the_fastest_decode_mode_and_notes_a_failed_graph():
     modes = ['compiled graph', 'graph', 'eager']
+    fine = {'compiled graph': 0.3, 'graph': 0.2, 'eager': 2.0}
 
     def timer(times):
         def t(mode):
@@ -182,19 +184,25 @@ def test_latency_keeps_the_fastest_decode_mode_and_notes_a_failed_graph():
                 raise times[mode]
             return 1.0, times[mode]
         return t
-    row = {}
-    assert bench._time_decode_modes(row, modes, timer({'compiled graph': 0.3, 'graph': 0.2, 'eager': 2.0})) == []
-    assert (row['decode_mode'], row['decode_ms_per_token']) == ('graph', 0.2)  # the fastest, not the first
+    row, notes = {}, []
+    bench._time_decode_modes(row, modes, timer(fine), notes)
+    assert notes == [] and (row['decode_mode'], row['decode_ms_per_token']) == ('graph', 0.2)  # the fastest
     assert row['decode_compiled_ms_per_token'] == 0.3 and row['decode_eager_ms_per_token'] == 2.0
-    row = {}
-    notes = bench._time_decode_modes(row, modes, timer({'compiled graph': RuntimeError('inductor broke\nmore'),
-                                                        'graph': model_lib.CaptureError('no capture'), 'eager': 2.0}))
-    assert notes == ['compiled graph failed: inductor broke', 'graph failed: no capture']
+    row, notes = {}, []
+    # a failed compilation, and out of memory while capturing (eager steps may still fit): skipped, noted
+    bench._time_decode_modes(row, modes, timer({'compiled graph': CaptureError('torch.compile failed\nmore'),
+                                                'graph': CaptureError('out of memory while capturing'),
+                                                'eager': 2.0}), notes)
+    assert notes == ['compiled graph failed: torch.compile failed', 'graph failed: out of memory while capturing']
     assert row['decode_mode'] == 'eager' and 'decode_graph_ms_per_token' not in row
-    for mode, err in [('graph', RuntimeError('a bug in the step')), ('eager', RuntimeError('a bug')),
-                      ('compiled graph', torch.OutOfMemoryError('CUDA out of memory'))]:
-        with pytest.raises(RuntimeError):  # an error of the plain step, or OOM (a status), is not skipped
-            bench._time_decode_modes({}, modes, timer({'compiled graph': 0.3, 'graph': 0.2, 'eager': 2.0, mode: err}))
+    for mode in modes:  # any other error propagates (out of memory then becomes the row's status)
+        with pytest.raises(RuntimeError, match='a bug'):
+            bench._time_decode_modes({}, modes, timer({**fine, mode: RuntimeError('a bug')}), [])
+    notes = []  # the notes of the modes before a failing one are kept
+    with pytest.raises(torch.OutOfMemoryError):
+        bench._time_decode_modes({}, modes, timer({**fine, 'graph': CaptureError('no capture'),
+                                                   'eager': torch.OutOfMemoryError('CUDA out of memory')}), notes)
+    assert notes == ['graph failed: no capture']
 
 
 def test_profile_training_and_decoding_modes(tmp_path):

@@ -1,5 +1,7 @@
 """Properties every model must have, whatever its mixer: the decoding cache computes the same function
 as the full forward, batch rows don't interact, the future doesn't leak, and parameters are matched."""
+import functools
+
 import pytest
 import torch
 
@@ -217,10 +219,11 @@ def test_static_step_stays_on_the_device(model_type, monkeypatch):
 @pytest.mark.parametrize('model_type', STATIC)
 @torch.no_grad()  # as decoding runs (a state written with grad on would start requiring grad: a guard)
 def test_static_step_compiles_to_one_graph_and_no_recompiles(model_type):
-    """What generate(compile=True) relies on, checked on CPU with a counting backend in place of inductor:
-    dynamo traces the static step whole (fullgraph: no graph break), its output equals the uncompiled
-    step's, later positions reuse the compilation, and a new state capacity (a KV cache sized to another
-    sequence) compiles once more, dynamically, so a third capacity compiles nothing."""
+    """What generate(compile=True) relies on, checked on CPU with a counting backend in place of inductor
+    and compiled as compiled_static_step() is (GPT.static_step, fullgraph): dynamo traces the static step
+    whole (no graph break), its output equals the uncompiled step's, later positions reuse the
+    compilation, and a new state capacity (a KV cache sized to another sequence) compiles once more,
+    dynamically, so a third capacity compiles nothing."""
     graphs = []
 
     def counting_backend(gm, example_inputs):
@@ -228,7 +231,7 @@ def test_static_step_compiles_to_one_graph_and_no_recompiles(model_type):
         return gm.forward
     torch._dynamo.reset()
     m = tiny(model_type)
-    step = torch.compile(m.static_step, backend=counting_backend, fullgraph=True)
+    step = functools.partial(torch.compile(model_lib.GPT.static_step, backend=counting_backend, fullgraph=True), m)
     per_cap = []
     for cap in (20, 24, 28):
         a, b = m.init_state(2, cap), m.init_state(2, cap)
@@ -246,7 +249,7 @@ def test_static_step_compiles_to_one_graph_and_no_recompiles(model_type):
         per_cap.append(len(graphs))
     recurrent = model_type in ('delta', 'delta_product')  # fixed-size state: the capacity changes no shape
     assert per_cap == ([1, 1, 1] if recurrent else [1, 2, 2]), per_cap
-    assert m.compiled_static_step() is m.compiled_static_step()  # one compiled step per model, reused
+    assert model_lib.compiled_static_step() is model_lib.compiled_static_step()  # one for every model
     torch._dynamo.reset()
 
 
