@@ -479,8 +479,8 @@ def time_generation(m, L, n, trials, device, cached=True, graph=False, compile=F
     model(next_token, state=state, last_only=True); with graph=True, n replays of that step captured
     once in a CUDA graph (model.GraphedDecodeStep, what generate() uses on CUDA; the capture happens
     in the warm-up trial), and with compile=True as well, of the step compiled by torch.compile
-    (generate(compile=True); compiled in the warm-up trial too). Not cached: every new token runs a full forward over the whole
-    sequence so far (prefill ms is then None)."""
+    (generate(compile=True); compiled in the warm-up trial too). Not cached: every new token runs a
+    full forward over the whole sequence so far (prefill ms is then None)."""
     vocab = m.config.vocab_size
     prompt = torch.randint(vocab, (1, L), device=device)
     assert prompt.shape[1] == L

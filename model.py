@@ -486,15 +486,14 @@ class GPT(nn.Module):
         long tensor equal to state.pos, which the mixers then read instead of the Python int."""
         B, T = idx.size()
         pos = state.pos if state is not None else 0
-        if static_pos is not None:
-            if state is None or T != 1 or not self.static_decode:
-                raise ValueError("static_pos is for one-token steps with a state, on a model whose mixers all "
-                                 f"support static decoding (this one: {self.static_decode})")
         if self.transformer.wpe is not None and pos + T > self.config.block_size:
             raise ValueError(f"sequence of {pos + T} tokens exceeds block_size {self.config.block_size} "
                              f"(learned positions); crop it, as generate() does")
         layer_states = state.layers if state is not None else [None] * len(self.transformer.h)
         if static_pos is not None:
+            if state is None or T != 1 or not self.static_decode:
+                raise ValueError("static_pos is for one-token steps with a state, on a model whose mixers all "
+                                 f"support static decoding (this one: {self.static_decode})")
             logits = self.static_step(idx, layer_states, static_pos)
         else:
             x = self._trunk(idx, layer_states, pos)
@@ -567,6 +566,11 @@ class GPT(nn.Module):
             raise ValueError(f"idx must be (B, T) with T >= 1 prompt tokens, got shape {tuple(idx.shape)}")
         if temperature < 0 or (top_k is not None and top_k < 1):
             raise ValueError(f"need temperature >= 0 (0 = greedy) and top_k >= 1 or None; got {temperature}, {top_k}")
+        if cuda_graph not in ('auto', True, False):
+            raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
+        if cuda_graph is True and not (idx.is_cuda and self.static_decode):
+            raise ValueError(f"cuda_graph=True needs a model on a CUDA device whose steps are static "
+                             f"(device {idx.device.type}, static_decode {self.static_decode}); use 'auto' or False")
         if compile and not (use_cache and cuda_graph and idx.is_cuda and self.static_decode):
             raise ValueError(f"compile=True compiles the CUDA-graph decoding step: it needs use_cache=True, "
                              f"cuda_graph 'auto' or True and a CUDA model with static steps (device "
@@ -582,11 +586,6 @@ class GPT(nn.Module):
         dtype = torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type) else None
         state = self.init_state(idx.size(0), total if ctx is None else min(total, ctx), dtype=dtype)
         logits, _ = self(crop(idx), state=state, last_only=True)  # prefill
-        if cuda_graph not in ('auto', True, False):
-            raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
-        if cuda_graph is True and not (idx.is_cuda and self.static_decode):
-            raise ValueError(f"cuda_graph=True needs a model on a CUDA device whose steps are static "
-                             f"(device {idx.device.type}, static_decode {self.static_decode}); use 'auto' or False")
         graphed = None
         if cuda_graph and idx.is_cuda and self.static_decode and max_new_tokens > 1 and (ctx is None or state.pos < ctx):
             try:  # (a window already full re-prefills every step: no graph)
