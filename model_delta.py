@@ -129,6 +129,16 @@ def _fla_chunk_delta_rule():
     return chunk_delta_rule
 
 
+def _fla_causal_conv1d():
+    """fla's Triton causal_conv1d (x (B, T, C), weight (C, K), fused SiLU), imported on first use."""
+    try:
+        from fla.modules.causal_conv1d import causal_conv1d
+    except ImportError as e:
+        raise ImportError("the fla backend needs flash-linear-attention (pip install fla-core) and Triton; "
+                          "use backend='torch' to run the PyTorch reference instead") from e
+    return causal_conv1d
+
+
 def delta_rule_fla(q, k, v, beta, scale, initial_state=None, output_final_state=False, kernel_dtype=torch.bfloat16):
     """fla's chunk_delta_rule on raw (not yet normalised) q, k: the kernel L2-normalises them itself
     (use_qk_l2norm_in_kernel=True, as fla's DeltaNet layer does; same formula as l2norm() above).
@@ -156,15 +166,20 @@ class ShortConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size))
         nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)  # nn.Conv1d's default init
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, fla=False):
         """x (B, T, C) -> (B, T, C). cache (B, K-1, C): the previous K-1 inputs, updated in place.
 
-        y_t = silu(sum_j w_j * x_{t-K+1+j}) as K shifted multiply-adds in the (B, T, C) layout, not
-        F.conv1d: on the H200 the depthwise conv kernels (and the (B, C, T) transposes around them)
-        took 24% of DeltaNet's GPU time per training step (bench.py profile), while torch.compile fuses
-        the shifted sums, the SiLU and their backward into a few elementwise kernels."""
+        y_t = silu(sum_j w_j * x_{t-K+1+j}). fla=True (CUDA, no cache: training and uncached forwards):
+        fla's Triton causal_conv1d, one kernel forward and one backward with the SiLU fused. Otherwise K
+        shifted multiply-adds in the (B, T, C) layout, not F.conv1d: on the H200 the depthwise conv
+        kernels (and the (B, C, T) transposes around them) took 24% of DeltaNet's GPU time per training
+        step (bench.py profile), while torch.compile fuses the shifted sums, the SiLU and their backward
+        into a few elementwise kernels (and the decoding step, T = 1 with a cache, into one or two)."""
         B, T, C = x.shape
         K = self.kernel_size
+        if fla and cache is None:
+            y, _ = _fla_causal_conv1d()(x, self.weight[:, 0, :], activation='silu')  # weight (C, K)
+            return y
         if cache is None:
             xp = F.pad(x, (0, 0, K - 1, 0))                     # (B, K-1+T, C), zeros before the start
         else:
@@ -231,16 +246,17 @@ class DeltaNetMixer(nn.Module):
         B, T, C = x.size()
         H, D = self.n_head, self.head_dim
         cache = (lambda name: state[name]) if state is not None else (lambda name: None)
-        q = self.q_conv(self.q_proj(x), cache('conv_q')).view(B, T, H, D)
-        k = self.k_conv(self.k_proj(x), cache('conv_k')).view(B, T, H, D)
-        v = self.v_conv(self.v_proj(x), cache('conv_v')).view(B, T, H, D)
+        fla = self._use_fla(x)
+        q = self.q_conv(self.q_proj(x), cache('conv_q'), fla).view(B, T, H, D)
+        k = self.k_conv(self.k_proj(x), cache('conv_k'), fla).view(B, T, H, D)
+        v = self.v_conv(self.v_proj(x), cache('conv_v'), fla).view(B, T, H, D)
         beta = torch.sigmoid(self.b_proj(x))  # (B, T, H)
         S0 = None
         if state is not None:
             # clone when autograd may save it: the state is overwritten in place below
             S0 = state['S'].clone() if torch.is_grad_enabled() else state['S']
 
-        if self._use_fla(x) and T > 1:
+        if fla and T > 1:
             # training / prefill: fla's chunked kernel. Under autocast q, k, v are already bf16;
             # a plain fp32 model feeds it bf16 too (the kernel has no fp32 mode).
             kdt = torch.get_autocast_dtype('cuda') if torch.is_autocast_enabled('cuda') else v.dtype

@@ -317,10 +317,12 @@ class GatedDeltaProductMixer(nn.Module):
         if state is not None and state['S'].size(0) != B:
             raise ValueError(f"state is for batch size {state['S'].size(0)}, input has {B}")
         cache = (lambda name: state[name]) if state is not None else (lambda name: None)
-        # short causal convs (+ SiLU inside ShortConv) on q, k, v, as fla's layer does
-        q = self.q_conv(self.q_proj(x), cache('conv_q')).reshape(B, T, H, Dk)
-        k = self.k_conv(self.k_proj(x), cache('conv_k')).reshape(B, T * n, H, Dk)  # (t n h d) -> (t n) h d
-        v = self.v_conv(self.v_proj(x), cache('conv_v')).reshape(B, T * n, H, Dv)
+        # short causal convs (+ SiLU inside ShortConv) on q, k, v, as fla's layer does; fla's conv kernel
+        # where no cache is kept (training)
+        fla_conv = state is None and self._use_fla(x)
+        q = self.q_conv(self.q_proj(x), cache('conv_q'), fla_conv).reshape(B, T, H, Dk)
+        k = self.k_conv(self.k_proj(x), cache('conv_k'), fla_conv).reshape(B, T * n, H, Dk)  # (t n h d) -> (t n) h d
+        v = self.v_conv(self.v_proj(x), cache('conv_v'), fla_conv).reshape(B, T * n, H, Dv)
         cdt = _compute_dtype(x)  # gates, states and the norm in fp32 (fp64 for an fp64 model)
         beta = self.b_proj(x).to(cdt).sigmoid().reshape(B, T * n, H)
         if self.allow_neg_eigval:

@@ -654,11 +654,8 @@ class GraphedStep:
             loss.backward()
             return loss
 
-        rng = torch.cuda.get_rng_state()
-        try:  # the warm-up steps' gradients are zeroed after each, so the captured one starts from zero
-            self.graph, self.loss = model_lib.capture_cuda_graph(micro_step, warmup, after_warmup=self.zero_grad)
-        finally:
-            torch.cuda.set_rng_state(rng)
+        # the warm-up steps' gradients are zeroed after each, so the captured one starts from zero
+        self.graph, self.loss = model_lib.capture_cuda_graph(micro_step, warmup, after_warmup=self.zero_grad)
         self.zero_grad()
 
     def zero_grad(self):

@@ -224,6 +224,33 @@ def test_fla_chunk_delta_rule_vs_ref(T, l2norm_in_kernel):
 
 @cuda
 @pytest.mark.cuda
+@pytest.mark.parametrize('T', [1, 63, 100, 256])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_fla_short_conv_vs_torch(T, dtype):
+    """ShortConv through fla's causal_conv1d (training, no cache) against its shifted-sum form in fp64:
+    output, input gradient and weight gradient. fp32 inputs: 1e-5 relative RMS (both accumulate in
+    fp32); bf16: 1e-2 (bf16 rounding of the output and the input gradient)."""
+    torch.manual_seed(T)
+    conv = md.ShortConv(96, 4).cuda()
+    x = torch.randn(3, T, 96, device='cuda', dtype=dtype)
+    dy = torch.randn(3, T, 96, device='cuda', dtype=dtype)
+    got, want = [], []
+    for fla, xs, out in ((True, x, got), (False, x.double(), want)):
+        xs = xs.detach().clone().requires_grad_()
+        w = conv.weight.detach().clone().to(xs.dtype if not fla else torch.float32).requires_grad_()
+        conv.weight, saved = torch.nn.Parameter(w), conv.weight
+        y = conv(xs, fla=fla)
+        (y.to(dy.dtype if fla else torch.float64) * (dy if fla else dy.double())).sum().backward()
+        out += [y, xs.grad, conv.weight.grad]
+        conv.weight = saved
+    assert got[0].dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for name, a, b in zip(('y', 'dx', 'dw'), got, want):
+        assert md.rel_rms(a, b) < tol, (name, md.rel_rms(a, b))
+
+
+@cuda
+@pytest.mark.cuda
 def test_selfcheck_cuda():
     for r in md.selfcheck('cuda'):
         assert r['ok'], r

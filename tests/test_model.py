@@ -253,6 +253,59 @@ def test_static_step_compiles_to_one_graph_and_no_recompiles(model_type):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize('model_type', MODEL_TYPES)
+def test_precast_weights_give_the_same_step_with_fewer_casts(model_type):
+    """GraphedDecodeStep casts the Linear weights once and swaps the copies in (model.weights_swapped),
+    so that a replay doesn't cast them again. Checked on CPU under bf16 autocast: the step's logits and
+    state are bit-for-bit those of the plain autocast step, one cast per Linear disappears, the real
+    parameters are back afterwards, and a compiled step fed a second set of copies compiles nothing more."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCasts(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountCasts.n += func is torch.ops.aten._to_copy.default
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    m = tiny(model_type).float()  # autocast leaves fp64 alone
+    params = dict(m.named_parameters())
+    prompt = torch.randint(0, 65, (2, 9))
+    amp = lambda: torch.autocast('cpu', dtype=torch.bfloat16, cache_enabled=False)
+    out, casts = [], []
+    for swap in (False, True):
+        st = m.init_state(2, 16)
+        with torch.no_grad(), amp():
+            m(prompt, state=st)
+            w = model_lib.cast_linear_weights(m, torch.bfloat16) if swap else {}
+            CountCasts.n = 0
+            with model_lib.weights_swapped(m, w), CountCasts():
+                logits = m.static_step(prompt[:, -1:], st.layers, torch.tensor(st.pos))
+        out.append((logits, [t.clone() for layer in st.layers for t in layer.values()]))
+        casts.append(CountCasts.n)
+    n_linear = sum(isinstance(mod, torch.nn.Linear) for mod in m.modules())
+    assert casts[0] - casts[1] == n_linear, (casts, n_linear)
+    assert torch.equal(out[0][0], out[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(out[0][1], out[1][1]))
+    assert all(p is params[n] for n, p in m.named_parameters())  # restored, the very Parameter objects
+    assert m.lm_head.weight is m.transformer.wte.weight           # still tied
+
+    graphs = []
+    torch._dynamo.reset()
+    step = torch.compile(model_lib.GPT.static_step, backend=lambda gm, ex: graphs.append(gm) or gm.forward,
+                         fullgraph=True)
+    st = m.init_state(2, 16)
+    with torch.no_grad(), amp():
+        m(prompt, state=st)
+        for _ in range(2):  # a fresh set of copies, as each new GraphedDecodeStep makes
+            w = model_lib.cast_linear_weights(m, torch.bfloat16)
+            with model_lib.weights_swapped(m, w):
+                step(m, prompt[:, -1:], st.layers, torch.tensor(st.pos))
+    assert len(graphs) == 1, len(graphs)
+    torch._dynamo.reset()
+
+
 def test_static_decoding_is_refused_where_it_cant_work(monkeypatch):
     import model_nsa
     monkeypatch.setattr(model_nsa.NSAMixer, 'static_decode', False)  # stands for a mixer without a static step
