@@ -167,35 +167,67 @@ class ShortConv(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)  # nn.Conv1d's default init
 
     def forward(self, x, cache=None, fla=False):
-        """x (B, T, C) -> (B, T, C). cache (B, K-1, C): the previous K-1 inputs, updated in place.
-
-        y_t = silu(sum_j w_j * x_{t-K+1+j}). fla=True (CUDA, no cache: training and uncached forwards):
-        fla's Triton causal_conv1d, one kernel forward and one backward with the SiLU fused. Otherwise K
-        shifted multiply-adds in the (B, T, C) layout, not F.conv1d: on the H200 the depthwise conv
-        kernels (and the (B, C, T) transposes around them) took 24% of DeltaNet's GPU time per training
-        step (bench.py profile), while torch.compile fuses the shifted sums, the SiLU and their backward
-        into a few elementwise kernels (and the decoding step, T = 1 with a cache, into one or two)."""
-        B, T, C = x.shape
-        K = self.kernel_size
-        if fla and cache is None:
-            y, _ = _fla_causal_conv1d()(x, self.weight[:, 0, :], activation='silu')  # weight (C, K)
-            return y
-        if cache is None:
-            xp = F.pad(x, (0, 0, K - 1, 0))                     # (B, K-1+T, C), zeros before the start
-        else:
-            xp = torch.cat([cache.to(x.dtype), x], dim=1)
-            # the last K-1 inputs; a positive start index so that K == 1 (empty cache) works too
-            cache.copy_(xp[:, xp.size(1) - (K - 1):])
-        # accumulate in fp32 (fp64 for fp64), like a conv kernel; under torch.compile this is free
-        acc = torch.promote_types(x.dtype, torch.float32)
-        xp, w = xp.to(acc), self.weight[:, 0, :].to(acc)        # (B, K-1+T, C), (C, K)
-        y = xp[:, K - 1:] * w[:, K - 1]
-        for j in range(K - 1):
-            y = y + xp[:, j:j + T] * w[:, j]
-        return F.silu(y).to(x.dtype)
+        return short_conv(x, self.weight, cache, fla)
 
     def init_cache(self, batch_size, device, dtype):
         return torch.zeros(batch_size, self.kernel_size - 1, self.weight.size(0), device=device, dtype=dtype)
+
+
+def short_conv(x, weight, cache=None, fla=False):
+    """The causal depthwise conv + SiLU: x (B, T, C), weight (C, 1, K) -> (B, T, C). cache (B, K-1, C):
+    the previous K-1 inputs, updated in place. x may be a view with strides (a slice of a wider matmul's
+    output).
+
+    y_t = silu(sum_j w_j * x_{t-K+1+j}). fla=True (CUDA, no cache: training and uncached forwards):
+    fla's Triton causal_conv1d, one kernel forward and one backward with the SiLU fused. Otherwise K
+    shifted multiply-adds in the (B, T, C) layout, not F.conv1d: on the H200 the depthwise conv kernels
+    (and the (B, C, T) transposes around them) took 24% of DeltaNet's GPU time per training step
+    (bench.py profile), while torch.compile fuses the shifted sums, the SiLU and their backward into a
+    few elementwise kernels (and the decoding step, T = 1 with a cache, into one or two)."""
+    B, T, C = x.shape
+    K = weight.size(-1)
+    if fla and cache is None:
+        y, _ = _fla_causal_conv1d()(x, weight[:, 0, :], activation='silu')  # weight (C, K)
+        return y
+    if cache is None:
+        xp = F.pad(x, (0, 0, K - 1, 0))                     # (B, K-1+T, C), zeros before the start
+    else:
+        xp = torch.cat([cache.to(x.dtype), x], dim=1)
+        # the last K-1 inputs; a positive start index so that K == 1 (empty cache) works too
+        cache.copy_(xp[:, xp.size(1) - (K - 1):])
+    # accumulate in fp32 (fp64 for fp64), like a conv kernel; under torch.compile this is free
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xp, w = xp.to(acc), weight[:, 0, :].to(acc)             # (B, K-1+T, C), (C, K)
+    y = xp[:, K - 1:] * w[:, K - 1]
+    for j in range(K - 1):
+        y = y + xp[:, j:j + T] * w[:, j]
+    return F.silu(y).to(x.dtype)
+
+
+def fused_linear(x, linears):
+    """x through several nn.Linear layers that read it, as one matmul: their weights (and biases, zeros
+    where a layer has none) concatenated along the output dim; returns the concatenated output (..., sum
+    of out_features). The parameters stay those of the separate layers (their initialisation, names and
+    checkpoints); only the kernels change: one matmul where there were len(linears). Why: a decoding
+    step at batch 1 costs what its kernel count costs (results/PERF.md), and in training one wide
+    matmul reads x once."""
+    w = torch.cat([lin.weight for lin in linears])
+    b = None
+    if any(lin.bias is not None for lin in linears):
+        b = torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
+                       for lin in linears])
+    return F.linear(x, w, b)
+
+
+def fused_short_conv(x, convs, cache=None, fla=False):
+    """Several ShortConvs of the same kernel size over the concatenated channels of x, as one conv (one
+    kernel, one cache of sum-of-channels width); the parameters stay the separate modules'."""
+    return short_conv(x, torch.cat([c.weight for c in convs]), cache, fla)
+
+
+def fused_conv_cache(convs, batch_size, device, dtype):
+    return torch.zeros(batch_size, convs[0].kernel_size - 1, sum(c.weight.size(0) for c in convs),
+                       device=device, dtype=dtype)
 
 
 class HeadRMSNorm(nn.Module):
@@ -242,15 +274,24 @@ class DeltaNetMixer(nn.Module):
     def _use_fla(self, x):
         return model.use_fla(self.backend, x)
 
+    @property
+    def _in_projs(self):
+        return [self.q_proj, self.k_proj, self.v_proj, self.b_proj]
+
+    @property
+    def _convs(self):
+        return [self.q_conv, self.k_conv, self.v_conv]
+
     def forward(self, x, state=None, pos=0):
         B, T, C = x.size()
         H, D = self.n_head, self.head_dim
         cache = (lambda name: state[name]) if state is not None else (lambda name: None)
         fla = self._use_fla(x)
-        q = self.q_conv(self.q_proj(x), cache('conv_q'), fla).view(B, T, H, D)
-        k = self.k_conv(self.k_proj(x), cache('conv_k'), fla).view(B, T, H, D)
-        v = self.v_conv(self.v_proj(x), cache('conv_v'), fla).view(B, T, H, D)
-        beta = torch.sigmoid(self.b_proj(x))  # (B, T, H)
+        # the q, k, v, beta projections as one matmul and the q, k, v convs as one conv (fused_linear)
+        qkv, b = fused_linear(x, self._in_projs).split([3 * H * D, H], dim=-1)
+        q, k, v = fused_short_conv(qkv, self._convs, cache('conv'), fla).split(H * D, dim=-1)
+        q, k, v = (t.reshape(B, T, H, D) for t in (q, k, v))
+        beta = torch.sigmoid(b)  # (B, T, H)
         S0 = None
         if state is not None:
             # clone when autograd may save it: the state is overwritten in place below
@@ -284,9 +325,7 @@ class DeltaNetMixer(nn.Module):
         # the conv caches hold activations. max_len is irrelevant: the state has a fixed size.
         H, D = self.n_head, self.head_dim
         return {'S': torch.zeros(batch_size, H, D, D, device=device, dtype=torch.promote_types(dtype, torch.float32)),
-                'conv_q': self.q_conv.init_cache(batch_size, device, dtype),
-                'conv_k': self.k_conv.init_cache(batch_size, device, dtype),
-                'conv_v': self.v_conv.init_cache(batch_size, device, dtype)}
+                'conv': fused_conv_cache(self._convs, batch_size, device, dtype)}
 
     def flops_per_token(self, T):
         """Forward FLOPs per token of the chunked delta rule (what training runs), per head, with

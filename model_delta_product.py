@@ -51,7 +51,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import model
-from model_delta import ShortConv, l2norm  # l2norm: the formula of fla's in-kernel q/k norm
+from model_delta import ShortConv, fused_conv_cache, fused_linear, fused_short_conv, l2norm  # l2norm: fla's q/k norm formula
 
 
 
@@ -300,6 +300,14 @@ class GatedDeltaProductMixer(nn.Module):
         dt = dt.clamp(min=1e-4)
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
 
+    @property
+    def _in_projs(self):
+        return [self.q_proj, self.k_proj, self.v_proj, self.b_proj, self.a_proj, self.g_proj]
+
+    @property
+    def _convs(self):
+        return [self.q_conv, self.k_conv, self.v_conv]
+
     def _use_fla(self, x):
         if not model.use_fla(self.backend, x):
             return False
@@ -317,19 +325,22 @@ class GatedDeltaProductMixer(nn.Module):
         if state is not None and state['S'].size(0) != B:
             raise ValueError(f"state is for batch size {state['S'].size(0)}, input has {B}")
         cache = (lambda name: state[name]) if state is not None else (lambda name: None)
-        # short causal convs (+ SiLU inside ShortConv) on q, k, v, as fla's layer does; fla's conv kernel
-        # where no cache is kept (training)
+        # every projection of x as one matmul (fused_linear), then short causal convs (+ SiLU) on q, k, v,
+        # as fla's layer does, as one conv: fla's conv kernel where no cache is kept (training)
+        qkv, b, a, gate = fused_linear(x, self._in_projs).split([H * Dk + n * H * (Dk + Dv), n * H, H, H * Dv], -1)
         fla_conv = state is None and self._use_fla(x)
-        q = self.q_conv(self.q_proj(x), cache('conv_q'), fla_conv).reshape(B, T, H, Dk)
-        k = self.k_conv(self.k_proj(x), cache('conv_k'), fla_conv).reshape(B, T * n, H, Dk)  # (t n h d) -> (t n) h d
-        v = self.v_conv(self.v_proj(x), cache('conv_v'), fla_conv).reshape(B, T * n, H, Dv)
+        q, k, v = fused_short_conv(qkv, self._convs, cache('conv'), fla_conv).split(
+            [H * Dk, n * H * Dk, n * H * Dv], dim=-1)
+        q = q.reshape(B, T, H, Dk)
+        k = k.reshape(B, T * n, H, Dk)  # (t n h d) -> (t n) h d
+        v = v.reshape(B, T * n, H, Dv)
         cdt = _compute_dtype(x)  # gates, states and the norm in fp32 (fp64 for an fp64 model)
-        beta = self.b_proj(x).to(cdt).sigmoid().reshape(B, T * n, H)
+        beta = b.to(cdt).sigmoid().reshape(B, T * n, H)
         if self.allow_neg_eigval:
             beta = 2 * beta  # (0, 2): I - beta k k^T can then reflect (eigenvalue down to -1)
         # log forget gate, fp32: g = -A * dt, dt = softplus(a_proj(x) + dt_bias)
-        g = -self.A_log.to(cdt).exp() * F.softplus(self.a_proj(x).to(cdt) + self.dt_bias.to(cdt))  # (B, T, H)
-        gate = self.g_proj(x).reshape(B, T, H, Dv)
+        g = -self.A_log.to(cdt).exp() * F.softplus(a.to(cdt) + self.dt_bias.to(cdt))  # (B, T, H)
+        gate = gate.reshape(B, T, H, Dv)
         # a copy when autograd may save it: the state is overwritten in place below
         S0 = None if state is None else (state['S'].clone() if torch.is_grad_enabled() else state['S'])
 
@@ -359,9 +370,7 @@ class GatedDeltaProductMixer(nn.Module):
         H, Dk, Dv = self.n_head, self.head_k_dim, self.head_v_dim
         s_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         return {'S': torch.zeros(batch_size, H, Dk, Dv, device=device, dtype=s_dtype),
-                'conv_q': self.q_conv.init_cache(batch_size, device, dtype),
-                'conv_k': self.k_conv.init_cache(batch_size, device, dtype),
-                'conv_v': self.v_conv.init_cache(batch_size, device, dtype)}
+                'conv': fused_conv_cache(self._convs, batch_size, device, dtype)}
 
     def flops_per_token(self, T, chunk_size=64):
         """Forward FLOPs per token beyond the parameters' 2N: the chunked (WY) algorithm the kernel runs

@@ -109,6 +109,26 @@ def test_short_conv_cache():
         torch.testing.assert_close(full, ref, rtol=1e-12, atol=1e-12)
 
 
+def test_fused_linear_and_conv_equal_the_separate_layers():
+    """The mixers run their input projections as one matmul and their q/k/v convs as one conv; that
+    must be the separate layers' function: with and without biases (a layer without one gets zeros),
+    and step by step through the one shared cache."""
+    torch.manual_seed(0)
+    lins = [torch.nn.Linear(8, o, bias=b).double() for o, b in ((5, True), (3, False), (4, True))]
+    x = torch.randn(2, 7, 8, dtype=torch.float64)
+    torch.testing.assert_close(md.fused_linear(x, lins), torch.cat([lin(x) for lin in lins], -1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(md.fused_linear(x, lins[1:2]), lins[1](x), rtol=1e-12, atol=1e-12)
+    convs = [md.ShortConv(c, 4).double() for c in (5, 3, 4)]
+    h = torch.randn(2, 7, 12, dtype=torch.float64)
+    want = torch.cat([c(t) for c, t in zip(convs, h.split([5, 3, 4], -1))], -1)
+    torch.testing.assert_close(md.fused_short_conv(h, convs), want, rtol=1e-12, atol=1e-12)
+    cache = md.fused_conv_cache(convs, 2, 'cpu', torch.float64)
+    assert cache.shape == (2, 3, 12)
+    parts = [md.fused_short_conv(h[:, :3], convs, cache)]
+    parts += [md.fused_short_conv(h[:, t:t + 1], convs, cache) for t in range(3, 7)]
+    torch.testing.assert_close(torch.cat(parts, 1), want, rtol=1e-12, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------- model level (CPU, TINY)
 
 def tiny(seed=0, dtype=torch.float32, **kw):
@@ -227,23 +247,23 @@ def test_fla_chunk_delta_rule_vs_ref(T, l2norm_in_kernel):
 @pytest.mark.parametrize('T', [1, 63, 100, 256])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 def test_fla_short_conv_vs_torch(T, dtype):
-    """ShortConv through fla's causal_conv1d (training, no cache) against its shifted-sum form in fp64:
-    output, input gradient and weight gradient. fp32 inputs: 1e-5 relative RMS (both accumulate in
-    fp32); bf16: 1e-2 (bf16 rounding of the output and the input gradient)."""
+    """short_conv through fla's causal_conv1d (training, no cache) against its shifted-sum form in fp64:
+    output, input gradient and weight gradient, on a strided input (a slice of a wider matmul output, as
+    the mixers pass it). fp32 inputs: 1e-5 relative RMS (both accumulate in fp32); bf16: 1e-2 (bf16
+    rounding of the output and the input gradient)."""
     torch.manual_seed(T)
-    conv = md.ShortConv(96, 4).cuda()
-    x = torch.randn(3, T, 96, device='cuda', dtype=dtype)
+    w0 = md.ShortConv(96, 4).weight.detach().cuda()                 # (C, 1, K), fp32 like the model's
+    wide = torch.randn(3, T, 128, device='cuda', dtype=dtype)
     dy = torch.randn(3, T, 96, device='cuda', dtype=dtype)
     got, want = [], []
-    for fla, xs, out in ((True, x, got), (False, x.double(), want)):
-        xs = xs.detach().clone().requires_grad_()
-        w = conv.weight.detach().clone().to(xs.dtype if not fla else torch.float32).requires_grad_()
-        conv.weight, saved = torch.nn.Parameter(w), conv.weight
-        y = conv(xs, fla=fla)
-        (y.to(dy.dtype if fla else torch.float64) * (dy if fla else dy.double())).sum().backward()
-        out += [y, xs.grad, conv.weight.grad]
-        conv.weight = saved
-    assert got[0].dtype == dtype
+    for fla, out in ((True, got), (False, want)):
+        src = (wide if fla else wide.double()).detach().requires_grad_()
+        w = (w0 if fla else w0.double()).clone().requires_grad_()
+        y = md.short_conv(src[..., 16:112], w, fla=fla)                # a view with row stride 128
+        (y.double() * dy.double()).sum().backward()
+        out += [y, src.grad[..., 16:112], w.grad]
+        assert not src.grad[..., :16].any() and not src.grad[..., 112:].any()
+    assert got[0].dtype == dtype and got[2].dtype == torch.float32
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     for name, a, b in zip(('y', 'dx', 'dw'), got, want):
         assert md.rel_rms(a, b) < tol, (name, md.rel_rms(a, b))

@@ -257,15 +257,16 @@ def test_static_step_compiles_to_one_graph_and_no_recompiles(model_type):
 def test_precast_weights_give_the_same_step_with_fewer_casts(model_type):
     """GraphedDecodeStep casts the Linear weights once and swaps the copies in (model.weights_swapped),
     so that a replay doesn't cast them again. Checked on CPU under bf16 autocast: the step's logits and
-    state are bit-for-bit those of the plain autocast step, one cast per Linear disappears, the real
-    parameters are back afterwards, and a compiled step fed a second set of copies compiles nothing more."""
+    state are bit-for-bit those of the plain autocast step, no weight matrix is cast any more (the 2-D
+    casts: activations here are 3-D), the real parameters are back afterwards, and a compiled step fed a
+    second set of copies compiles nothing more."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class CountCasts(TorchDispatchMode):
         n = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            CountCasts.n += func is torch.ops.aten._to_copy.default
+            CountCasts.n += func is torch.ops.aten._to_copy.default and args[0].dim() == 2
             return func(*args, **(kwargs or {}))
 
     torch.manual_seed(0)
@@ -284,8 +285,7 @@ def test_precast_weights_give_the_same_step_with_fewer_casts(model_type):
                 logits = m.static_step(prompt[:, -1:], st.layers, torch.tensor(st.pos))
         out.append((logits, [t.clone() for layer in st.layers for t in layer.values()]))
         casts.append(CountCasts.n)
-    n_linear = sum(isinstance(mod, torch.nn.Linear) for mod in m.modules())
-    assert casts[0] - casts[1] == n_linear, (casts, n_linear)
+    assert casts[0] > 0 and casts[1] == 0, casts
     assert torch.equal(out[0][0], out[1][0])
     assert all(torch.equal(a, b) for a, b in zip(out[0][1], out[1][1]))
     assert all(p is params[n] for n, p in m.named_parameters())  # restored, the very Parameter objects
