@@ -1,7 +1,9 @@
 """How many tensor ops one decoding step runs per token (the uncompiled static step that a CUDA graph
 replays: on the GPU each is about one kernel), counted on CPU through the dispatcher, for the four
-full-size models at context 1024 under bf16 autocast with the autocast cache off (as GraphedDecodeStep
-captures it). View and metadata ops launch no kernel and are not counted.
+full-size models at context 1024 under bf16 autocast with the autocast cache off and the Linear weights
+cast beforehand (as GraphedDecodeStep captures it since commit 52d299a; before it, the step cast every
+weight itself: the counts of that version are in this file's git history, commit 9940d1f). View and
+metadata ops launch no kernel and are not counted.
 
     python results/issue5_decode/op_census.py > results/issue5_decode/op_census.txt
 """
@@ -41,7 +43,7 @@ if __name__ == '__main__':
         with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, cache_enabled=False):
             m(torch.zeros(1, L, dtype=torch.long), state=st)  # prefill
             tok, pos = torch.zeros(1, 1, dtype=torch.long), torch.tensor(st.pos)
-            with Census() as c:
+            with model_lib.weights_swapped(m, model_lib.cast_linear_weights(m, torch.bfloat16)), Census() as c:
                 m.static_step(tok, st.layers, pos)
         print(f"{mt}: {sum(c.ops.values())} ops per token, of which {c.ops['_to_copy']} dtype casts; "
               f"most frequent: {', '.join(f'{k} {v}' for k, v in c.ops.most_common(8))}")
