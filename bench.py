@@ -370,10 +370,8 @@ def memory(out='results', tiny=False, device='auto', models=None, contexts=None,
                 print(f"[memory] {mt} B={B} T={T}: {row['status']}"
                       + (f", peak {row['peak_gib']:.3f} GiB" if row.get('peak_gib') is not None else '')
                       + f", state {state_bytes[T]:,} B/seq", flush=True)
-    ref = {(r['batch'], r['context']): r['fwdbwd_ms'] for r in rows if r['model'] == 'vanilla' and r.get('fwdbwd_ms')}
-    for r in rows:
-        if r.get('fwdbwd_ms') and (r['batch'], r['context']) in ref:
-            r['fwdbwd_vs_vanilla'] = r['fwdbwd_ms'] / ref[(r['batch'], r['context'])]
+    _add_vs_vanilla(rows, 'fwdbwd_ms', 'fwdbwd_vs_vanilla')
+    _print_vs_vanilla('memory', rows, 'fwdbwd_vs_vanilla', 'fwd+bwd time')
     cols = ['model', 'batch', 'context', 'tokens', 'status', 'peak_bytes', 'peak_gib', 'param_bytes', 'state_bytes',
             'fwdbwd_ms', 'fwdbwd_vs_vanilla']
     write_csv(os.path.join(out, 'memory.csv'), rows, cols)
@@ -581,6 +579,27 @@ def latency(out='results', tiny=False, device='auto', models=None, contexts=None
                       f"{'CUDA events, bf16 autocast' if 'cuda' in device else 'perf_counter, fp32'}")
     plot_latency(rows, os.path.join(out, 'latency.png'))
     return rows
+
+
+def _add_vs_vanilla(rows, value, col):
+    """r[col] = r[value] / vanilla's r[value] at the same batch and context, for rows of one command (one
+    run: the ratios the speed targets are stated in). Rows read back from a CSV work too (strings)."""
+    key = lambda r: (str(r['batch']), str(r['context']))
+    ref = {key(r): _num(r, value) for r in rows if r['model'] == 'vanilla' and _num(r, value)}
+    for r in rows:
+        if _num(r, value) and key(r) in ref:
+            r[col] = _num(r, value) / ref[key(r)]
+    return rows
+
+
+def _print_vs_vanilla(tag, rows, col, what):
+    """One line per (batch, context): every model's ratio to vanilla, as the targets state them."""
+    shapes = {}
+    for r in rows:
+        if r.get(col):
+            shapes.setdefault((r['batch'], r['context']), []).append(f"{r['model']} {r[col]:.2f}x")
+    for (B, T), cells in shapes.items():
+        print(f"[{tag}] {what} over vanilla's, B={B} T={T}: {', '.join(cells)}", flush=True)
 
 
 def _decode_mode(r):
@@ -828,8 +847,10 @@ def throughput(out='results', tiny=False, device='auto', models=None, shapes=Non
             print(f"[throughput] {mt} B={B} T={T}: " + (f"{row['ms_per_iter']:.2f} ms/iter, "
                   f"{row['tokens_per_s']:,.0f} tok/s" + (f", MFU {100 * row['mfu']:.1f}%" if row['mfu'] else '')
                   if row['status'] == 'ok' else row['status']), flush=True)
-    cols = ['model', 'batch', 'context', 'tokens_per_iter', 'status', 'ms_per_iter', 'tokens_per_s', 'mfu',
-            'flops_per_token', 'compile', 'cuda_graphs']
+    _add_vs_vanilla(rows, 'ms_per_iter', 'vs_vanilla')
+    _print_vs_vanilla('throughput', rows, 'vs_vanilla', 'ms/iter')
+    cols = ['model', 'batch', 'context', 'tokens_per_iter', 'status', 'ms_per_iter', 'vs_vanilla', 'tokens_per_s',
+            'mfu', 'flops_per_token', 'compile', 'cuda_graphs']
     write_csv(os.path.join(out, 'throughput.csv'), rows, cols)
     write_meta(out, 'throughput', device, dict(tiny=tiny, models=models, shapes=shapes, iters=iters, warmup=warmup,
                                                compile=compile, cuda_graphs=cuda_graphs, model_kw=model_kw),
@@ -1369,13 +1390,16 @@ def report(out='results', readme=False):
 
     def throughput_body(rows):
         err_cell, err_lines = errors_of(rows)
+        _add_vs_vanilla(rows, 'ms_per_iter', 'vs_vanilla')  # files written before the column existed
         for r in rows:
             ok = r['status'] == 'ok'
             r['ms'] = f"{float(r['ms_per_iter']):.2f}" if ok else err_cell(r['status'])
+            r['x_van'] = f"{float(r['vs_vanilla']):.2f}x" if ok and r.get('vs_vanilla') else '-'
             r['tps'] = f"{float(r['tokens_per_s']):,.0f}" if ok else '-'
             r['mfu_pct'] = f"{100 * float(r['mfu']):.1f}" if ok and r['mfu'] else '-'
-        return [_md_table(rows, ['model', 'batch', 'context', 'ms', 'tps', 'mfu_pct', 'compile', 'cuda_graphs'],
-                          ['model', 'B', 'T', 'ms/iter', 'tokens/s', 'MFU %', 'torch.compile', 'CUDA graph']), "",
+        return [_md_table(rows, ['model', 'batch', 'context', 'ms', 'x_van', 'tps', 'mfu_pct', 'compile', 'cuda_graphs'],
+                          ['model', 'B', 'T', 'ms/iter', 'x vanilla (same run)', 'tokens/s', 'MFU %', 'torch.compile',
+                           'CUDA graph']), "",
                 *err_lines,
                 "MFU counts attention over the full T x T score matrix, as nanoGPT and PaLM do; a causal kernel "
                 "does about half of that work, so at long context vanilla's MFU reads up to 2x high.", "",

@@ -219,9 +219,12 @@ def _recompile_limit(n):
 
 
 def cast_linear_weights(model, dtype):
-    """{qualified name: a `dtype` copy} of every nn.Linear weight: the casts autocast makes on each call."""
+    """{qualified name: a `dtype` copy} of every nn.Linear weight that autocast to `dtype` would cast on each
+    call: the fp32 ones (and those of the other low-precision dtype); autocast leaves fp64 alone."""
     return {f"{n}.weight" if n else 'weight': m.weight.detach().to(dtype)
-            for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+            for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and m.weight.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and m.weight.dtype != dtype}
 
 
 @contextmanager

@@ -155,8 +155,9 @@ def delta_rule_fla(q, k, v, beta, scale, initial_state=None, output_final_state=
 # ----------------------------------------------------------------------------- modules
 
 class ShortConv(nn.Module):
-    """Causal depthwise conv over time (kernel K) followed by SiLU, with a decoding cache that
-    holds the last K-1 inputs per channel. Shared by the delta-rule mixers."""
+    """Causal depthwise conv over time (kernel K) followed by SiLU (short_conv), with a decoding cache that
+    holds the last K-1 inputs per channel. The delta-rule mixers keep one per q, k and v for their
+    parameters and run the three as one conv (fused_short_conv)."""
 
     def __init__(self, channels, kernel_size=4):
         super().__init__()
@@ -170,7 +171,7 @@ class ShortConv(nn.Module):
         return short_conv(x, self.weight, cache, fla)
 
     def init_cache(self, batch_size, device, dtype):
-        return torch.zeros(batch_size, self.kernel_size - 1, self.weight.size(0), device=device, dtype=dtype)
+        return fused_conv_cache([self], batch_size, device, dtype)
 
 
 def short_conv(x, weight, cache=None, fla=False):
@@ -208,9 +209,11 @@ def fused_linear(x, linears):
     """x through several nn.Linear layers that read it, as one matmul: their weights (and biases, zeros
     where a layer has none) concatenated along the output dim; returns the concatenated output (..., sum
     of out_features). The parameters stay those of the separate layers (their initialisation, names and
-    checkpoints); only the kernels change: one matmul where there were len(linears). Why: a decoding
-    step at batch 1 costs what its kernel count costs (results/PERF.md), and in training one wide
-    matmul reads x once."""
+    checkpoints); only the kernels change: one concatenation of the weights and one matmul where there
+    were len(linears) matmuls. Why: a decoding step at batch 1 costs what its kernel count costs
+    (results/PERF.md), and in training one wide matmul reads x once. The cost: the concatenated weight is
+    not a parameter, so autocast's weight cache (eager steps) no longer covers its cast, and a graphed
+    step concatenates the pre-cast copies on each replay (one small kernel per layer)."""
     w = torch.cat([lin.weight for lin in linears])
     b = None
     if any(lin.bias is not None for lin in linears):
@@ -247,7 +250,7 @@ class HeadRMSNorm(nn.Module):
 
 class DeltaNetMixer(nn.Module):
     """Multi-head delta-rule token mixer (see the module docstring)."""
-    # a one-token step reads and writes fixed-size buffers (state, conv caches) and ignores pos: it can be
+    # a one-token step reads and writes fixed-size buffers (state, conv cache) and ignores pos: it can be
     # captured in a CUDA graph as it is (model.GraphedDecodeStep)
     static_decode = True
 
@@ -285,11 +288,11 @@ class DeltaNetMixer(nn.Module):
     def forward(self, x, state=None, pos=0):
         B, T, C = x.size()
         H, D = self.n_head, self.head_dim
-        cache = (lambda name: state[name]) if state is not None else (lambda name: None)
+        conv_cache = state['conv'] if state is not None else None
         fla = self._use_fla(x)
         # the q, k, v, beta projections as one matmul and the q, k, v convs as one conv (fused_linear)
         qkv, b = fused_linear(x, self._in_projs).split([3 * H * D, H], dim=-1)
-        q, k, v = fused_short_conv(qkv, self._convs, cache('conv'), fla).split(H * D, dim=-1)
+        q, k, v = fused_short_conv(qkv, self._convs, conv_cache, fla).split(H * D, dim=-1)
         q, k, v = (t.reshape(B, T, H, D) for t in (q, k, v))
         beta = torch.sigmoid(b)  # (B, T, H)
         S0 = None
@@ -322,7 +325,8 @@ class DeltaNetMixer(nn.Module):
 
     def init_state(self, batch_size, max_len, device, dtype):
         # the recurrent state is fp32 (fp64 for an fp64 model) whatever the activations' dtype;
-        # the conv caches hold activations. max_len is irrelevant: the state has a fixed size.
+        # the conv cache (the q, k, v convs' last inputs) holds activations. max_len is irrelevant: the
+        # state has a fixed size.
         H, D = self.n_head, self.head_dim
         return {'S': torch.zeros(batch_size, H, D, D, device=device, dtype=torch.promote_types(dtype, torch.float32)),
                 'conv': fused_conv_cache(self._convs, batch_size, device, dtype)}

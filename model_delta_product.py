@@ -245,7 +245,7 @@ class GatedRMSNorm(nn.Module):
 
 
 class GatedDeltaProductMixer(nn.Module):
-    # a one-token step reads and writes fixed-size buffers (state, conv caches) and ignores pos: it can be
+    # a one-token step reads and writes fixed-size buffers (state, conv cache) and ignores pos: it can be
     # captured in a CUDA graph as it is (model.GraphedDecodeStep)
     static_decode = True
 
@@ -324,12 +324,12 @@ class GatedDeltaProductMixer(nn.Module):
         H, Dk, Dv, n = self.n_head, self.head_k_dim, self.head_v_dim, self.num_householder
         if state is not None and state['S'].size(0) != B:
             raise ValueError(f"state is for batch size {state['S'].size(0)}, input has {B}")
-        cache = (lambda name: state[name]) if state is not None else (lambda name: None)
+        conv_cache = state['conv'] if state is not None else None
         # every projection of x as one matmul (fused_linear), then short causal convs (+ SiLU) on q, k, v,
         # as fla's layer does, as one conv: fla's conv kernel where no cache is kept (training)
         qkv, b, a, gate = fused_linear(x, self._in_projs).split([H * Dk + n * H * (Dk + Dv), n * H, H, H * Dv], -1)
         fla_conv = state is None and self._use_fla(x)
-        q, k, v = fused_short_conv(qkv, self._convs, cache('conv'), fla_conv).split(
+        q, k, v = fused_short_conv(qkv, self._convs, conv_cache, fla_conv).split(
             [H * Dk, n * H * Dk, n * H * Dv], dim=-1)
         q = q.reshape(B, T, H, Dk)
         k = k.reshape(B, T * n, H, Dk)  # (t n h d) -> (t n) h d
@@ -365,8 +365,8 @@ class GatedDeltaProductMixer(nn.Module):
         return self.resid_dropout(y)
 
     def init_state(self, batch_size, max_len, device, dtype):
-        """Recurrent state S (fp32, or fp64 for an fp64 model; independent of max_len) and the three conv
-        caches (activations' dtype)."""
+        """Recurrent state S (fp32, or fp64 for an fp64 model; independent of max_len) and the q/k/v convs'
+        one cache (activations' dtype)."""
         H, Dk, Dv = self.n_head, self.head_k_dim, self.head_v_dim
         s_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         return {'S': torch.zeros(batch_size, H, Dk, Dv, device=device, dtype=s_dtype),

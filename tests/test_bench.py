@@ -142,6 +142,19 @@ def test_memory_rows(results):
             assert float(r['fwdbwd_vs_vanilla']) == 1.0
 
 
+def test_throughput_ratios_to_vanilla(results):
+    """The speed targets are ratios to vanilla in one run: each row's vs_vanilla is its ms/iter over
+    vanilla's at the same (B, T) of the same file, and the report shows them."""
+    out, _ = results
+    table = read(os.path.join(out, 'throughput.csv'))
+    van = {(r['batch'], r['context']): float(r['ms_per_iter']) for r in table if r['model'] == 'vanilla'}
+    assert van and all(r['vs_vanilla'] for r in table)
+    for r in table:
+        # (the file rounds to 6 significant digits)
+        assert float(r['vs_vanilla']) == pytest.approx(float(r['ms_per_iter']) / van[(r['batch'], r['context'])], rel=1e-4)
+    assert 'x vanilla (same run)' in open(os.path.join(out, 'REPORT.md')).read()
+
+
 def test_memory_oom_stops_series(tmp_path, monkeypatch):
     """An OOM at context T records 'OOM', skips the longer contexts of that (model, batch) series, and
     the bake-off reads T as the OOM threshold."""

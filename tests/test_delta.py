@@ -129,6 +129,27 @@ def test_fused_linear_and_conv_equal_the_separate_layers():
     torch.testing.assert_close(torch.cat(parts, 1), want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize('bias', [False, True])
+def test_mixer_equals_its_layers_one_by_one(bias):
+    """The mixer (fused projections and convs) against the recipe written out layer by layer: each
+    projection through its own conv, the delta-rule oracle, the norm and c_proj. Ties each weight to
+    its role, which the fused helpers' own test can't (a swapped q/k in the fused list would pass it)."""
+    torch.manual_seed(0)
+    mx = md.DeltaNetMixer(md.GPTConfig(**{**md.TINY, 'bias': bias})).double().eval()
+    with torch.no_grad():
+        for p in mx.parameters():  # unit-scale weights, non-zero biases: every term matters
+            p.normal_(0, p.shape[-1] ** -0.5 if p.dim() >= 2 else 0.5)
+    x = torch.randn(2, 37, md.TINY['n_embd'], dtype=torch.float64)
+    B, T, _ = x.shape
+    H, D = mx.n_head, mx.head_dim
+    q, k, v = (conv(proj(x)).view(B, T, H, D) for conv, proj in
+               ((mx.q_conv, mx.q_proj), (mx.k_conv, mx.k_proj), (mx.v_conv, mx.v_proj)))
+    beta = torch.sigmoid(mx.b_proj(x))
+    o, _ = md.delta_rule_recurrent_ref(md.l2norm(q), md.l2norm(k), v, beta, mx.scale)
+    want = mx.c_proj(mx.o_norm(o).reshape(B, T, H * D))
+    torch.testing.assert_close(mx(x), want, rtol=1e-10, atol=1e-10)
+
+
 # ----------------------------------------------------------------------------- model level (CPU, TINY)
 
 def tiny(seed=0, dtype=torch.float32, **kw):

@@ -162,6 +162,31 @@ def test_bad_shapes_raise():
 
 # ----------------------------------------------------------------------------- the model (CPU)
 
+@pytest.mark.parametrize('kw', [dict(bias=True), dict(num_householder=1, allow_neg_eigval=True)])
+def test_mixer_equals_its_layers_one_by_one(kw):
+    """The mixer (all six projections as one matmul, the q/k/v convs as one conv) against the recipe
+    written out layer by layer with the token-by-token oracle: ties each weight to its role (with
+    num_householder=1 the beta and forget-gate projections have the same width, so only this catches
+    them swapped)."""
+    torch.manual_seed(0)
+    mx = dp.GatedDeltaProductMixer(dp.GPTConfig(**{**dp.TINY, **kw})).double().eval()
+    with torch.no_grad():
+        for p in mx.parameters():  # unit-scale weights, non-zero biases: every term matters
+            p.normal_(0, p.shape[-1] ** -0.5 if p.dim() >= 2 else 0.5)
+    x = torch.randn(2, 37, dp.TINY['n_embd'], dtype=torch.float64)
+    B, T, _ = x.shape
+    H, Dk, Dv, n = mx.n_head, mx.head_k_dim, mx.head_v_dim, mx.num_householder
+    q = mx.q_conv(mx.q_proj(x)).reshape(B, T, H, Dk)
+    k = mx.k_conv(mx.k_proj(x)).reshape(B, T * n, H, Dk)
+    v = mx.v_conv(mx.v_proj(x)).reshape(B, T * n, H, Dv)
+    beta = mx.b_proj(x).sigmoid().reshape(B, T * n, H) * (2 if mx.allow_neg_eigval else 1)
+    g = -mx.A_log.exp() * F.softplus(mx.a_proj(x) + mx.dt_bias)
+    o, _ = dp.naive_recurrent_gated_delta_product(dp.l2norm(q), dp.l2norm(k), v, g, beta, mx.scale,
+                                                  num_householder=n)
+    want = mx.c_proj(mx.o_norm(o, mx.g_proj(x).reshape(B, T, H, Dv)).reshape(B, T, H * Dv))
+    torch.testing.assert_close(mx(x), want, rtol=1e-10, atol=1e-10)
+
+
 def tiny_model(dtype=torch.float64, seed=0, **kw):
     torch.manual_seed(seed)
     m = dp.GPT(dp.GPTConfig(**{**dp.TINY, **kw}))

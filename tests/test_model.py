@@ -290,6 +290,12 @@ def test_precast_weights_give_the_same_step_with_fewer_casts(model_type):
     assert all(torch.equal(a, b) for a, b in zip(out[0][1], out[1][1]))
     assert all(p is params[n] for n, p in m.named_parameters())  # restored, the very Parameter objects
     assert m.lm_head.weight is m.transformer.wte.weight           # still tied
+    with pytest.raises(KeyError):                                  # restored after an error in the block too
+        with model_lib.weights_swapped(m, model_lib.cast_linear_weights(m, torch.bfloat16)):
+            raise KeyError('inside')
+    assert all(p is params[n] for n, p in m.named_parameters())
+    # autocast leaves fp64 alone, so an fp64 model gets no copies (bf16 ones would break its matmuls)
+    assert model_lib.cast_linear_weights(tiny(model_type), torch.bfloat16) == {}
 
     graphs = []
     torch._dynamo.reset()
