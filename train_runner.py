@@ -598,6 +598,9 @@ def train(config_file=None, overrides=None):
         wandb_run.finish()
     if ddp:
         import torch.distributed as dist
+        # every rank leaves together: without it the other ranks tear down while rank 0 still evaluates and
+        # writes (seconds), and gloo has once aborted a rank at that point in CI (SIGABRT; not reproduced)
+        dist.barrier()
         dist.destroy_process_group()
     return summary
 

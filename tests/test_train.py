@@ -146,7 +146,9 @@ def test_ddp_gloo_matches_single_process(prepared, tmp_path):
                           'train_runner.py', 'config/train_shakespeare_char.py', *common,
                           f'--out_dir={tmp_path / "ddp"}'], cwd=ROOT, capture_output=True, text=True,
                          timeout=300, env=env)
-    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    # on failure show the ranks' own error lines (torchrun's summary at the end hides them) and the tail
+    errors = [ln for ln in ddp.stderr.splitlines() if any(w in ln for w in ('Error', 'terminate', 'what()', 'rank'))]
+    assert ddp.returncode == 0, '\n'.join(errors[:40]) + '\n...\n' + ddp.stderr[-1500:]
     a = json.load(open(tmp_path / 'single' / 'summary.json'))
     b = json.load(open(tmp_path / 'ddp' / 'summary.json'))
     assert a['iters'] == b['iters'] == 150
