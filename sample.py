@@ -15,7 +15,7 @@ from contextlib import nullcontext
 import torch
 
 import model as model_lib
-from train_runner import ConfigError, _parse_value, pick_device
+from runtime import ConfigError, parse_value, pick_device
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -43,7 +43,7 @@ def parse_args(argv):
         k, v = arg[2:].split('=', 1)
         if k not in DEFAULTS:
             raise ConfigError(f"unknown option --{k}; valid keys: {', '.join(DEFAULTS)}")
-        cfg[k] = v if k in ('start', 'out_dir') else _parse_value(v)
+        cfg[k] = v if k in ('start', 'out_dir') else parse_value(v)
     return cfg
 
 

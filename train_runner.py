@@ -18,11 +18,9 @@ library versions, device, parameter count), metrics.jsonl (one JSON object per l
 summary.json (what train() returns), ckpt_best.pt (best val loss so far) and ckpt_last.pt (for resume).
 """
 
-import ast
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -33,6 +31,8 @@ import numpy as np
 import torch
 
 import model as model_lib
+from runtime import (ConfigError, GraphedStep, as_list, atomic_torch_save, atomic_write_json, execution_modes,
+                     fmt_time, load_dataset, load_json, parse_value, peak_flops, pick_device, run_metadata)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -85,19 +85,6 @@ RESUME_MAY_CHANGE = {'max_iters', 'init_from', 'eval_only', 'log_interval', 'eva
 TRAIN_MODEL_DEFAULTS = dict(dropout=0.2)
 
 
-class ConfigError(ValueError):
-    pass
-
-
-def _parse_value(s):
-    if s.lower() in ('true', 'false'):  # --compile=false must not become the (truthy) string 'false'
-        return s.lower() == 'true'
-    try:
-        return ast.literal_eval(s)
-    except (ValueError, SyntaxError):
-        return s  # a bare string such as --model_type=delta
-
-
 # keys whose value may be either of two types (their default's, or these)
 EXTRA_TYPES = {'compile': (bool,), 'cuda_graphs': (bool,)}
 
@@ -122,7 +109,7 @@ def parse_cli(argv):
             if '=' not in arg:
                 raise ConfigError(f"expected --key=value, got {arg!r}")
             k, v = arg[2:].split('=', 1)
-            overrides[k] = _parse_value(v)
+            overrides[k] = parse_value(v)
         elif config_file is None:
             config_file = arg
         else:
@@ -173,101 +160,9 @@ def resolve_config(config_file=None, overrides=None):
 # ----------------------------------------------------------------------------------------------
 # environment facts recorded with every result
 
-def pick_device(device='auto'):
-    return ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
-
-
-def device_name(device):
-    if str(device).startswith('cuda'):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-def git_commit():
-    """HEAD's sha (+'-dirty' with uncommitted changes); GIT_COMMIT from the environment where there is
-    no .git (e.g. a copy of the tree on a remote GPU machine)."""
-    if os.environ.get('GIT_COMMIT'):
-        return os.environ['GIT_COMMIT']
-    try:
-        sha = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=HERE, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=HERE,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (sha + ('-dirty' if dirty else '')) if sha else 'unknown'
-    except (OSError, subprocess.SubprocessError):
-        return 'unknown'
-
-
-def library_versions():
-    from importlib.metadata import PackageNotFoundError, version
-    out = {'python': platform.python_version(), 'torch': torch.__version__, 'numpy': np.__version__}
-    for name, dist in (('triton', 'triton'), ('fla', 'fla-core'), ('flash_attn', 'flash-attn'), ('tilelang', 'tilelang')):
-        try:
-            out[name] = version(dist)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def run_metadata(device=None):
-    device = pick_device(device or 'auto')
-    return {'command': ' '.join([os.path.basename(sys.executable)] + sys.argv), 'git_commit': git_commit(),
-            'device': device_name(device), 'versions': library_versions()}
-
-
-# measured peaks (dense bf16 matmul, 8192^3, random data): H200 of this project's GPU machine, 788 TFLOP/s.
-# Other GPUs are measured once at start.
-KNOWN_PEAK_FLOPS = {'H200': 788e12}
-_peak_cache = {}
-
-
-def peak_flops(device):
-    """bf16 matmul peak of `device` in FLOP/s (known table, else measured once); None on CPU."""
-    if not str(device).startswith('cuda'):
-        return None
-    name = torch.cuda.get_device_name(torch.device(device))
-    for key, val in KNOWN_PEAK_FLOPS.items():
-        if key in name:
-            return val
-    if name not in _peak_cache:
-        a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-        b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-        for _ in range(3):
-            a @ b
-        torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(10):
-            a @ b
-        torch.cuda.synchronize(device)
-        _peak_cache[name] = 10 * 2 * 8192 ** 3 / (time.perf_counter() - t0)
-    return _peak_cache[name]
-
 
 # ----------------------------------------------------------------------------------------------
 # data
-
-def load_dataset(dataset, device):
-    """Both splits as int64 tensors on `device` (tiny-shakespeare is 1M tokens: 8 MB), prepared if missing."""
-    data_dir = os.path.join(HERE, 'data', dataset)
-    paths = [os.path.join(data_dir, f) for f in ('train.bin', 'val.bin', 'meta.pkl')]
-    if not all(os.path.exists(p) for p in paths):
-        prep = os.path.join(data_dir, 'prepare.py')
-        if not os.path.exists(prep):
-            have = sorted(d for d in os.listdir(os.path.join(HERE, 'data')) if not d.startswith('_'))
-            raise FileNotFoundError(f"dataset {dataset!r} not found in {data_dir} and has no prepare.py; "
-                                    f"available datasets: {', '.join(have)}")
-        import importlib.util
-        spec = importlib.util.spec_from_file_location(f'prepare_{dataset}', prep)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        print(f"preparing dataset {dataset!r} ...")
-        mod.prepare(out_dir=data_dir)
-    import pickle
-    with open(paths[2], 'rb') as f:
-        meta = pickle.load(f)
-    splits = {s: torch.from_numpy(np.fromfile(p, dtype=np.uint16).astype(np.int64)).to(device)
-              for s, p in (('train', paths[0]), ('val', paths[1]))}
-    return splits, meta
 
 
 def get_batch(data, ix, block_size):
@@ -289,26 +184,6 @@ def get_lr(it, cfg):
         return min_lr
     ratio = (it - cfg['warmup_iters']) / max(1, decay_iters - cfg['warmup_iters'])
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
-
-
-def atomic_torch_save(obj, path):
-    """Write then rename: a process killed mid-save leaves the previous checkpoint intact."""
-    tmp = path + '.tmp'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(obj, path):
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write('\n')
-    os.replace(tmp, path)
-
-
-def _fmt_time(s):
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 class NonFiniteLoss(RuntimeError):
@@ -574,7 +449,7 @@ def train(config_file=None, overrides=None):
                      'mfu': mfu})
                 if master:
                     print(f"iter {iter_num}/{max_iters}: loss {last_loss:.4f}, {dt * 1000:.2f} ms/iter"
-                          + (f", mfu {mfu * 100:.1f}%" if mfu is not None else '') + f", eta {_fmt_time(eta)}")
+                          + (f", mfu {mfu * 100:.1f}%" if mfu is not None else '') + f", eta {fmt_time(eta)}")
             window_t0, window_iters = now, 0
 
     # the first timed window includes compilation/autotuning; leave it out when there are others
@@ -608,68 +483,6 @@ def train(config_file=None, overrides=None):
 def _say_compile_failed(model_type, e):
     print(f"torch.compile failed for {model_type} ({type(e).__name__}: {model_lib.first_line(e)}); "
           f"falling back to eager mode")
-
-
-def execution_modes(gpt_cls, device_type, compile='auto', cuda_graphs='auto', ddp=False):
-    """(use torch.compile, use CUDA graphs) for a model class on a device type, 'auto' = on for CUDA.
-    Off, with the reason printed, where they can't work: compile for a model that declares a
-    compile_problem, graphs under DDP. cuda_graphs=True without CUDA is an error. train() and bench's
-    timings both decide here."""
-    use_compile = (device_type == 'cuda') if compile == 'auto' else bool(compile)
-    if use_compile and getattr(gpt_cls, 'compile_problem', None):
-        print(f"torch.compile: off for {gpt_cls.__module__}: {gpt_cls.compile_problem}; running eagerly")
-        use_compile = False
-    use_graphs = (device_type == 'cuda' and not ddp) if cuda_graphs == 'auto' else bool(cuda_graphs)
-    if use_graphs and device_type != 'cuda':
-        raise ConfigError(f"cuda_graphs=True needs a CUDA device, got {device_type!r}; use cuda_graphs='auto' or False")
-    if use_graphs and ddp:
-        print("cuda_graphs: off under DDP (its gradient all-reduce hooks are not captured); running eagerly")
-        use_graphs = False
-    return use_compile, use_graphs
-
-
-class GraphedStep:
-    """One micro-step -- forward, loss / gas, backward into the existing .grad tensors -- captured once
-    in a CUDA graph and replayed. Why: at this model size every mixer except vanilla is bound by the
-    CPU, not the GPU (bench.py profile: DeltaNet's step keeps the H200 22% busy; fla's Triton kernels
-    cost ~100 us of Python each to launch). A replay launches the whole step at once.
-
-    The optimizer step, gradient clipping and zeroing stay outside the graph (a few fused launches),
-    so learning-rate changes need no capturable optimizer. Gradients must exist before capture, so that
-    backward is captured as an in-place accumulation (gas > 1 works) -- step() zeroes them each
-    optimizer step. Dropout is graph-safe (PyTorch advances the Philox offset on each replay).
-    Capture runs a few warm-up micro-steps on a side stream first (Triton autotuning, torch.compile),
-    whose gradients are discarded and whose dropout draws are undone (the CUDA RNG state is restored,
-    so a resumed run continues the same stream). An error in the warm-up (the model itself, or
-    torch.compile) propagates as it is; one in the capture raises model.CaptureError, and the caller
-    falls back to eager steps."""
-
-    def __init__(self, model, params, autocast, X, Y, gas=1, warmup=3):
-        self.params = [p for p in params if p.requires_grad]
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        self.x, self.y = X.clone(), Y.clone()
-
-        def micro_step():
-            with autocast:
-                loss = model(self.x, self.y)[1] / gas
-            loss.backward()
-            return loss
-
-        # the warm-up steps' gradients are zeroed after each, so the captured one starts from zero
-        self.graph, self.loss = model_lib.capture_cuda_graph(micro_step, warmup, after_warmup=self.zero_grad)
-        self.zero_grad()
-
-    def zero_grad(self):
-        torch._foreach_zero_([p.grad for p in self.params])
-
-    def __call__(self, X, Y):
-        """One micro-step on batch (X, Y): returns the (static) scaled loss tensor of this replay."""
-        self.x.copy_(X, non_blocking=True)
-        self.y.copy_(Y, non_blocking=True)
-        self.graph.replay()
-        return self.loss
 
 
 def _gather_rng_states(data_gen, device_type, ddp):
@@ -717,17 +530,6 @@ SWEEP_KEYS = dict(preset='auto', seeds=1, models=','.join(model_lib.MODEL_TYPES)
 NEUTRAL_KEYS = {'wandb_log', 'wandb_project', 'wandb_run_name', 'log_interval', 'device', 'compile', 'cuda_graphs'}
 
 
-def _as_list(x, cast=None):
-    """'a,b' / (a, b) / [a, b] / a -> list (so CLI literals and Python calls look alike); None stays None."""
-    if x is None:
-        return None
-    if isinstance(x, str):
-        x = [s.strip() for s in x.split(',') if s.strip()]
-    elif not isinstance(x, (list, tuple)):
-        x = [x]
-    return [cast(v) for v in x] if cast else list(x)
-
-
 def sweep(overrides=None):
     """The whole reproduction. Resumable: finished runs with the same config are not trained again."""
     overrides = dict(overrides or {})
@@ -741,10 +543,10 @@ def sweep(overrides=None):
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; valid choices: auto, {', '.join(PRESETS)}")
     P = PRESETS[preset]
-    models = _as_list(opts['models'], str)
+    models = as_list(opts['models'], str)
     for m in models:
         model_lib.get_model_module(m)  # fail now, naming the valid choices, not after an hour of training
-    lrs = _as_list(opts['lrs'], float) if opts['lrs'] else P['lrs']
+    lrs = as_list(opts['lrs'], float) if opts['lrs'] else P['lrs']
     seeds = [1337 + i for i in range(int(opts['seeds']))]
     # --lrs with the preset's own LRs, in another order, is still the preset (the order is the training order)
     custom = bool(set(overrides) - NEUTRAL_KEYS) or sorted(lrs) != sorted(P['lrs'])
@@ -769,8 +571,8 @@ def sweep(overrides=None):
         run_cfg = {**P['train'], **P['models'].get(m, {}), **overrides, 'model_type': m, 'learning_rate': lr,
                    'seed': seed, 'out_dir': out_dir, 'preset': label}
         wanted = resolve_config(None, run_cfg)
-        prev = _load_json(os.path.join(out_dir, 'summary.json'))
-        prev_cfg = (_load_json(os.path.join(out_dir, 'config.json')) or {}).get('config', {})
+        prev = load_json(os.path.join(out_dir, 'summary.json'))
+        prev_cfg = (load_json(os.path.join(out_dir, 'config.json')) or {}).get('config', {})
         same = all(prev_cfg.get(k) == v for k, v in wanted.items() if k not in NEUTRAL_KEYS | {'init_from'})
         if prev and prev.get('status') in ('done', 'diverged') and same:
             print(f"run {i + 1}/{len(runs)} {m} lr={lr:g} seed={seed}: already {prev['status']} ({out_dir}), "
@@ -783,8 +585,8 @@ def sweep(overrides=None):
     def progress(n_done, times):
         left = len(todo) - n_done
         eta = np.mean(times) * left / gpus if times else None
-        return (f"{n_done}/{len(todo)} runs to train done | elapsed {_fmt_time(time.time() - t0)}"
-                + (f", eta {_fmt_time(eta)}" if eta else ''))
+        return (f"{n_done}/{len(todo)} runs to train done | elapsed {fmt_time(time.time() - t0)}"
+                + (f", eta {fmt_time(eta)}" if eta else ''))
 
     times = []
     if gpus == 1:
@@ -824,16 +626,32 @@ def sweep(overrides=None):
 
     bench_out = None
     if opts['bench']:
-        import bench
-        print(f"\n=== benchmarks and report -> {results_dir} ===")
-        bench_out = bench.run_all(out=results_dir, runs_dir=os.path.join(results_dir, 'runs'), preset=label,
-                                  wandb_log=overrides.get('wandb_log', False))
+        print(f"\n=== benchmarks and report -> {results_dir} ===", flush=True)
+        bench_out = run_benchmarks(results_dir, label, overrides.get('wandb_log', False))
         failed = {k: v for k, v in bench_out.items() if str(v).startswith('failed')}
         if failed:
             raise RuntimeError(f"benchmark step(s) failed: {failed}")
     total = time.time() - t0
-    print(f"\nreproduction finished in {_fmt_time(total)} ({total:.0f}s); results in {results_dir}")
+    print(f"\nreproduction finished in {fmt_time(total)} ({total:.0f}s); results in {results_dir}")
     return {'preset': label, 'results_dir': results_dir, 'runs': summaries, 'wall_s': total, 'bench': bench_out}
+
+
+def run_benchmarks(results_dir, preset, wandb_log=False):
+    """`python bench.py all` over the sweep's results, in a process of its own (bench and train_runner don't
+    import each other, and the benchmarks start with a fresh CUDA context). Its output is passed through
+    line by line (so it reaches whatever sys.stdout is); returns bench's {step: status}."""
+    cmd = [sys.executable, os.path.join(HERE, 'bench.py'), 'all', f'--out={results_dir}',
+           f"--runs_dir={os.path.join(results_dir, 'runs')}", f'--preset={preset}', f'--wandb_log={wandb_log}']
+    status = None
+    with subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          bufsize=1) as p:
+        for line in p.stdout:
+            print(line, end='', flush=True)
+            if line.startswith('[bench] {'):
+                status = json.loads(line[len('[bench] '):])
+    if status is None:
+        status = {'bench': f'failed: exit {p.returncode} before reporting its steps'}
+    return status
 
 
 def _pin_gpu(free_gpus):
@@ -879,14 +697,6 @@ def _diverged_summary(run_cfg, why):
                'iters': evals[-1]['iter'] if evals else 0, 'out_dir': out_dir}
     atomic_write_json(summary, os.path.join(out_dir, 'summary.json'))
     return summary
-
-
-def _load_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 def main(argv):

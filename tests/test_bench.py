@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import bench  # noqa: E402
+import report  # noqa: E402
 import model as model_lib  # noqa: E402
 from model import CaptureError  # noqa: E402
 
@@ -171,7 +172,7 @@ def test_memory_oom_stops_series(tmp_path, monkeypatch):
     assert status[(1, 128)].startswith('skipped')
     assert status[(4, 16)] == 'OOM' and status[(4, 32)].startswith('skipped')
     assert rows[0]['peak_bytes'] == 16000
-    assert bench._oom_thresholds(out) == {'vanilla': {1: '64', 4: '16'}}
+    assert report._oom_thresholds(out) == {'vanilla': {1: '64', 4: '16'}}
 
 
 def test_latency_rows(results):
@@ -288,13 +289,13 @@ def test_readme_blocks_are_generated(results, tmp_path, monkeypatch):
     """report(readme=True) and runs(readme=True) rewrite only their README blocks, from the files."""
     out, _ = results
     readme = tmp_path / 'README.md'
-    readme.write_text('intro\n' + '\n'.join(bench.BAKEOFF_MARK) + '\nmiddle\n' + '\n'.join(bench.RUNS_MARK) + '\nend\n')
-    monkeypatch.setattr(bench, 'README', str(readme))
+    readme.write_text('intro\n' + '\n'.join(report.BAKEOFF_MARK) + '\nmiddle\n' + '\n'.join(report.RUNS_MARK) + '\nend\n')
+    monkeypatch.setattr(report, 'README', str(readme))
     bench.report(out, readme=True)
     bench.runs(runs_dir=out, readme=True)
     text = readme.read_text()
     assert text.startswith('intro\n') and '\nmiddle\n' in text and text.endswith('\nend\n')
-    block = text[text.index(bench.BAKEOFF_MARK[0]):text.index(bench.BAKEOFF_MARK[1])]
+    block = text[text.index(report.BAKEOFF_MARK[0]):text.index(report.BAKEOFF_MARK[1])]
     assert 'bakeoff.csv' in block and '| vanilla |' in block and 'Mean best validation loss per learning rate' in block
     assert '![' not in block  # tables only: the README places its own plots
     with pytest.raises(FileNotFoundError, match='bench.py bakeoff'):

@@ -1,0 +1,761 @@
+"""
+The report: markdown tables, plots, REPORT.md and the README's generated blocks, all rendered from the result
+files (CSV, JSON, run records) that bench.py and train_runner.py write. Nothing here measures anything, so
+everything here is deterministic given those files: `python bench.py report` and `bench.py bakeoff` rebuild
+their outputs byte for byte.
+"""
+
+import json
+import math
+import os
+from dataclasses import fields
+
+import model
+from runtime import read_csv, write_csv, write_json
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+DECODE_COL = {'compiled graph': 'decode_compiled_ms_per_token', 'graph': 'decode_graph_ms_per_token',
+               'eager': 'decode_eager_ms_per_token'}                     # latency's decode modes
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def savefig(fig, path):
+    # no 'Software' (matplotlib version) in the PNG: plots depend on their data only
+    fig.savefig(path, dpi=110, metadata={'Software': None})
+    pyplot().close(fig)
+    print(f"[bench] wrote {path}")
+
+
+def color_of(mt):
+    order = list(model.MODEL_TYPES)
+    return f'C{order.index(mt)}' if mt in order else 'C7'
+
+
+def plot_memory(rows, path, device_total_bytes=None):
+    plt = pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    measured = False
+    for mt in dict.fromkeys(r['model'] for r in rows):
+        for B, ls in zip(sorted({int(r['batch']) for r in rows if r['model'] == mt}), ['-', '--', ':', '-.']):
+            rs = [r for r in rows if r['model'] == mt and int(r['batch']) == B]
+            pts = [(int(r['context']), float(r['peak_bytes']) / 2 ** 30) for r in rs
+                   if r['status'] == 'ok' and r.get('peak_bytes') not in (None, '')]
+            if pts:
+                measured = True
+                ax1.plot(*zip(*pts), ls, marker='o', ms=3, color=color_of(mt), label=f'{mt} B={B}')
+            for r in rs:
+                if r['status'] == 'OOM':
+                    y = device_total_bytes / 2 ** 30 if device_total_bytes else (pts[-1][1] if pts else 1)
+                    ax1.plot([int(r['context'])], [y], 'x', ms=10, mew=2, color=color_of(mt))
+                    ax1.annotate('OOM', (int(r['context']), y), textcoords='offset points', xytext=(4, 4),
+                                 fontsize=7, color=color_of(mt))
+    if device_total_bytes:
+        ax1.axhline(device_total_bytes / 2 ** 30, color='k', lw=0.8, ls=':', label='device memory')
+    if not measured:
+        ax1.text(0.5, 0.5, 'peak memory not measured\n(needs CUDA)', ha='center', va='center',
+                 transform=ax1.transAxes)
+    ax1.set(xscale='log', yscale='log' if measured else 'linear', xlabel='context length T (tokens)',
+            ylabel='peak training memory (GiB)', title='memory wall: fwd+bwd peak (x = OOM)')
+    ax1.set_xscale('log', base=2)
+    if measured:
+        ax1.legend(fontsize=7)
+    for mt in dict.fromkeys(r['model'] for r in rows):
+        pts = sorted({(int(r['context']), int(r['state_bytes'])) for r in rows if r['model'] == mt})
+        ax2.plot(*zip(*pts), marker='o', ms=3, color=color_of(mt), label=mt)
+    ax2.set(xscale='log', yscale='log', xlabel='context length T (tokens)', ylabel='bytes per sequence',
+            title='decoding state (KV cache vs recurrent state)')
+    ax2.set_xscale('log', base=2)
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    savefig(fig, path)
+
+
+def add_vs_vanilla(rows, value, col):
+    """r[col] = r[value] / vanilla's r[value] at the same batch and context, for rows of one command (one
+    run: the ratios the speed targets are stated in). Rows read back from a CSV work too (strings)."""
+    key = lambda r: (str(r['batch']), str(r['context']))
+    ref = {key(r): _num(r, value) for r in rows if r['model'] == 'vanilla' and _num(r, value)}
+    for r in rows:
+        if _num(r, value) and key(r) in ref:
+            r[col] = _num(r, value) / ref[key(r)]
+    return rows
+
+
+def _decode_mode(r):
+    """A latency.csv row's decode mode; rows written before decode_mode existed say decode_cuda_graph."""
+    return r.get('decode_mode') or ('graph' if r.get('decode_cuda_graph') in (True, 'True') else 'eager')
+
+
+def _num(r, k):
+    v = r.get(k)
+    return None if v in (None, '') else float(v)
+
+
+def plot_latency(rows, path):
+    plt = pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 4.8), gridspec_kw=dict(width_ratios=[1, 1.25]))
+    for mt in dict.fromkeys(r['model'] for r in rows):
+        rs = [r for r in rows if r['model'] == mt and r['status'] == 'ok']
+        if not rs:
+            continue
+        L = [int(r['context']) for r in rs]
+        ax1.plot(L, [_num(r, 'prefill_ms') for r in rs], marker='o', ms=3, color=color_of(mt), label=mt)
+        modes = {_decode_mode(r) for r in rs}
+        ax2.plot(L, [_num(r, 'decode_ms_per_token') for r in rs], marker='o', ms=3, color=color_of(mt),
+                 label=f"{mt} (cache/state, {modes.pop() if len(modes) == 1 else 'fastest mode'})")
+        for col, style, what in (('decode_graph_ms_per_token', '-.', 'graph of the eager step'),
+                                 ('decode_eager_ms_per_token', ':', 'eager steps')):
+            pts = [(int(r['context']), _num(r, col)) for r in rs if _num(r, col) is not None
+                   and _num(r, col) != _num(r, 'decode_ms_per_token')]
+            if pts:
+                ax2.plot(*zip(*pts), style, marker='.', ms=3, color=color_of(mt), label=f'{mt} ({what})')
+        nc = [(int(r['context']), _num(r, 'nocache_ms_per_token')) for r in rs
+              if _num(r, 'nocache_ms_per_token') is not None]
+        if nc:
+            ax2.plot(*zip(*nc), '--', marker='x', ms=4, color=color_of(mt), label=f'{mt} (no cache: recompute)')
+    ax1.set(xscale='log', yscale='log', xlabel='prompt length (tokens)', ylabel='prefill time (ms)',
+            title='prefill, batch 1')
+    ax2.set(xscale='log', yscale='log', xlabel='context length (tokens)', ylabel='ms per generated token',
+            title='decode, batch 1')
+    for ax in (ax1, ax2):
+        ax.set_xscale('log', base=2)
+    ax1.legend(fontsize=7)
+    ax2.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1))  # outside: a dozen series
+    fig.tight_layout()
+    savefig(fig, path)
+
+
+def plot_throughput(rows, path):
+    plt = pyplot()
+    shapes = list(dict.fromkeys((int(r['batch']), int(r['context'])) for r in rows))
+    mts = list(dict.fromkeys(r['model'] for r in rows))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    w = 0.8 / max(1, len(mts))
+    for i, mt in enumerate(mts):
+        tps, mfu = [], []
+        for B, T in shapes:
+            r = next((r for r in rows if r['model'] == mt and (int(r['batch']), int(r['context'])) == (B, T)
+                      and r['status'] == 'ok'), None)
+            tps.append(_num(r, 'tokens_per_s') if r else 0)
+            mfu.append(100 * _num(r, 'mfu') if r and _num(r, 'mfu') is not None else 0)
+        x = [j + i * w for j in range(len(shapes))]
+        ax1.bar(x, tps, w, color=color_of(mt), label=mt)
+        ax2.bar(x, mfu, w, color=color_of(mt), label=mt)
+    if not any(_num(r, 'mfu') for r in rows if r['status'] == 'ok'):
+        ax2.text(0.5, 0.5, 'MFU not available\n(no peak FLOP/s known for this device)', ha='center',
+                 va='center', transform=ax2.transAxes)
+    labels = [f'B={B}\nT={T}' for B, T in shapes]
+    for ax, yl in ((ax1, 'training tokens / s'), (ax2, 'MFU (%)')):
+        ax.set_xticks([j + 0.4 - w / 2 for j in range(len(shapes))], labels)
+        ax.set(ylabel=yl)
+        ax.legend(fontsize=7)
+    ax1.set_title('training throughput (missing bar = OOM / error)')
+    ax2.set_title('model FLOPs utilisation')
+    fig.tight_layout()
+    savefig(fig, path)
+
+
+def _model_order(mt):
+    order = list(model.MODEL_TYPES)
+    return (order.index(mt) if mt in order else len(order), mt)
+
+
+def _mean_std(xs):
+    """Mean and sample std (n-1; NaN for a single value)."""
+    n = len(xs)
+    mean = sum(xs) / n
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else float('nan')
+    return mean, std
+
+
+def _f(x, spec):
+    """Fixed float formatting for the deterministic tables ('-' for missing / NaN)."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return '-'
+    return format(x, spec)
+
+
+def load_runs(runs_dir):
+    """Finished runs under runs_dir/<run_name>/ (summary.json with status 'done'), sorted by
+    (model, lr, seed); and the names of the run folders that were skipped, with why."""
+    runs, skipped = [], []
+    for name in sorted(os.listdir(runs_dir)):
+        d = os.path.join(runs_dir, name)
+        if not os.path.isdir(d):
+            continue
+        try:
+            with open(os.path.join(d, 'summary.json')) as f:
+                summary = json.load(f)
+            if summary.get('status') != 'done':
+                raise ValueError(f"status {summary.get('status')!r}")
+            with open(os.path.join(d, 'config.json')) as f:
+                config = json.load(f)
+            evals, trains = [], []
+            if os.path.exists(os.path.join(d, 'metrics.jsonl')):
+                with open(os.path.join(d, 'metrics.jsonl')) as f:
+                    for line in f:
+                        if line.strip():
+                            rec = json.loads(line)
+                            (evals if rec.get('kind') == 'eval' else trains).append(rec)
+        except FileNotFoundError as e:  # unfinished (or still running): no path in the message, for reproducibility
+            skipped.append(f'{name}: no {os.path.basename(e.filename)}')
+            continue
+        except Exception as e:
+            skipped.append(f'{name}: {type(e).__name__}: {e}')
+            continue
+        runs.append(dict(name=name, summary=summary, config=config, evals=sorted(evals, key=lambda r: r['iter'])))
+    runs.sort(key=lambda r: (_model_order(r['summary']['model_type']), float(r['summary']['learning_rate']),
+                             int(r['summary']['seed']), r['name']))
+    return runs, skipped
+
+
+def _is_run_dir(d):
+    return os.path.exists(os.path.join(d, 'summary.json')) or os.path.exists(os.path.join(d, 'config.json'))
+
+
+def resolve_runs_dir(out, preset, runs_dir):
+    """The folder that holds the run folders: runs_dir if given; else <out>/runs when it holds runs
+    directly (train_runner's sweep layout <results_dir>/runs/<run>), else <out>/runs/<preset>."""
+    if runs_dir is not None:
+        if not os.path.isdir(runs_dir):
+            raise ValueError(f"bakeoff: runs_dir {runs_dir!r} is not a folder")
+        return runs_dir, preset or os.path.basename(os.path.normpath(runs_dir))
+    root = os.path.join(out, 'runs')
+    if os.path.isdir(root) and any(_is_run_dir(os.path.join(root, d)) for d in os.listdir(root)):
+        return root, preset or os.path.basename(os.path.normpath(out))
+    presets = sorted(p for p in os.listdir(root) if os.path.isdir(os.path.join(root, p))) \
+        if os.path.isdir(root) else []
+    if preset is None:
+        if len(presets) != 1:
+            raise ValueError(f"bakeoff: pass --preset=<name>; presets under {root}: {presets or 'none'}")
+        preset = presets[0]
+    elif preset not in presets:
+        raise ValueError(f"bakeoff: no preset {preset!r} under {root}; valid choices: {presets or 'none'}")
+    return os.path.join(root, preset), preset
+
+
+def _oom_thresholds(out):
+    """{model: {batch: 'first OOM context' | '>max measured'}} from <out>/memory.csv, if it was measured."""
+    path = os.path.join(out, 'memory.csv')
+    if not os.path.exists(path):
+        return {}
+    res = {}
+    for r in read_csv(path):
+        s = res.setdefault(r['model'], {}).setdefault(int(r['batch']), {'oom': None, 'max_ok': None, 'err': None})
+        T = int(r['context'])
+        if r['status'] == 'OOM' and (s['oom'] is None or T < s['oom']):
+            s['oom'] = T
+        if r['status'] == 'ok' and (s['max_ok'] is None or T > s['max_ok']):
+            s['max_ok'] = T
+        if r['status'].startswith('error') and (s['err'] is None or T < s['err']):
+            s['err'] = T  # a failure that is not an OOM must not read as "no OOM up to max_ok"
+
+    def summary(s):
+        if s['err'] is not None and (s['oom'] is None or s['err'] < s['oom']):
+            return f"err@{s['err']}"
+        return str(s['oom']) if s['oom'] else (f">{s['max_ok']}" if s['max_ok'] else '-')
+    return {mt: {B: summary(s) for B, s in bs.items()} for mt, bs in res.items()}
+
+
+def _decode_ms(out, context=1024):
+    path = os.path.join(out, 'latency.csv')
+    if not os.path.exists(path):
+        return {}
+    return {r['model']: (float(r['decode_ms_per_token']), _decode_mode(r))
+            for r in read_csv(path) if int(r['context']) == context and r['status'] == 'ok'}
+
+
+def _source_meta(out, name):
+    """Where a bench file the bake-off reads came from (its sidecar's commit/device/command), or None."""
+    p = os.path.join(out, f'{name}.meta.json')
+    if not os.path.exists(os.path.join(out, f'{name}.csv')):
+        return None
+    if not os.path.exists(p):
+        return {'file': f'{name}.csv'}
+    with open(p) as f:
+        meta = json.load(f)
+    return {'file': f'{name}.csv', **{k: meta.get(k) for k in ('git_commit', 'device', 'command')}}
+
+
+def bakeoff(out='results', preset=None, runs_dir=None):
+    """Tables and plots from the sweep's run records (results/runs/<preset>/<run>/). Deterministic: the
+    files depend only on the records (and on <out>/memory.csv and latency.csv when present)."""
+    runs_dir, preset = resolve_runs_dir(out, preset, runs_dir)
+    runs, skipped = load_runs(runs_dir)
+    for s in skipped:
+        print(f"[bakeoff] skipped run {s}")
+    if not runs:
+        raise ValueError(f"bakeoff: no finished runs (summary.json with status 'done') under {runs_dir}")
+    print(f"[bakeoff] {len(runs)} finished runs from {runs_dir}")
+    ooms, decode = _oom_thresholds(out), _decode_ms(out)
+
+    # (model, lr) -> runs over seeds
+    groups = {}
+    for r in runs:
+        s = r['summary']
+        groups.setdefault(s['model_type'], {}).setdefault(float(s['learning_rate']), []).append(r)
+
+    lr_rows, main_rows, curve_rows = [], [], []
+    for mt in sorted(groups, key=_model_order):
+        by_lr = groups[mt]
+        stats = {lr: _mean_std([float(r['summary']['best_val_loss']) for r in rs]) for lr, rs in by_lr.items()}
+        best_lr = min(sorted(stats), key=lambda lr: stats[lr][0])  # ties -> the smaller lr
+        for lr in sorted(by_lr):
+            mean, std = stats[lr]
+            lr_rows.append(dict(model=mt, learning_rate=f'{lr:g}', n_seeds=str(len(by_lr[lr])),
+                                best_val_loss_mean=_f(mean, '.4f'), best_val_loss_std=_f(std, '.4f'),
+                                best=str(lr == best_lr)))
+        rs = by_lr[best_lr]
+        losses = [float(r['summary']['best_val_loss']) for r in rs]
+        ppls = [math.exp(x) for x in losses]
+        (lm, ls), (pm, ps) = _mean_std(losses), _mean_std(ppls)
+        tps_runs = [float(r['summary']['tokens_per_s']) for r in rs if r['summary'].get('tokens_per_s') is not None]
+        tps = _mean_std(tps_runs)[0] if tps_runs else None  # None: runs too short to time (smoke tests)
+        n_params = sorted({int(r['summary']['n_params']) for r in rs})
+        oom = ooms.get(mt, {})
+        # how the best-LR runs executed (their tokens/s depend on it): compile / CUDA graphs as they ran
+        modes = sorted({'+'.join(k for k in ('compile', 'cuda_graphs') if r['summary'].get(k, r['config'].get(k)))
+                        or 'eager' for r in rs})
+        main_rows.append(dict(
+            model=mt, n_params='/'.join(str(n) for n in n_params), lrs_finished=' '.join(f'{lr:g}' for lr in sorted(by_lr)),
+            best_lr=f'{best_lr:g}', n_seeds=str(len(rs)),
+            seeds=' '.join(str(r['summary']['seed']) for r in rs),
+            best_val_loss_mean=_f(lm, '.4f'), best_val_loss_std=_f(ls, '.4f'),
+            val_ppl_mean=_f(pm, '.4f'), val_ppl_std=_f(ps, '.4f'),
+            oom_context_b1=oom.get(1, '-'), oom_context_b4=oom.get(4, '-'),
+            decode_ms_per_token_1024=_f(decode.get(mt, (None,))[0], '.3f'),
+            decode_mode=decode[mt][1] if mt in decode else '-', train_tokens_per_s=_f(tps, '.0f'),
+            train_mode=' / '.join(modes)))
+        for r in rs:
+            for e in r['evals']:
+                curve_rows.append(dict(model=mt, learning_rate=f'{best_lr:g}', seed=str(r['summary']['seed']),
+                                       iter=str(int(e['iter'])), flops=_f(float(e['flops']), '.6e'),
+                                       val_loss=_f(float(e['val_loss']), '.4f'),
+                                       val_ppl=_f(math.exp(float(e['val_loss'])), '.4f')))
+
+    main_cols = ['model', 'n_params', 'lrs_finished', 'best_lr', 'n_seeds', 'seeds', 'best_val_loss_mean',
+                 'best_val_loss_std', 'val_ppl_mean', 'val_ppl_std', 'oom_context_b1', 'oom_context_b4',
+                 'decode_ms_per_token_1024', 'decode_mode', 'train_tokens_per_s', 'train_mode']
+    write_csv(os.path.join(out, 'bakeoff.csv'), main_rows, main_cols)
+    write_csv(os.path.join(out, 'bakeoff_lr.csv'), lr_rows,
+              ['model', 'learning_rate', 'n_seeds', 'best_val_loss_mean', 'best_val_loss_std', 'best'])
+    write_csv(os.path.join(out, 'bakeoff_ppl_vs_flops.csv'), curve_rows,
+              ['model', 'learning_rate', 'seed', 'iter', 'flops', 'val_loss', 'val_ppl'])
+
+    # metadata from the inputs only: the runs' commits, devices, versions, commands; never *now*
+    def distinct(key):
+        return sorted({json.dumps(r['config'].get(key), sort_keys=True) for r in runs})
+    rel = os.path.relpath(runs_dir, out)
+    write_json(os.path.join(out, 'bakeoff.meta.json'), {
+        'name': 'bakeoff', 'preset': preset, 'runs_dir': rel.replace(os.sep, '/'), 'n_runs': len(runs),
+        'runs': [r['name'] for r in runs], 'skipped_runs': skipped,
+        'git_commit': [json.loads(s) for s in distinct('git_commit')],
+        'device': [json.loads(s) for s in distinct('device')],
+        'versions': [json.loads(s) for s in distinct('versions')],
+        'command': [json.loads(s) for s in distinct('command')],
+        'sources': {'memory': _source_meta(out, 'memory'), 'latency': _source_meta(out, 'latency')},
+        'method': "best LR = lowest mean (over seeds) best val loss; loss and perplexity (exp of each seed's best "
+                  "val loss) are mean ± sample std over the seeds at the best LR; tokens/s = mean of the runs' "
+                  "summaries at the best LR, which depend on train_mode (how those runs executed: torch.compile, "
+                  "CUDA graphs); lrs_finished = the LRs with a finished run; OOM context = first context whose fwd+bwd ran out of memory "
+                  "(memory.csv; '>T' = none up to T); decode ms/token at context 1024 from latency.csv "
+                  "(decode_mode: compiled graph = torch.compile'd step replayed from a CUDA graph, graph = the eager "
+                  "step replayed from a CUDA graph, eager = launched op by op)",
+    })
+    plot_val_curves(runs, groups, {r['model']: float(r['best_lr']) for r in main_rows},
+                    os.path.join(out, 'bakeoff_val_loss.png'))
+    plot_ppl_vs_flops(curve_rows, os.path.join(out, 'bakeoff_ppl_vs_flops.png'))
+    for r in main_rows:
+        print(f"[bakeoff] {r['model']:>14}: best lr {r['best_lr']}, val loss {r['best_val_loss_mean']} ± "
+              f"{r['best_val_loss_std']}, ppl {r['val_ppl_mean']} ± {r['val_ppl_std']} ({r['n_seeds']} seeds)")
+    return main_rows
+
+
+def _mean_curve(runs, x_key):
+    """Mean over runs of val_loss at each eval iter: [(x, mean val loss)], x from the first run."""
+    by_iter = {}
+    for r in runs:
+        for e in r['evals']:
+            by_iter.setdefault(int(e['iter']), []).append((float(e[x_key]), float(e['val_loss'])))
+    return [(v[0][0], sum(l for _, l in v) / len(v)) for it, v in sorted(by_iter.items())]
+
+
+def plot_val_curves(runs, groups, best_lr, path):
+    """One panel per model: mean val loss vs iteration for every LR (the best one bold)."""
+    plt = pyplot()
+    mts = sorted(groups, key=_model_order)
+    fig, axes = plt.subplots(1, len(mts), figsize=(4.5 * len(mts), 4), sharey=True, squeeze=False)
+    for ax, mt in zip(axes[0], mts):
+        lrs = sorted(groups[mt])
+        for i, lr in enumerate(lrs):
+            pts = _mean_curve(groups[mt][lr], 'iter')
+            if pts:
+                best = lr == best_lr[mt]
+                ax.plot(*zip(*pts), color=plt.cm.viridis(i / max(1, len(lrs) - 1)), lw=2.2 if best else 1,
+                        label=f'lr {lr:g}' + (' (best)' if best else ''))
+        ax.set(title=mt, xlabel='iteration')
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel('validation loss (mean over seeds)')
+    fig.tight_layout()
+    savefig(fig, path)
+
+
+def plot_ppl_vs_flops(curve_rows, path):
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for mt in dict.fromkeys(r['model'] for r in curve_rows):
+        by_iter = {}
+        for r in curve_rows:
+            if r['model'] == mt:
+                by_iter.setdefault(int(r['iter']), []).append((float(r['flops']), float(r['val_ppl'])))
+        pts = [(v[0][0], sum(p for _, p in v) / len(v)) for _, v in sorted(by_iter.items()) if v[0][0] > 0]
+        if pts:
+            ax.plot(*zip(*pts), marker='o', ms=3, color=color_of(mt), label=mt)
+    ax.set(xscale='log', yscale='log', xlabel='cumulative training FLOPs', ylabel='validation perplexity',
+           title='validation perplexity vs compute (best LR, mean over seeds)')
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    savefig(fig, path)
+
+
+def _md_table(rows, cols, headers=None):
+    headers = headers or cols
+    lines = ['| ' + ' | '.join(headers) + ' |', '|' + '|'.join(['---'] * len(cols)) + '|']
+    for r in rows:
+        lines.append('| ' + ' | '.join(str(r.get(c, '')) if r.get(c, '') != '' else '-' for c in cols) + ' |')
+    return '\n'.join(lines)
+
+
+def _pivot(rows, row_key, col_key, cell):
+    """Markdown table: one row per row_key value, one column per col_key value, cells from cell(r)."""
+    rks = list(dict.fromkeys(row_key(r) for r in rows))
+    cks = list(dict.fromkeys(col_key(r) for r in rows))
+    table = {(row_key(r), col_key(r)): cell(r) for r in rows}
+    out = [dict({'_': rk}, **{ck: table.get((rk, ck), '-') for ck in cks}) for rk in rks]
+    return out, ['_'] + cks
+
+
+def _meta_lines(out, name):
+    p = os.path.join(out, f'{name}.meta.json')
+    if not os.path.exists(p):
+        return f'*No metadata file {name}.meta.json.*'
+    with open(p) as f:
+        m = json.load(f)
+
+    def one(x):
+        return ', '.join(map(str, x)) if isinstance(x, list) else str(x)
+    versions = m.get('versions')
+    if isinstance(versions, list):
+        versions = '; '.join(', '.join(f'{k} {v}' for k, v in sorted(d.items())) for d in versions if d)
+    elif isinstance(versions, dict):
+        versions = ', '.join(f'{k} {v}' for k, v in sorted(versions.items()))
+    lines = [f"- command: `{one(m.get('command'))}`" if not isinstance(m.get('command'), list) or
+             len(m['command']) <= 1 else f"- commands: {len(m['command'])} distinct, e.g. `{m['command'][0]}`",
+             f"- git commit: `{one(m.get('git_commit'))}`", f"- device: {one(m.get('device'))}",
+             f"- versions: {versions}"]
+    if 'settings' in m:
+        lines.append(f"- settings: `{json.dumps(m['settings'], sort_keys=True)}`")
+    if 'preset' in m:
+        lines.append(f"- preset: `{m['preset']}`, {m.get('n_runs')} runs from `{m.get('runs_dir')}`"
+                     + (f", {len(m['skipped_runs'])} unfinished runs skipped" if m.get('skipped_runs') else ''))
+    if 'method' in m:
+        lines.append(f"- method: {m['method']}")
+    return '\n'.join(lines)
+
+
+def report(out='results', readme=False):
+    """<out>/REPORT.md from whatever result files exist; what is missing is said to be missing.
+    readme=True: the bake-off tables also replace the README block between the bakeoff-table markers."""
+    def have(name):
+        return os.path.exists(os.path.join(out, name))
+
+    def img(name, alt):
+        return f"![{alt}]({name})" if have(name) else f"*Missing plot `{name}`.*"
+
+    md = ["# Token-mixer bake-off: report", "",
+          "Generated by `python bench.py report` from the result files in this folder; every number below "
+          "is read from those files. Each section lists how its file was made (command, commit, device, versions).",
+          ""]
+
+    def section(title, name, how, body, missing_note=''):
+        """A '## title' section: body(rows of <out>/name) -> lines, or a line saying the file is missing."""
+        md.extend([f"## {title}", ""])
+        if have(name):
+            md.extend(body(read_csv(os.path.join(out, name))))
+        else:
+            md.append(f"*Missing: `{name}` not found in this folder (make it with `{how}`).*" + missing_note)
+        md.append("")
+
+    def selfcheck_body(rows):
+        for r in rows:
+            r['result'] = 'PASS' if r['ok'] == 'True' else 'FAIL'
+        return [_md_table(rows, ['model', 'name', 'result', 'max_rel_rms', 'model_seconds', 'detail'],
+                          ['model', 'check', 'result', 'max rel RMS', 'model s', 'detail']), "",
+                "`model s`: seconds of that model's checks, first-call kernel compilation and autotuning included.",
+                "", _meta_lines(out, 'selfcheck')]
+
+    def params_body(rows):
+        lines = [_md_table(rows, ['model', 'n_layer', 'n_head', 'n_embd', 'd_ff', 'd_ff_from', 'head_dims',
+                                  'total_params', 'non_embedding_params', 'diff_vs_vanilla_pct', 'mixer_config'],
+                           ['model', 'layers', 'heads', 'n_embd', 'd_ff', 'd_ff from', 'head dims', 'total params',
+                            'non-embedding', '% vs vanilla', 'mixer config']), ""]
+        mp = os.path.join(out, 'params.meta.json')
+        if os.path.exists(mp):
+            with open(mp) as f:
+                notes = json.load(f).get('d_ff_solve', [])
+            if notes:
+                lines += ["How d_ff was solved (`model.solve_d_ff`, matching *total* trainable parameters, tied head "
+                          "counted once):", ""] + [f"- {n}" for n in notes] + [""]
+        return lines + [_meta_lines(out, 'params')]
+
+    bakeoff_tables = []
+
+    def bakeoff_body(rows):
+        for r in rows:
+            r['loss'] = f"{r['best_val_loss_mean']} ± {r['best_val_loss_std']}"
+            r['ppl'] = f"{r['val_ppl_mean']} ± {r['val_ppl_std']}"
+        lines = [_md_table(rows, ['model', 'n_params', 'lrs_finished', 'best_lr', 'n_seeds', 'loss', 'ppl',
+                                  'oom_context_b1', 'oom_context_b4', 'decode_ms_per_token_1024', 'decode_mode',
+                                  'train_tokens_per_s', 'train_mode'],
+                           ['model', 'params', 'LRs finished', 'best LR', 'seeds', 'best val loss', 'val perplexity',
+                            'OOM context (B=1)', 'OOM context (B=4)', 'decode ms/token @1024', 'decode mode',
+                            'train tokens/s', 'runs executed with']), ""]
+        bakeoff_tables.append(lines)  # the README quotes these (readme=True); the list grows below
+        if have('bakeoff_lr.csv'):
+            lr = read_csv(os.path.join(out, 'bakeoff_lr.csv'))
+            lrs = sorted({r['learning_rate'] for r in lr}, key=float)
+            table, cols = _pivot(lr, lambda r: r['model'], lambda r: r['learning_rate'],
+                                 lambda r: (f"**{r['best_val_loss_mean']}**" if r['best'] == 'True'
+                                            else r['best_val_loss_mean']) + f" (n={r['n_seeds']})")
+            lines += ["Mean best validation loss per learning rate (best in bold):", "",
+                      _md_table(table, ['_'] + lrs, ['model \\ lr'] + lrs), ""]
+        return lines + [img('bakeoff_val_loss.png', 'validation loss curves'), "",
+                        img('bakeoff_ppl_vs_flops.png', 'validation perplexity vs FLOPs'), "", _meta_lines(out, 'bakeoff')]
+
+    def memory_body(rows):
+        err_cell, err_lines = errors_of(rows)
+
+        def cell(r):
+            if r['status'] == 'ok' and r['peak_gib']:
+                return f"{float(r['peak_gib']):.3f}"
+            return {'ok (peak not measured on cpu)': 'n/m'}.get(r['status'], err_cell(r['status']).split(' (')[0])
+        table, cols = _pivot(rows, lambda r: r['context'], lambda r: f"{r['model']} B={r['batch']}", cell)
+        lines = ["Peak training memory, fwd+bwd (GiB; OOM = out of memory; skipped = past the OOM; n/m = not "
+                 "measured):", "", _md_table(table, cols, ['context'] + cols[1:]), "", *err_lines]
+        timed = [r for r in rows if r.get('fwdbwd_ms')]
+        if timed:
+            table, cols = _pivot(timed, lambda r: r['context'], lambda r: f"{r['model']} B={r['batch']}",
+                                 lambda r: f"{float(r['fwdbwd_ms']):.2f}" + (
+                                     f" ({float(r['fwdbwd_vs_vanilla']):.2f}x)" if r.get('fwdbwd_vs_vanilla') else ''))
+            lines += ["fwd+bwd time per step (ms, median; in parentheses: over vanilla's at the same batch and "
+                      "context, same run):", "", _md_table(table, cols, ['context'] + cols[1:]), ""]
+        st = {(r['context'], r['model']): r['state_bytes'] for r in rows}
+        table, cols = _pivot([dict(context=c, model=mt, b=b) for (c, mt), b in st.items()],
+                             lambda r: r['context'], lambda r: r['model'], lambda r: f"{int(r['b']):,}")
+        return lines + ["Decoding-state bytes per sequence (KV cache grows with context; a recurrent state does not):",
+                        "", _md_table(table, cols, ['context'] + cols[1:]), "", img('memory.png', 'memory wall'), "",
+                        _meta_lines(out, 'memory')]
+
+    def errors_of(rows):
+        """(cell text for a status, footnote lines): errors are numbered once, not repeated in every cell."""
+        errs = list(dict.fromkeys(r['status'] for r in rows if r['status'].startswith('error')))
+        cell = lambda st: f"error {errs.index(st) + 1}" if st in errs else st  # noqa: E731
+        return cell, (["Errors: " + '; '.join(f"({i}) {e}" for i, e in enumerate(errs, 1)), ""] if errs else [])
+
+    def latency_body(rows):
+        err_cell, err_lines = errors_of(rows)
+
+        def ms(k):
+            return lambda r: f"{float(r[k]):.3f}" if r['status'] == 'ok' and r.get(k) else (
+                '-' if r['status'] == 'ok' else err_cell(r['status']))
+        modes = list(dict.fromkeys(_decode_mode(r) for r in rows if r['status'] == 'ok'))
+        tables = [('Prefill time (ms) vs prompt length', 'prefill_ms'),
+                  ('Decode time per token (ms) with the cache/state, in the fastest mode measured at each context ('
+                   + '; '.join(f"{mt}: " + ' / '.join(dict.fromkeys(_decode_mode(r) for r in rows if r['model'] == mt
+                                                                     and r['status'] == 'ok'))
+                               for mt in dict.fromkeys(r['model'] for r in rows if r['status'] == 'ok')) + ')',
+                   'decode_ms_per_token')]
+        if modes != ['eager']:
+            titles = {'compiled graph': 'torch.compile\'d step replayed from a CUDA graph',
+                      'graph': 'eager step replayed from a CUDA graph', 'eager': 'eager steps, launched op by op'}
+            ok = [r for r in rows if r['status'] == 'ok']
+            tables += [(f"Decode ms/token, {titles[md]}, same run", col) for md, col in DECODE_COL.items()
+                       if any(r.get(col) for r in ok) and {_decode_mode(r) for r in ok} != {md}]
+        lines = []
+        for title, key in tables:
+            table, cols = _pivot(rows, lambda r: r['context'], lambda r: r['model'], ms(key))
+            lines += [f"{title}:", "", _md_table(table, cols, ['context'] + cols[1:]), ""]
+        lines += err_lines
+        notes = list(dict.fromkeys(f"{r['model']}: {r['note']}" for r in rows if r.get('note')))
+        lines += [f"Notes: {'; '.join(notes)}", ""] if notes else []
+        nc = [r for r in rows if r.get('nocache_ms_per_token')]
+        if nc:
+            lines += ["Vanilla without a KV cache (an eager full forward over the whole context per token), same "
+                      "run, against the cached steps run eagerly (the cache alone) and in the fastest mode:", "",
+                      _md_table([dict(r, nc=f"{float(r['nocache_ms_per_token']):.3f}",
+                                      c=f"{float(r.get('decode_eager_ms_per_token') or r['decode_ms_per_token']):.3f}",
+                                      x=f"{float(r['nocache_over_cache']):.1f}x",
+                                      f=f"{float(r['decode_ms_per_token']):.3f} ({_decode_mode(r)})",
+                                      xf=f"{float(r['nocache_ms_per_token']) / float(r['decode_ms_per_token']):.1f}x")
+                                 for r in nc],
+                                ['model', 'context', 'c', 'nc', 'x', 'f', 'xf'],
+                                ['model', 'context', 'cached, eager steps', 'no cache', 'no cache / cached eager',
+                                 'cached, fastest mode', 'no cache / cached fastest']), "",
+                      "(ms/token. At batch 1 an eager step is bound by launching its kernels one at a time: the same step "
+                      "replayed from a CUDA graph is several times faster, tables above. The recompute is launched "
+                      "the same way, so at short contexts it is no dearer than the cached eager step, even cheaper "
+                      "where its ratio is below 1x; the cache pays once the context is long, and with the graphs.)", ""]
+        return lines + [img('latency.png', 'latency vs context'), "", _meta_lines(out, 'latency')]
+
+    def vs_nanogpt_body(rows):
+        return [_md_table(rows, ['impl', 'iters', 'median_ms', 'p10_ms', 'p90_ms', 'ratio_vs_nanogpt'],
+                          ['implementation', 'timed iterations', 'median ms/iter', 'p10', 'p90', 'vs nanoGPT']), "",
+                _meta_lines(out, 'vs_nanogpt')]
+
+    def throughput_body(rows):
+        err_cell, err_lines = errors_of(rows)
+        add_vs_vanilla(rows, 'ms_per_iter', 'vs_vanilla')  # files written before the column existed
+        for r in rows:
+            ok = r['status'] == 'ok'
+            r['ms'] = f"{float(r['ms_per_iter']):.2f}" if ok else err_cell(r['status'])
+            r['x_van'] = f"{float(r['vs_vanilla']):.2f}x" if ok and r.get('vs_vanilla') else '-'
+            r['tps'] = f"{float(r['tokens_per_s']):,.0f}" if ok else '-'
+            r['mfu_pct'] = f"{100 * float(r['mfu']):.1f}" if ok and r['mfu'] else '-'
+        return [_md_table(rows, ['model', 'batch', 'context', 'ms', 'x_van', 'tps', 'mfu_pct', 'compile', 'cuda_graphs'],
+                          ['model', 'B', 'T', 'ms/iter', 'x vanilla (same run)', 'tokens/s', 'MFU %', 'torch.compile',
+                           'CUDA graph']), "",
+                *err_lines,
+                "MFU counts attention over the full T x T score matrix, as nanoGPT and PaLM do; a causal kernel "
+                "does about half of that work, so at long context vanilla's MFU reads up to 2x high.", "",
+                img('throughput.png', 'training throughput'), "", _meta_lines(out, 'throughput')]
+
+    def scaling_body(rows):
+        for r in rows:
+            ok = r['status'] == 'ok'
+            r['shape'] = f"{r['gpus']} x {r['batch']} x {r['context']}"
+            for k, f in (('single_tokens_per_s', '{:,.0f}'), ('ddp_tokens_per_s', '{:,.0f}'), ('scaling', '{:.2f}x'),
+                         ('single_final_val', '{:.4f}'), ('ddp_final_val', '{:.4f}'), ('max_train_loss_diff', '{:.3f}')):
+                r[k + '_'] = f.format(float(r[k])) if ok and r.get(k) else ('-' if ok else r['status'])
+        return [_md_table(rows, ['model', 'shape', 'iters', 'single_tokens_per_s_', 'ddp_tokens_per_s_', 'scaling_',
+                                 'single_final_val_', 'ddp_final_val_', 'max_train_loss_diff_'],
+                          ['model', 'global batch (GPUs x B x T)', 'iters', '1 GPU tokens/s', 'DDP tokens/s',
+                           'scaling', '1 GPU final val', 'DDP final val', 'max train-loss gap']), "",
+                "1 GPU = one process doing every micro-step of the global batch; DDP = one micro-step per GPU. "
+                "Each rank draws its own data, so the curves agree statistically, not step for step.", "",
+                img('scaling_loss.png', 'loss curves, DDP vs one GPU'), "", _meta_lines(out, 'scaling')]
+
+    section('Kernel self-checks (fla vs reference)', 'selfcheck.csv', 'python bench.py selfcheck', selfcheck_body,
+            " Self-checks need CUDA.")
+    section('Parameters', 'params.csv', 'python bench.py params', params_body)
+    section('Bake-off (sweep results)', 'bakeoff.csv', 'python bench.py bakeoff --preset=<preset>', bakeoff_body,
+            " (needs the sweep's run records in results/runs/<preset>/).")
+    section('Memory', 'memory.csv', 'python bench.py memory', memory_body)
+    section('Generation latency (batch 1)', 'latency.csv', 'python bench.py latency', latency_body)
+    section('Training speed against nanoGPT (same shape, same run)', 'vs_nanogpt.csv',
+            'python bench.py vs_nanogpt (karpathy/nanoGPT cloned into .nanogpt/)', vs_nanogpt_body)
+    section('Training throughput', 'throughput.csv', 'python bench.py throughput', throughput_body)
+    section('Data-parallel scaling (DDP)', 'scaling.csv', 'python bench.py scaling (2+ GPUs)', scaling_body)
+
+    path = os.path.join(out, 'REPORT.md')
+    os.makedirs(out, exist_ok=True)
+    with open(path, 'w') as f:
+        f.write('\n'.join(md))
+    print(f"[bench] wrote {path}")
+    if readme:
+        if not bakeoff_tables:
+            raise FileNotFoundError(f"no bakeoff.csv in {out}: run `python bench.py bakeoff --out={out}` first")
+        _readme_block(BAKEOFF_MARK, f"Generated by `python bench.py report --out={out} --readme=True` from "
+                                    f"{out}/bakeoff.csv and bakeoff_lr.csv.\n\n" + '\n'.join(bakeoff_tables[0]))
+    return path
+
+
+def model_kw_from_runs(runs_dir):
+    """{model_type: GPTConfig kwargs} of the models a sweep trained, read from its runs' config.json, so
+    that the benchmarks measure the models the bake-off compares (the CPU preset's are smaller)."""
+    runs, _ = load_runs(runs_dir)
+    kw = {}
+    for r in runs:
+        mt = r['summary']['model_type']
+        if mt in kw:
+            continue
+        try:
+            mod = model.get_model_module(mt)
+        except Exception as e:
+            print(f"[bench] model {mt!r} of the runs does not import ({e}); the benchmarks skip it")
+            continue
+        names = {f.name for f in fields(mod.GPTConfig)} - {'model_type'}
+        # the requested config: d_ff=-1 is solved again at the training block_size (model_kwargs), the same
+        # width the run had, and the params table can say it was solved
+        kw[mt] = {k: v for k, v in r['config']['config'].items() if k in names}
+    return kw
+
+
+README = os.path.join(HERE, 'README.md')
+
+
+RUNS_MARK = ('<!-- runs-table:start -->', '<!-- runs-table:end -->')
+
+
+BAKEOFF_MARK = ('<!-- bakeoff-table:start -->', '<!-- bakeoff-table:end -->')
+
+
+def runs(runs_dir='results/h200', readme=False):
+    """A markdown table of every finished run (summary.json + config.json) below runs_dir. With readme=True
+    it replaces the README block between the runs-table markers, so the README quotes only these files."""
+    rows = []
+    for root, _, files in sorted(os.walk(runs_dir)):
+        if 'summary.json' not in files or 'config.json' not in files:
+            continue
+        with open(os.path.join(root, 'summary.json')) as f:
+            s = json.load(f)
+        with open(os.path.join(root, 'config.json')) as f:
+            c = json.load(f)
+        rows.append({
+            'run': f"[{os.path.relpath(root, runs_dir)}]({os.path.relpath(root, HERE)})", 'model': s['model_type'],
+            'params': f"{s['n_params']:,}", 'lr': f"{s['learning_rate']:g}", 'iters': str(s['iters']),
+            'best val loss (iter)': f"{s['best_val_loss']:.4f} ({s['best_iter']})",
+            'final val loss': f"{s['final_val_loss']:.4f}",
+            'median ms/iter': _f(s.get('median_ms_per_iter'), '.2f'), 'wall s': f"{s['wall_s']:.0f}",
+            'ran with': '+'.join(k for k in ('compile', 'cuda_graphs') if s.get(k, c.get(k))) or 'eager',
+            'device': c.get('device', '?'), 'commit': str(c.get('git_commit', '?'))[:10]})
+    cols = list(rows[0]) if rows else ['run']
+    table = _md_table(rows, cols) if rows else f"(no finished runs under {runs_dir})"
+    body = f"Generated by `python bench.py runs --runs_dir={runs_dir} --readme=True` from the run records.\n\n{table}"
+    print(body)
+    if readme:
+        _readme_block(RUNS_MARK, body)
+    return rows
+
+
+def _readme_block(marks, body):
+    """Replace what stands between the two marker lines in README.md with body."""
+    with open(README) as f:
+        text = f.read()
+    a, b = text.index(marks[0]) + len(marks[0]), text.index(marks[1])
+    with open(README, 'w') as f:
+        f.write(text[:a] + '\n' + body + '\n' + text[b:])
+
+
+def plot_scaling(curves, gpus, path):
+    """scaling_loss.png: the train-loss curves of one process and of DDP, a panel per (model, B, T)."""
+    plt = pyplot()
+    keys = list(dict.fromkeys(k[:3] for k in curves))
+    if keys:
+        fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
+        for ax, (mt, B, T) in zip(axes[0], keys):
+            for kind, style in (('single', '-'), ('ddp', '--')):
+                if (mt, B, T, kind) in curves:
+                    ax.plot(*zip(*curves[(mt, B, T, kind)]), style, color=color_of(mt),
+                            label='1 process' if kind == 'single' else f'DDP, {gpus} processes')
+            ax.set(title=f'{mt}, {gpus} x {B} x {T} tokens/step', xlabel='iteration', ylabel='train loss')
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        savefig(fig, path)

@@ -1,0 +1,335 @@
+"""
+Runtime helpers shared by train_runner.py, bench.py and sample.py: device choice and autocast, torch.compile /
+CUDA-graph decisions and the graphed training step, the dataset loader, run metadata (commit, device,
+library versions), CSV/JSON I/O and `--key=value` value parsing. Nothing here imports train_runner or bench.
+"""
+
+import ast
+import csv
+import gc
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+
+import numpy as np
+import torch
+
+import model as model_lib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def parse_value(s):
+    if s.lower() in ('true', 'false'):  # --compile=false must not become the (truthy) string 'false'
+        return s.lower() == 'true'
+    try:
+        return ast.literal_eval(s)
+    except (ValueError, SyntaxError):
+        return s  # a bare string such as --model_type=delta
+
+
+def pick_device(device='auto'):
+    return ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+
+
+def device_name(device):
+    if str(device).startswith('cuda'):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def git_commit():
+    """HEAD's sha (+'-dirty' with uncommitted changes); GIT_COMMIT from the environment where there is
+    no .git (e.g. a copy of the tree on a remote GPU machine)."""
+    if os.environ.get('GIT_COMMIT'):
+        return os.environ['GIT_COMMIT']
+    try:
+        sha = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=HERE, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=HERE,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha + ('-dirty' if dirty else '')) if sha else 'unknown'
+    except (OSError, subprocess.SubprocessError):
+        return 'unknown'
+
+
+def library_versions():
+    from importlib.metadata import PackageNotFoundError, version
+    out = {'python': platform.python_version(), 'torch': torch.__version__, 'numpy': np.__version__}
+    for name, dist in (('triton', 'triton'), ('fla', 'fla-core'), ('flash_attn', 'flash-attn'), ('tilelang', 'tilelang')):
+        try:
+            out[name] = version(dist)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def run_metadata(device=None):
+    device = pick_device(device or 'auto')
+    return {'command': ' '.join([os.path.basename(sys.executable)] + sys.argv), 'git_commit': git_commit(),
+            'device': device_name(device), 'versions': library_versions()}
+
+
+# measured peaks (dense bf16 matmul, 8192^3, random data): H200 of this project's GPU machine, 788 TFLOP/s.
+# Other GPUs are measured once at start.
+KNOWN_PEAK_FLOPS = {'H200': 788e12}
+
+
+_peak_cache = {}
+
+
+def peak_flops(device):
+    """bf16 matmul peak of `device` in FLOP/s (known table, else measured once); None on CPU."""
+    if not str(device).startswith('cuda'):
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    for key, val in KNOWN_PEAK_FLOPS.items():
+        if key in name:
+            return val
+    if name not in _peak_cache:
+        a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+        b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+        for _ in range(3):
+            a @ b
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        torch.cuda.synchronize(device)
+        _peak_cache[name] = 10 * 2 * 8192 ** 3 / (time.perf_counter() - t0)
+    return _peak_cache[name]
+
+
+def load_dataset(dataset, device):
+    """Both splits as int64 tensors on `device` (tiny-shakespeare is 1M tokens: 8 MB), prepared if missing."""
+    data_dir = os.path.join(HERE, 'data', dataset)
+    paths = [os.path.join(data_dir, f) for f in ('train.bin', 'val.bin', 'meta.pkl')]
+    if not all(os.path.exists(p) for p in paths):
+        prep = os.path.join(data_dir, 'prepare.py')
+        if not os.path.exists(prep):
+            have = sorted(d for d in os.listdir(os.path.join(HERE, 'data')) if not d.startswith('_'))
+            raise FileNotFoundError(f"dataset {dataset!r} not found in {data_dir} and has no prepare.py; "
+                                    f"available datasets: {', '.join(have)}")
+        import importlib.util
+        spec = importlib.util.spec_from_file_location(f'prepare_{dataset}', prep)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        print(f"preparing dataset {dataset!r} ...")
+        mod.prepare(out_dir=data_dir)
+    import pickle
+    with open(paths[2], 'rb') as f:
+        meta = pickle.load(f)
+    splits = {s: torch.from_numpy(np.fromfile(p, dtype=np.uint16).astype(np.int64)).to(device)
+              for s, p in (('train', paths[0]), ('val', paths[1]))}
+    return splits, meta
+
+
+def atomic_torch_save(obj, path):
+    """Write then rename: a process killed mid-save leaves the previous checkpoint intact."""
+    tmp = path + '.tmp'
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(obj, path):
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write('\n')
+    os.replace(tmp, path)
+
+
+def fmt_time(s):
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def execution_modes(gpt_cls, device_type, compile='auto', cuda_graphs='auto', ddp=False):
+    """(use torch.compile, use CUDA graphs) for a model class on a device type, 'auto' = on for CUDA.
+    Off, with the reason printed, where they can't work: compile for a model that declares a
+    compile_problem, graphs under DDP. cuda_graphs=True without CUDA is an error. train() and bench's
+    timings both decide here."""
+    use_compile = (device_type == 'cuda') if compile == 'auto' else bool(compile)
+    if use_compile and getattr(gpt_cls, 'compile_problem', None):
+        print(f"torch.compile: off for {gpt_cls.__module__}: {gpt_cls.compile_problem}; running eagerly")
+        use_compile = False
+    use_graphs = (device_type == 'cuda' and not ddp) if cuda_graphs == 'auto' else bool(cuda_graphs)
+    if use_graphs and device_type != 'cuda':
+        raise ConfigError(f"cuda_graphs=True needs a CUDA device, got {device_type!r}; use cuda_graphs='auto' or False")
+    if use_graphs and ddp:
+        print("cuda_graphs: off under DDP (its gradient all-reduce hooks are not captured); running eagerly")
+        use_graphs = False
+    return use_compile, use_graphs
+
+
+class GraphedStep:
+    """One micro-step -- forward, loss / gas, backward into the existing .grad tensors -- captured once
+    in a CUDA graph and replayed. Why: at this model size every mixer except vanilla is bound by the
+    CPU, not the GPU (bench.py profile: DeltaNet's step keeps the H200 22% busy; fla's Triton kernels
+    cost ~100 us of Python each to launch). A replay launches the whole step at once.
+
+    The optimizer step, gradient clipping and zeroing stay outside the graph (a few fused launches),
+    so learning-rate changes need no capturable optimizer. Gradients must exist before capture, so that
+    backward is captured as an in-place accumulation (gas > 1 works) -- step() zeroes them each
+    optimizer step. Dropout is graph-safe (PyTorch advances the Philox offset on each replay).
+    Capture runs a few warm-up micro-steps on a side stream first (Triton autotuning, torch.compile),
+    whose gradients are discarded and whose dropout draws are undone (the CUDA RNG state is restored,
+    so a resumed run continues the same stream). An error in the warm-up (the model itself, or
+    torch.compile) propagates as it is; one in the capture raises model.CaptureError, and the caller
+    falls back to eager steps."""
+
+    def __init__(self, model, params, autocast, X, Y, gas=1, warmup=3):
+        self.params = [p for p in params if p.requires_grad]
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.x, self.y = X.clone(), Y.clone()
+
+        def micro_step():
+            with autocast:
+                loss = model(self.x, self.y)[1] / gas
+            loss.backward()
+            return loss
+
+        # the warm-up steps' gradients are zeroed after each, so the captured one starts from zero
+        self.graph, self.loss = model_lib.capture_cuda_graph(micro_step, warmup, after_warmup=self.zero_grad)
+        self.zero_grad()
+
+    def zero_grad(self):
+        torch._foreach_zero_([p.grad for p in self.params])
+
+    def __call__(self, X, Y):
+        """One micro-step on batch (X, Y): returns the (static) scaled loss tensor of this replay."""
+        self.x.copy_(X, non_blocking=True)
+        self.y.copy_(Y, non_blocking=True)
+        self.graph.replay()
+        return self.loss
+
+
+def as_list(x, cast=None):
+    """'a,b' / (a, b) / [a, b] / a -> list (so CLI literals and Python calls look alike); None stays None."""
+    if x is None:
+        return None
+    if isinstance(x, str):
+        x = [s.strip() for s in x.split(',') if s.strip()]
+    elif not isinstance(x, (list, tuple)):
+        x = [x]
+    return [cast(v) for v in x] if cast else list(x)
+
+
+def load_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def sync(device):
+    if torch.device(device).type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def resolve_device(device):
+    if device == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device not in ('cpu', 'cuda') and not str(device).startswith('cuda:'):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    return device
+
+
+def autocast_for(device):
+    """bf16 autocast on CUDA; a no-op context on CPU (CPU bf16 is slow and not what we measure)."""
+    if torch.device(device).type == 'cuda':
+        return torch.autocast(device_type='cuda', dtype=torch.bfloat16)
+    return torch.autocast(device_type='cpu', enabled=False)
+
+
+def act_dtype(device):
+    return torch.bfloat16 if torch.device(device).type == 'cuda' else torch.float32
+
+
+def failure_status(e):
+    """The status of a measurement that raised: 'OOM' (expected at the memory wall: no traceback) or
+    'error: <type>: <first line>' (traceback printed)."""
+    if is_oom(e):
+        return 'OOM'
+    traceback.print_exc()
+    return f'error: {type(e).__name__}: {model_lib.first_line(e, 200)}'
+
+
+def is_oom(e):
+    return isinstance(e, torch.cuda.OutOfMemoryError) or 'out of memory' in str(e).lower()
+
+
+def free_memory(device):
+    gc.collect()
+    if torch.device(device).type == 'cuda':
+        torch.cuda.empty_cache()
+
+
+def fmt_cell(v):
+    if v is None:
+        return ''
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, float):
+        return '' if math.isnan(v) else f'{v:.6g}'
+    return str(v)
+
+
+def write_csv(path, rows, columns):
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    with open(path, 'w', newline='') as f:
+        w = csv.writer(f, lineterminator='\n')
+        w.writerow(columns)
+        for r in rows:
+            w.writerow([fmt_cell(r.get(c)) for c in columns])
+    print(f"[bench] wrote {path} ({len(rows)} rows)")
+
+
+def read_csv(path):
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)
+
+
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    with open(path, 'w') as f:
+        json.dump(jsonable(obj), f, indent=2, sort_keys=True)
+        f.write('\n')
+
+
+def write_meta(out, name, device, settings, **extra):
+    """<out>/<name>.meta.json: how the file was made (command, commit, device, versions, settings)."""
+    meta = dict(run_metadata())
+    meta.update(name=name, device=device_name(device), device_type=torch.device(device).type,
+                call=f"bench.{name}({', '.join(f'{k}={v!r}' for k, v in settings.items())})",
+                settings=settings, **extra)
+    write_json(os.path.join(out, f'{name}.meta.json'), meta)
+    return meta
+
+
+def median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])

@@ -1,0 +1,90 @@
+"""The shape of the house: the top-level modules import each other without a cycle, bench and train_runner
+stay apart, and the committed report is exactly what the committed result files render to."""
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import report  # noqa: E402
+
+
+def top_level_modules():
+    return sorted(f[:-3] for f in os.listdir(ROOT) if f.endswith('.py'))
+
+
+def import_graph():
+    """{module: {project modules it imports}}, from every import statement in the file, including those
+    inside functions (a lazy import is still an edge)."""
+    mods = set(top_level_modules())
+    graph = {}
+    for m in mods:
+        with open(os.path.join(ROOT, f'{m}.py')) as f:
+            tree = ast.parse(f.read())
+        deps = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                deps |= {a.name.split('.')[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                deps.add(node.module.split('.')[0])
+        graph[m] = (deps & mods) - {m}
+    return graph
+
+
+def find_cycle(graph):
+    """One cycle as a list of modules, or None (depth-first search with colours)."""
+    colour, stack = {}, []
+
+    def visit(m):
+        colour[m] = 'grey'
+        stack.append(m)
+        for d in sorted(graph.get(m, ())):
+            if colour.get(d) == 'grey':
+                return stack[stack.index(d):] + [d]
+            if d not in colour:
+                found = visit(d)
+                if found:
+                    return found
+        stack.pop()
+        colour[m] = 'black'
+        return None
+
+    for m in sorted(graph):
+        if m not in colour:
+            found = visit(m)
+            if found:
+                return found
+    return None
+
+
+def test_find_cycle_finds_one():
+    assert find_cycle({'a': {'b'}, 'b': {'c'}, 'c': {'a'}}) == ['a', 'b', 'c', 'a']
+    assert find_cycle({'a': {'b'}, 'b': set(), 'c': {'a', 'b'}}) is None
+
+
+def test_the_modules_import_each_other_without_a_cycle():
+    graph = import_graph()
+    assert {'bench', 'train_runner', 'runtime', 'report', 'model'} <= set(graph)
+    assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
+    assert 'train_runner' not in graph['bench'] and 'bench' not in graph['train_runner']
+    assert not graph['model'] & {'bench', 'train_runner', 'runtime', 'report'}  # the model needs no harness
+
+
+def test_importing_bench_or_train_runner_does_not_load_the_other():
+    for mod, other in (('bench', 'train_runner'), ('train_runner', 'bench')):
+        code = f"import sys; import {mod}; print('{other}' in sys.modules)"
+        out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == 'False', f"import {mod} loaded {other}"
+
+
+def test_report_regenerates_byte_identically_from_the_committed_results(tmp_path):
+    src = os.path.join(ROOT, 'results', 'full')
+    out = tmp_path / 'full'
+    shutil.copytree(src, out)
+    report.report(str(out))
+    with open(os.path.join(src, 'REPORT.md'), 'rb') as a, open(out / 'REPORT.md', 'rb') as b:
+        assert a.read() == b.read(), "results/full/REPORT.md differs from what its files render to"
