@@ -109,7 +109,7 @@ def build(mt, kw, device, **overrides):
 # ----------------------------------------------------------------------------- params
 def params(out='results', tiny=False, device='auto', models=None, model_kw=None):
     """Parameter-matching table: widths, solved d_ff, head dims, total / non-embedding params, % vs vanilla."""
-    base_fields = {f.name for f in fields(model.GPTConfig)}
+    base_fields = {f.name for f in fields(model.BaseConfig)}  # the skeleton's keys; the rest are the mixer's
     rows, notes = [], []
     for mt, mod in available_models(models):
         kw = base_kwargs(mt, mod, tiny, model_kw)

@@ -338,26 +338,58 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
+def rotary(x, pos, theta=10000.0):
+    """Rotate x (B, T, H, D) by RoPE at absolute positions pos .. pos+T-1 (GPT-NeoX layout: the two
+    halves of the head dim form the pairs); pos an int or a 0-d device tensor (static decoding).
+    Angles in fp32 (fp64 for fp64 x); returned in x's dtype. Used by vanilla attention (pos_emb='rope')
+    and NSA."""
+    B, T, H, D = x.shape
+    cdt = torch.promote_types(x.dtype, torch.float32)
+    inv_freq = theta ** (-torch.arange(0, D, 2, device=x.device, dtype=cdt) / D)  # (D/2,)
+    angle = (torch.arange(T, device=x.device, dtype=cdt) + pos)[:, None] * inv_freq  # (T, D/2)
+    cos, sin = angle.cos()[None, :, None, :], angle.sin()[None, :, None, :]
+    x1, x2 = x.to(cdt).chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal softmax attention through SDPA, with a preallocated static KV cache."""
+    """Multi-head causal softmax attention through SDPA, with a preallocated static KV cache.
+    Options (vanilla's GPTConfig): n_kv_head < n_head is grouped-query attention (n_head / n_kv_head
+    query heads share each K/V head; the cache holds n_kv_head heads); head_dim decouples the heads'
+    width from n_embd; pos_emb='rope' rotates q and k (the cache holds rotated keys); attn_dropout is
+    the dropout on the attention probabilities (default: dropout, as nanoGPT)."""
     static_decode = True
+    applies_rope = True  # pos_emb='rope' is implemented here (GPT checks that its mixer has it)
 
     def __init__(self, config, layer_idx=0):
         super().__init__()
-        if config.n_embd % config.n_head != 0:
+        if not config.head_dim and config.n_embd % config.n_head != 0:
             raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
         self.n_head = config.n_head
-        self.head_dim = config.n_embd // config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.n_kv_head = config.n_kv_head or config.n_head
+        if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({config.n_kv_head}); valid "
+                             f"n_kv_head: 0 (= n_head), {[h for h in range(1, self.n_head + 1) if self.n_head % h == 0]}")
+        self.head_dim = config.head_dim or config.n_embd // config.n_head
+        self.rope_theta = config.rope_theta if config.pos_emb == 'rope' else None
+        if self.rope_theta is not None and self.head_dim % 2:
+            raise ValueError(f"pos_emb='rope' needs an even head_dim (RoPE rotates pairs), got {self.head_dim}")
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        self.c_attn = nn.Linear(config.n_embd, (H + 2 * Hkv) * D, bias=config.bias)  # q, k, v side by side
+        self.c_proj = nn.Linear(H * D, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.dropout = config.dropout
+        self.dropout = config.attn_dropout if config.attn_dropout >= 0 else config.dropout
 
     def forward(self, x, state=None, pos=0):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        # (B, T, C) -> (B, nh, T, hs)
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.c_attn(x).split([H * D, Hkv * D, Hkv * D], dim=2)
+        q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+        if self.rope_theta is not None:
+            q, k = rotary(q, pos, self.rope_theta), rotary(k, pos, self.rope_theta)
+        # (B, T, nh, hs) -> (B, nh, T, hs)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        gqa = {'enable_gqa': True} if Hkv != H else {}  # SDPA broadcasts each K/V head to its query heads
         dropout_p = self.dropout if self.training else 0.0
         if isinstance(pos, torch.Tensor):
             # static one-token step (CUDA graphs): write at the position held by the tensor and attend over
@@ -368,13 +400,13 @@ class CausalSelfAttention(nn.Module):
             kc.index_copy_(2, pos.view(1), k.to(kc.dtype))
             vc.index_copy_(2, pos.view(1), v.to(vc.dtype))
             mask = (torch.arange(kc.size(2), device=x.device) <= pos)[None, :]  # (1, max_len): (q, keys)
-            y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, **gqa)
         elif state is None or pos == 0:
             # training, or a prefill from an empty cache: plain causal attention over x alone
             if state is not None:
                 state['k'][:, :, :T] = k
                 state['v'][:, :, :T] = v
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, **gqa)
         else:
             kc, vc = state['k'], state['v']  # (B, nh, max_len, hs)
             end = pos + T
@@ -384,12 +416,12 @@ class CausalSelfAttention(nn.Module):
             vc[:, :, pos:end] = v
             # query i (absolute position pos+i) sees keys 0..pos+i
             mask = torch.arange(end, device=x.device)[None, :] <= (pos + torch.arange(T, device=x.device))[:, None]
-            y = F.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end], attn_mask=mask)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+            y = F.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end], attn_mask=mask, **gqa)
+        y = y.transpose(1, 2).contiguous().view(B, T, H * D)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y))
 
     def init_state(self, batch_size, max_len, device, dtype):
-        shape = (batch_size, self.n_head, max_len, self.head_dim)
+        shape = (batch_size, self.n_kv_head, max_len, self.head_dim)
         return {'k': torch.zeros(shape, device=device, dtype=dtype),
                 'v': torch.zeros(shape, device=device, dtype=dtype)}
 
@@ -420,7 +452,9 @@ class Block(nn.Module):
         self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
         self.mixer = mixer_cls(config, layer_idx)
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
+        # mlp=False: the state mixer is the identity, as Zoology builds its no-MLP models (its block returns
+        # norm2(residual) where the MLP's output would be), so the block adds ln_2(x) instead of mlp(ln_2(x))
+        self.mlp = MLP(config) if config.mlp else nn.Identity()
 
     def forward(self, x, state=None, pos=0):
         x = x + self.mixer(self.ln_1(x), state, pos)
@@ -429,7 +463,8 @@ class Block(nn.Module):
 
 
 @dataclass
-class GPTConfig:
+class BaseConfig:
+    """The skeleton's keys, shared by every model; each model file's GPTConfig adds its mixer's."""
     model_type: str = 'vanilla'
     block_size: int = 256     # training context length (and the learned position table's size)
     vocab_size: int = 65      # shakespeare_char
@@ -439,7 +474,20 @@ class GPTConfig:
     d_ff: int = 0             # MLP hidden width; 0 -> 4 * n_embd; -1 -> solved to match vanilla's parameters (solve_d_ff)
     dropout: float = 0.0
     bias: bool = False        # bias in Linears and LayerNorms (nanoGPT's shakespeare_char uses False)
-    pos_emb: str = 'learned'  # 'learned' (absolute, GPT-2) or 'none' (the mixer encodes position itself)
+    pos_emb: str = 'learned'  # 'learned' (absolute, GPT-2), 'none' (the mixer encodes position itself), or
+                              # 'rope' (rotary, applied by a mixer that has it: vanilla attention)
+    mlp: bool = True          # False: no MLP, the identity state mixer (Zoology's MQAR models); d_ff is not solved
+    embd_dropout: float = -1.0  # dropout on the embeddings; < 0 -> dropout
+
+
+@dataclass
+class GPTConfig(BaseConfig):
+    """Vanilla attention's config: the skeleton's keys plus the attention mixer's options."""
+    model_type: str = 'vanilla'
+    n_kv_head: int = 0        # K/V heads: 0 -> n_head (multi-head); fewer -> grouped-query attention
+    head_dim: int = 0         # per-head width: 0 -> n_embd // n_head
+    attn_dropout: float = -1.0  # dropout on the attention probabilities; < 0 -> dropout (nanoGPT)
+    rope_theta: float = 10000.0  # RoPE base, with pos_emb='rope'
 
 
 # a tiny configuration of this model, for tests and smoke runs (each model file has one)
@@ -455,15 +503,25 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         assert config.vocab_size is not None and config.block_size is not None
-        if config.pos_emb not in ('learned', 'none'):
-            raise ValueError(f"pos_emb must be 'learned' or 'none', got {config.pos_emb!r}")
-        if config.d_ff < 0:
+        valid_pos = ('learned', 'none') + (('rope',) if getattr(self.mixer_cls, 'applies_rope', False) else ())
+        if config.pos_emb not in valid_pos:
+            raise ValueError(f"pos_emb must be one of {', '.join(map(repr, valid_pos))} for model_type "
+                             f"{config.model_type!r}, got {config.pos_emb!r}" + ('' if 'rope' in valid_pos else
+                             " ('rope' is vanilla attention's; NSA applies RoPE itself, with pos_emb 'none')"))
+        if getattr(config, 'head_dim', None) == 0:  # 0 -> n_embd // n_head, for any mixer with a head_dim
+            if config.n_embd % config.n_head:
+                raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}) "
+                                 f"(head_dim=0 means n_embd // n_head)")
+            config.head_dim = config.n_embd // config.n_head
+        if not config.mlp and config.d_ff > 0:
+            raise ValueError(f"d_ff={config.d_ff} with mlp=False: a model without MLP has no d_ff (leave it 0 or -1)")
+        if config.d_ff < 0 and config.mlp:  # without an MLP there is no width to solve
             config.d_ff = solve_d_ff(config, type(self))
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == 'learned' else None,
-            drop=nn.Dropout(config.dropout),
+            drop=nn.Dropout(config.dropout if config.embd_dropout < 0 else config.embd_dropout),
             h=nn.ModuleList([Block(config, self.mixer_cls, i) for i in range(config.n_layer)]),
             ln_f=LayerNorm(config.n_embd, bias=config.bias),
         ))
@@ -539,7 +597,9 @@ class GPT(nn.Module):
             state.pos += T
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+            # targets of -100 are ignored (PyTorch's default): the examples-based tasks mark positions with no
+            # target so (tasks.py); the mean is over the other targets
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
     def _trunk(self, idx, layer_states, pos):

@@ -11,8 +11,11 @@ keeps a fast-weight memory S (Dk x Dv, laid out like fla's states: S[key dim, va
 which is the paper's S_t = S_{t-1}(I - beta_t k_t k_t^T) + beta_t v_t k_t^T, o_t = S_t q_t with S
 transposed. The recipe around it follows fla's DeltaNet layer (fla/layers/delta_net.py): q/k/v
 projections without bias, each through a causal depthwise conv (kernel 4) + SiLU; q and k
-L2-normalised per head; beta = sigmoid(Linear(C -> n_head)); scale = 1/sqrt(head_dim) (the kernel's
-default, which fla's layer uses); a per-head RMSNorm on the output; then c_proj.
+L2-normalised per head; beta = sigmoid(Linear(C -> n_head)), or 2 * sigmoid(...) with allow_neg_eigval
+(beta in (0, 2): the transition I - beta k k^T then has eigenvalues in (-1, 1], which state tracking such as
+parity needs; fla's layer doubles its sigmoid the same way); scale = 1/sqrt(head_dim) (the kernel's
+default, which fla's layer uses); a per-head RMSNorm on the output; then c_proj. The references and the
+kernel take beta as given, so they serve both ranges unchanged.
 
 Three implementations of the delta rule live here:
   delta_rule_recurrent_ref   token-by-token loop: the oracle (and the T == 1 decoding step)
@@ -261,6 +264,7 @@ class DeltaNetMixer(nn.Module):
         self.head_dim = config.head_dim
         self.backend = config.backend
         self.chunk_size = config.chunk_size
+        self.allow_neg_eigval = config.allow_neg_eigval
         self.scale = config.head_dim ** -0.5  # fla's default scale (its DeltaNet layer passes none)
         inner = config.n_head * config.head_dim
         self.q_proj = nn.Linear(config.n_embd, inner, bias=False)
@@ -295,6 +299,8 @@ class DeltaNetMixer(nn.Module):
         q, k, v = fused_short_conv(qkv, self._convs, conv_cache, fla).split(H * D, dim=-1)
         q, k, v = (t.reshape(B, T, H, D) for t in (q, k, v))
         beta = torch.sigmoid(b)  # (B, T, H)
+        if self.allow_neg_eigval:
+            beta = 2 * beta  # (0, 2): I - beta k k^T can reflect (eigenvalue down to -1)
         S0 = None
         if state is not None:
             # clone when autograd may save it: the state is overwritten in place below
@@ -348,7 +354,7 @@ class DeltaNetMixer(nn.Module):
 # ----------------------------------------------------------------------------- GPT
 
 @dataclass
-class GPTConfig(model.GPTConfig):
+class GPTConfig(model.BaseConfig):
     model_type: str = 'delta'
     pos_emb: str = 'none'      # the short convs and the recurrence carry position information
     d_ff: int = -1             # solved to match vanilla's total params
@@ -356,6 +362,7 @@ class GPTConfig(model.GPTConfig):
     head_dim: int = 64         # key and value head dim (n_head * head_dim need not equal n_embd)
     conv_size: int = 4         # kernel of the causal depthwise convs on q, k, v
     chunk_size: int = 64       # chunk length of the PyTorch chunked reference (fla's kernel uses 64)
+    allow_neg_eigval: bool = False  # beta in (0, 2) instead of (0, 1): transitions can have eigenvalue -1
     backend: str = 'auto'      # 'auto': fla kernels on CUDA, torch reference elsewhere; 'fla'; 'torch'
 
 
@@ -371,11 +378,13 @@ TINY = dict(n_layer=2, n_embd=64, n_head=2, head_dim=32, block_size=64)
 rel_rms = model.rel_rms
 
 
-def compare_chunk_kernel(B=2, T=1000, H=4, D=64, l2norm_in_kernel=True, dtype=torch.bfloat16, seed=0, device='cuda'):
+def compare_chunk_kernel(B=2, T=1000, H=4, D=64, l2norm_in_kernel=True, dtype=torch.bfloat16, seed=0, device='cuda',
+                         neg_eigval=False):
     """fla's chunk_delta_rule (inputs in `dtype`) against delta_rule_chunk_ref in fp32 on the same
     inputs, with an initial state and a loss on both the output and the final state.
     l2norm_in_kernel: raw q, k with use_qk_l2norm_in_kernel=True (what the model does) against the
-    reference on l2norm(q), l2norm(k); else both get pre-normalised q, k.
+    reference on l2norm(q), l2norm(k); else both get pre-normalised q, k. neg_eigval: beta in (0, 2)
+    (2 * sigmoid, as allow_neg_eigval makes it) instead of (0, 1).
     Returns {name: rel RMS} for o, final state, dq, dk, dv, dbeta, dh0."""
     chunk_delta_rule = _fla_chunk_delta_rule()
     g = torch.Generator(device=device).manual_seed(seed)
@@ -384,7 +393,7 @@ def compare_chunk_kernel(B=2, T=1000, H=4, D=64, l2norm_in_kernel=True, dtype=to
     if not l2norm_in_kernel:
         q, k = l2norm(q), l2norm(k)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    beta = torch.sigmoid(rnd(B, T, H)).to(dtype)
+    beta = (torch.sigmoid(rnd(B, T, H)) * (2 if neg_eigval else 1)).to(dtype)
     h0 = rnd(B, H, D, D)
     do, dS = rnd(B, T, H, D), rnd(B, H, D, D)
     scale = D ** -0.5
@@ -411,12 +420,14 @@ def compare_chunk_kernel(B=2, T=1000, H=4, D=64, l2norm_in_kernel=True, dtype=to
 
 def selfcheck(device='cuda', tol=1e-2):
     """Compare the one fla kernel this model uses, chunk_delta_rule (bf16), with the fp32 chunked
-    reference: outputs and gradients, with and without its in-kernel q/k L2 norm."""
+    reference: outputs and gradients, with and without its in-kernel q/k L2 norm, and with beta in (0, 2)
+    (allow_neg_eigval)."""
     results = []
-    for l2 in (True, False):
-        errs = compare_chunk_kernel(B=2, T=1000, H=4, D=64, l2norm_in_kernel=l2, device=device)
+    for l2, neg in ((True, False), (False, False), (True, True)):
+        errs = compare_chunk_kernel(B=2, T=1000, H=4, D=64, l2norm_in_kernel=l2, device=device, neg_eigval=neg)
         worst = max(errs, key=errs.get)
-        results.append(dict(name=f"chunk_delta_rule(bf16, use_qk_l2norm_in_kernel={l2}) vs fp32 ref",
+        results.append(dict(name=f"chunk_delta_rule(bf16, use_qk_l2norm_in_kernel={l2}"
+                                 + (", beta in (0, 2)" if neg else "") + ") vs fp32 ref",
                             ok=errs[worst] < tol, max_rel_rms=errs[worst],
                             detail=f"B=2 T=1000 H=4 D=64; worst {worst}; " +
                                    ', '.join(f"{n}={e:.2e}" for n, e in errs.items())))

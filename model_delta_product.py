@@ -391,7 +391,7 @@ class GatedDeltaProductMixer(nn.Module):
 # ----------------------------------------------------------------------------- the model
 
 @dataclass
-class GPTConfig(model.GPTConfig):
+class GPTConfig(model.BaseConfig):
     model_type: str = 'delta_product'
     pos_emb: str = 'none'          # the convs and the recurrence carry position
     d_ff: int = -1                 # solved to match vanilla's total params

@@ -86,17 +86,7 @@ import model
 
 # ----------------------------------------------------------------------------- RoPE
 
-def rotary(x, pos, theta=10000.0):
-    """Rotate x (B, T, H, D) by RoPE at absolute positions pos .. pos+T-1 (GPT-NeoX layout: the two
-    halves of the head dim form the pairs); pos an int or a 0-d device tensor (static decoding).
-    Angles in fp32 (fp64 for fp64 x); returned in x's dtype."""
-    B, T, H, D = x.shape
-    cdt = torch.promote_types(x.dtype, torch.float32)
-    inv_freq = theta ** (-torch.arange(0, D, 2, device=x.device, dtype=cdt) / D)  # (D/2,)
-    angle = (torch.arange(T, device=x.device, dtype=cdt) + pos)[:, None] * inv_freq  # (T, D/2)
-    cos, sin = angle.cos()[None, :, None, :], angle.sin()[None, :, None, :]
-    x1, x2 = x.to(cdt).chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+rotary = model.rotary  # one RoPE for the repository: vanilla attention's pos_emb='rope' uses it too
 
 
 # ----------------------------------------------------------------------------- reference (full sequence)
@@ -455,7 +445,7 @@ def check_nsa_config(c):
 
 
 @dataclass
-class GPTConfig(model.GPTConfig):
+class GPTConfig(model.BaseConfig):
     model_type: str = 'nsa'
     pos_emb: str = 'none'          # RoPE inside the mixer carries position information
     d_ff: int = -1                 # solved to match vanilla's total params

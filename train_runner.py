@@ -12,10 +12,14 @@ From Python / a notebook:
     summary = train('config/train_shakespeare_char_nsa.py', {'max_iters': 500})
 
 Configuration is nanoGPT's: plain Python files of assignments plus --key=value overrides (or a dict).
-Keys are DEFAULTS below plus the fields of the chosen model_type's GPTConfig; anything else is an error
-that names the valid keys. Each run writes, into out_dir: config.json (resolved config, git commit,
-library versions, device, parameter count), metrics.jsonl (one JSON object per log/eval line),
-summary.json (what train() returns), ckpt_best.pt (best val loss so far) and ckpt_last.pt (for resume).
+Keys are DEFAULTS below plus the fields of the chosen model_type's GPTConfig plus the chosen task's keys
+(tasks.TASK_KEYS: task='lm' windows of `dataset`, 'mqar', 'word_problem'); anything else is an error that
+names the valid keys. A config file may also hold per_model = {model_type: {key: value}}: the entry of the
+chosen model_type applies after the file's other keys (one file, every mixer's layout: config/mqar.py).
+Each run writes, into out_dir: config.json (resolved config, git commit, library versions, device,
+parameter count), metrics.jsonl (one JSON object per log/eval line; the examples tasks' eval lines add
+their accuracies), summary.json (what train() returns), ckpt_best.pt (best val loss so far) and
+ckpt_last.pt (for resume).
 """
 
 import json
@@ -31,8 +35,10 @@ import numpy as np
 import torch
 
 import model as model_lib
+import tasks
 from runtime import (ConfigError, GraphedStep, as_list, atomic_torch_save, atomic_write_json, execution_modes,
-                     fmt_time, load_dataset, load_json, parse_value, peak_flops, pick_device, run_metadata)
+                     fmt_time, load_json, parse_value, peak_flops, pick_device, run_metadata)
+from tasks import get_batch  # noqa: F401  (train_runner.get_batch: the LM task's windows)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -53,6 +59,7 @@ DEFAULTS = dict(
     wandb_project='attention-bakeoff',
     wandb_run_name='',
     # data
+    task='lm',               # 'lm' (windows of `dataset`), 'mqar', 'word_problem': tasks.py (each adds its keys)
     dataset='shakespeare_char',
     gradient_accumulation_steps=1,
     batch_size=64,
@@ -86,7 +93,7 @@ TRAIN_MODEL_DEFAULTS = dict(dropout=0.2)
 
 
 # keys whose value may be either of two types (their default's, or these)
-EXTRA_TYPES = {'compile': (bool,), 'cuda_graphs': (bool,)}
+EXTRA_TYPES = {'compile': (bool,), 'cuda_graphs': (bool,), **tasks.EXTRA_TYPES}
 
 
 def _check_type(key, value, default):
@@ -134,19 +141,32 @@ def model_keys(model_type):
 
 
 def resolve_config(config_file=None, overrides=None):
-    """DEFAULTS <- model defaults <- config file <- overrides, with every key checked."""
+    """DEFAULTS <- model defaults <- task keys <- config file (<- its per_model entry) <- overrides, with
+    every key checked."""
     file_cfg = read_config_file(config_file) if config_file else {}
     overrides = dict(overrides or {})
     model_type = overrides.get('model_type', file_cfg.get('model_type', DEFAULTS['model_type']))
+    task = overrides.get('task', file_cfg.get('task', DEFAULTS['task']))
     mkeys = model_keys(model_type)  # raises for an unknown model_type, naming the valid ones
-    cfg = {**DEFAULTS, **mkeys, **TRAIN_MODEL_DEFAULTS}
-    for source, d in (('config file ' + str(config_file), file_cfg), ('overrides', overrides)):
+    cfg = {**DEFAULTS, **mkeys, **TRAIN_MODEL_DEFAULTS, **tasks.task_keys(task)}  # task_keys: likewise
+    per_model = file_cfg.pop('per_model', {})
+    if not isinstance(per_model, dict) or set(per_model) - set(model_lib.MODEL_TYPES):
+        raise ConfigError(f"per_model in config file {config_file} must map model types "
+                          f"({', '.join(model_lib.MODEL_TYPES)}) to dicts of keys, got {per_model!r}")
+    for mt, d in per_model.items():  # every entry is checked, not only the chosen one
+        unknown = sorted(set(d) - set(DEFAULTS) - set(model_keys(mt)) - set(tasks.task_keys(task)))
+        if unknown:
+            raise ConfigError(f"unknown key(s) {unknown} in per_model[{mt!r}] of config file {config_file}")
+    for source, d in (('config file ' + str(config_file), file_cfg),
+                      (f"per_model[{model_type!r}] of config file {config_file}", per_model.get(model_type, {})),
+                      ('overrides', overrides)):
         unknown = sorted(set(d) - set(cfg))
         if unknown:
-            raise ConfigError(f"unknown key(s) {unknown} in {source} for model_type {model_type!r}; "
+            raise ConfigError(f"unknown key(s) {unknown} in {source} for model_type {model_type!r}, task {task!r}; "
                               f"valid keys: {', '.join(sorted(cfg))}")
         cfg.update({k: _check_type(k, v, cfg[k]) for k, v in d.items()})
     cfg['model_type'] = model_type
+    tasks.check_config(cfg)
     if cfg['init_from'] not in ('scratch', 'resume'):
         raise ConfigError(f"init_from must be 'scratch' or 'resume', got {cfg['init_from']!r}")
     if cfg['dtype'] not in ('auto', 'bfloat16', 'float32'):  # float16 would need loss scaling: not supported
@@ -163,13 +183,6 @@ def resolve_config(config_file=None, overrides=None):
 
 # ----------------------------------------------------------------------------------------------
 # data
-
-
-def get_batch(data, ix, block_size):
-    """Windows starting at ix (B,) -> x, y (B, T). Indexing happens on data's device: no host copies."""
-    offs = torch.arange(block_size + 1, device=data.device)
-    win = data[ix.to(data.device, non_blocking=True)[:, None] + offs]  # (B, T+1)
-    return win[:, :-1], win[:, 1:]
 
 
 def get_lr(it, cfg):
@@ -230,7 +243,7 @@ def train(config_file=None, overrides=None):
     autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=ptdtype)
     use_compile, use_graphs = execution_modes(model_lib.get_model_module(cfg['model_type']).GPT, device_type,
                                               cfg['compile'], cfg['cuda_graphs'], ddp)
-    eval_bs = cfg['eval_batch_size'] or (256 if device_type == 'cuda' else cfg['batch_size'])
+    eval_bs = cfg['eval_batch_size'] or (256 if device_type == 'cuda' and cfg['task'] == 'lm' else cfg['batch_size'])
     if device_type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -239,15 +252,15 @@ def train(config_file=None, overrides=None):
     ckpt_last, ckpt_best = os.path.join(out_dir, 'ckpt_last.pt'), os.path.join(out_dir, 'ckpt_best.pt')
     metrics_path = os.path.join(out_dir, 'metrics.jsonl')
 
-    # --- data and model
-    data, meta = load_dataset(cfg['dataset'], device)
+    # --- data (the task) and model
+    task = tasks.make_task(cfg, device, eval_bs)
     if master:
         os.makedirs(out_dir, exist_ok=True)
     mkeys = model_keys(cfg['model_type'])
     mcfg = {k: cfg[k] for k in mkeys}
-    if mcfg['vocab_size'] != meta['vocab_size']:
-        mcfg['vocab_size'] = meta['vocab_size']
-    block_size = mcfg['block_size']
+    if mcfg['vocab_size'] != task.vocab_size:
+        mcfg['vocab_size'] = task.vocab_size
+    train_len = task.train_len  # the training sequences' length (block_size for lm)
     ckpt = None
     if cfg['init_from'] == 'resume':
         if not os.path.exists(ckpt_last):
@@ -303,24 +316,14 @@ def train(config_file=None, overrides=None):
         model = DDP(model, device_ids=[int(device.split(':')[1])] if device_type == 'cuda' else None)
 
     peak = (cfg['peak_flops'] or peak_flops(device)) if device_type == 'cuda' else None
-    tokens_per_iter = gas * world_size * cfg['batch_size'] * block_size
-    flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
-    g = torch.Generator().manual_seed(12345)  # same evaluation windows for every run, model and seed
-    eval_ix = {s: [torch.randint(len(d) - block_size - 1, (eval_bs,), generator=g)
-                   for _ in range(cfg['eval_iters'])] for s, d in data.items()}
+    tokens_per_iter = gas * world_size * cfg['batch_size'] * train_len
+    flops_per_iter = raw_model.flops_per_token(train_len) * tokens_per_iter
 
-    @torch.no_grad()
     def estimate_loss():
+        """The task's metrics: {'train', 'val'} losses, plus accuracies for the examples tasks."""
         # the raw (uncompiled) module: eval shapes differ from training's, and must not trigger recompiles
         raw_model.eval()
-        out = {}
-        for split, ixs in eval_ix.items():
-            losses = torch.zeros(len(ixs))
-            for i, ix in enumerate(ixs):
-                X, Y = get_batch(data[split], ix, block_size)
-                with autocast:
-                    losses[i] = raw_model(X, Y)[1].item()
-            out[split] = losses.mean().item()
+        out = task.evaluate(raw_model, autocast)
         raw_model.train()
         return out
 
@@ -332,7 +335,8 @@ def train(config_file=None, overrides=None):
                   'n_params': n_params, 'n_params_non_embedding': raw_model.get_num_params(True),
                   'preset': cfg['preset'], 'world_size': world_size, 'dtype': dtype, 'compile': use_compile,
                   'cuda_graphs': use_graphs,
-                  'eval_windows_per_split': cfg['eval_iters'] * eval_bs,
+                  **({'steps_per_epoch': task.steps_per_epoch} if task.examples else
+                     {'eval_windows_per_split': cfg['eval_iters'] * eval_bs}),
                   **run_metadata(device)}
         atomic_write_json(record, os.path.join(out_dir, 'config.json'))
         print(f"{cfg['model_type']}: {n_params / 1e6:.3f}M parameters, device {record['device']}, dtype {dtype}, "
@@ -361,6 +365,7 @@ def train(config_file=None, overrides=None):
 
     # --- the loop
     losses = {'train': float('nan'), 'val': float('nan')}
+    best_acc, stopped_early = float('nan'), False  # examples tasks: best test accuracy, early stop reached
     window_times, window_t0, window_iters = [], None, 0
     last_loss = float('nan')
     start_iter, t_train0 = iter_num, time.time()
@@ -384,19 +389,31 @@ def train(config_file=None, overrides=None):
                     save(ckpt_best, losses, rng_states)  # only ever replaced by a better one
                 if iter_num > 0:
                     save(ckpt_last, losses, rng_states)
+                accs = {k: v for k, v in losses.items() if k not in ('train', 'val')}  # examples tasks only
+                if 'test_acc' in accs and not best_acc >= accs['test_acc']:
+                    best_acc = accs['test_acc']
                 log({'kind': 'eval', 'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'],
-                     'lr': lr, 'tokens': iter_num * tokens_per_iter, 'flops': iter_num * flops_per_iter,
+                     **accs, 'lr': lr, 'tokens': iter_num * tokens_per_iter, 'flops': iter_num * flops_per_iter,
                      'time_s': round(time.time() - t_start, 3)})
                 print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-                      f" (best {best_val:.4f} @ {best_iter})")
+                      + (f", test acc {accs['test_acc']:.4f}" if 'test_acc' in accs else '')
+                      + f" (best {best_val:.4f} @ {best_iter})")
+            if task.early_stop_acc > 0:  # the master evaluated; every rank must stop together
+                stop = [master and losses.get('test_acc', 0.0) > task.early_stop_acc]
+                if ddp:
+                    import torch.distributed as dist
+                    dist.broadcast_object_list(stop, src=0)
+                stopped_early = stop[0] and not cfg['eval_only']
             window_t0, window_iters = time.time(), 0  # evaluation time is not training time
-        if iter_num >= max_iters or cfg['eval_only']:
+        if iter_num >= max_iters or cfg['eval_only'] or stopped_early:
+            if stopped_early and master:
+                print(f"test accuracy {losses['test_acc']:.4f} > early_stop_acc {task.early_stop_acc}: stopping at "
+                      f"iteration {iter_num} (epoch {iter_num / task.steps_per_epoch:.2f})")
             break
 
         # one optimizer step = gas micro-steps
         for micro in range(gas):
-            X, Y = get_batch(data['train'], torch.randint(len(data['train']) - block_size - 1,
-                                                         (cfg['batch_size'],), generator=data_gen), block_size)
+            X, Y = task.train_batch(cfg['batch_size'], data_gen, (iter_num * gas + micro) * world_size + rank)
             while use_graphs and graphed is None:  # capture; if the warm-up fails compiled, again without
                 try:
                     graphed = GraphedStep(model, raw_model.parameters(), autocast, X, Y, gas)
@@ -443,7 +460,7 @@ def train(config_file=None, overrides=None):
             if window_t0 is not None:
                 dt = (now - window_t0) / window_iters
                 window_times.append(dt)
-                mfu = raw_model.estimate_mfu(gas * cfg['batch_size'], dt, peak) if peak else None  # per GPU
+                mfu = raw_model.estimate_mfu(gas * cfg['batch_size'], dt, peak, train_len) if peak else None  # per GPU
                 eta = dt * (max_iters - iter_num)
                 log({'kind': 'train', 'iter': iter_num, 'loss': last_loss, 'lr': lr, 'ms_per_iter': dt * 1000,
                      'mfu': mfu})
@@ -464,6 +481,10 @@ def train(config_file=None, overrides=None):
         'n_params': n_params, 'out_dir': out_dir, 'status': 'done',
         'compile': use_compile, 'cuda_graphs': graphed is not None,  # as it ran (after any fallback)
     }
+    if task.examples:  # the last evaluation's accuracies (at the end, or where it stopped early)
+        summary.update({'task': cfg['task'], 'epochs': iter_num / task.steps_per_epoch, 'steps': iter_num,
+                        'stopped_early': stopped_early, 'best_test_acc': best_acc,
+                        **{k: v for k, v in losses.items() if k not in ('train', 'val')}})
     if master and not cfg['eval_only']:  # an evaluation-only pass never replaces a training run's summary
         atomic_write_json(summary, os.path.join(out_dir, 'summary.json'))
         print(f"done: best val loss {best_val:.4f} at iter {best_iter}, {summary['wall_s']:.0f}s wall, "
@@ -573,7 +594,10 @@ def sweep(overrides=None):
         wanted = resolve_config(None, run_cfg)
         prev = load_json(os.path.join(out_dir, 'summary.json'))
         prev_cfg = (load_json(os.path.join(out_dir, 'config.json')) or {}).get('config', {})
-        same = all(prev_cfg.get(k) == v for k, v in wanted.items() if k not in NEUTRAL_KEYS | {'init_from'})
+        # a key missing from an older record did not exist then: that run had its default's behaviour
+        defaults = resolve_config(None, {'model_type': m})
+        same = all(prev_cfg.get(k, defaults.get(k)) == v for k, v in wanted.items()
+                   if k not in NEUTRAL_KEYS | {'init_from'})
         if prev and prev.get('status') in ('done', 'diverged') and same:
             print(f"run {i + 1}/{len(runs)} {m} lr={lr:g} seed={seed}: already {prev['status']} ({out_dir}), "
                   f"best val loss {prev['best_val_loss']:.4f}; skipping")

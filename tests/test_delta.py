@@ -84,6 +84,43 @@ def test_recurrent_ref_is_the_delta_rule():
     torch.testing.assert_close(S3, h0, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize('T', [1, 63, 100, 129])
+def test_chunk_ref_matches_recurrent_ref_negative_eigenvalues(T):
+    """beta in (0, 2) (allow_neg_eigval): the chunked form is still exact, gradients included, at odd lengths."""
+    B, H, Dk, Dv = 2, 3, 16, 8
+    q, k, v, beta, h0 = rand_delta_inputs(B, T, H, Dk, Dv, seed=100 + T)
+    inputs = (q, k, v, 2 * beta, h0)
+    assert (inputs[3] > 1).any() and (inputs[3] < 2).all()
+    g = torch.Generator().manual_seed(2)
+    do = torch.randn(B, T, H, Dv, generator=g, dtype=torch.float64)
+    dS = torch.randn(B, H, Dk, Dv, generator=g, dtype=torch.float64)
+    want = run_with_grads(md.delta_rule_recurrent_ref, inputs, do, dS, scale=0.3)
+    for C in (64, 16):
+        got = run_with_grads(md.delta_rule_chunk_ref, inputs, do, dS, scale=0.3, chunk_size=C)
+        for name, a, b in zip(['o', 'S', 'dq', 'dk', 'dv', 'dbeta', 'dh0'], got, want):
+            assert md.rel_rms(a, b) < 1e-8, (name, C, md.rel_rms(a, b))
+
+
+def test_recurrent_ref_with_beta_two_reflects():
+    """The math with beta = 2 and a unit key: I - 2 k k^T is the reflection across k's orthogonal plane, so
+    reading k after the write gives 2 v - (what k read before), other directions are untouched, and two
+    writes of the same (k, v) give back the initial state (a reflection is its own inverse) ."""
+    B, H, D = 1, 2, 6
+    _, k, v, _, h0 = rand_delta_inputs(B, 1, H, D, D, seed=5)
+    k = k / k.norm(dim=-1, keepdim=True)
+    two = torch.full((B, 1, H), 2.0, dtype=torch.float64)
+    o, S = md.delta_rule_recurrent_ref(k, k, v, two, scale=1.0, initial_state=h0)
+    before = torch.einsum('bhk,bhkv->bhv', k[:, 0], h0)
+    torch.testing.assert_close(o[:, 0], 2 * v[:, 0] - before, rtol=1e-12, atol=1e-12)
+    x = torch.randn(B, H, D, dtype=torch.float64)
+    x = x - (x * k[:, 0]).sum(-1, keepdim=True) * k[:, 0]
+    torch.testing.assert_close(torch.einsum('bhk,bhkv->bhv', x, S), torch.einsum('bhk,bhkv->bhv', x, h0),
+                               rtol=1e-12, atol=1e-12)
+    _, S2 = md.delta_rule_recurrent_ref(k.repeat(1, 2, 1, 1), k.repeat(1, 2, 1, 1), v.repeat(1, 2, 1, 1),
+                                        two.repeat(1, 2, 1), initial_state=h0)
+    torch.testing.assert_close(S2, h0, rtol=1e-12, atol=1e-12)
+
+
 def test_bad_inputs_raise():
     q, k, v, beta, _ = rand_delta_inputs(1, 5, 2, 4, 4)
     with pytest.raises(ValueError, match='expected q, k'):
@@ -129,13 +166,13 @@ def test_fused_linear_and_conv_equal_the_separate_layers():
     torch.testing.assert_close(torch.cat(parts, 1), want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize('bias', [False, True])
-def test_mixer_equals_its_layers_one_by_one(bias):
+@pytest.mark.parametrize('bias, neg', [(False, False), (True, False), (False, True)])
+def test_mixer_equals_its_layers_one_by_one(bias, neg):
     """The mixer (fused projections and convs) against the recipe written out layer by layer: each
     projection through its own conv, the delta-rule oracle, the norm and c_proj. Ties each weight to
     its role, which the fused helpers' own test can't (a swapped q/k in the fused list would pass it)."""
     torch.manual_seed(0)
-    mx = md.DeltaNetMixer(md.GPTConfig(**{**md.TINY, 'bias': bias})).double().eval()
+    mx = md.DeltaNetMixer(md.GPTConfig(**{**md.TINY, 'bias': bias, 'allow_neg_eigval': neg})).double().eval()
     with torch.no_grad():
         for p in mx.parameters():  # unit-scale weights, non-zero biases: every term matters
             p.normal_(0, p.shape[-1] ** -0.5 if p.dim() >= 2 else 0.5)
@@ -144,7 +181,7 @@ def test_mixer_equals_its_layers_one_by_one(bias):
     H, D = mx.n_head, mx.head_dim
     q, k, v = (conv(proj(x)).view(B, T, H, D) for conv, proj in
                ((mx.q_conv, mx.q_proj), (mx.k_conv, mx.k_proj), (mx.v_conv, mx.v_proj)))
-    beta = torch.sigmoid(mx.b_proj(x))
+    beta = torch.sigmoid(mx.b_proj(x)) * (2 if neg else 1)  # allow_neg_eigval: beta in (0, 2), as fla's layer
     o, _ = md.delta_rule_recurrent_ref(md.l2norm(q), md.l2norm(k), v, beta, mx.scale)
     want = mx.c_proj(mx.o_norm(o).reshape(B, T, H * D))
     torch.testing.assert_close(mx(x), want, rtol=1e-10, atol=1e-10)
@@ -230,6 +267,22 @@ def test_decode_continuation_matches_full_forward(dtype):
     assert md.rel_rms(torch.cat(pieces, 1), full) < tol
 
 
+def test_negative_eigenvalues_model_decodes_and_trains():
+    """allow_neg_eigval changes the function (beta doubled), and the model keeps its contracts: cached
+    decoding equals the full forward, every parameter gets a gradient."""
+    m, m0 = tiny(dtype=torch.float64, allow_neg_eigval=True), tiny(dtype=torch.float64)
+    idx = torch.randint(0, 65, (2, 90), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full, _ = m(idx)
+        assert not torch.allclose(full, m0(idx)[0])
+        state = m.init_state(2, 90)
+        pieces = [m(idx[:, :70], state=state)[0]] + [m(idx[:, t:t + 1], state=state)[0] for t in range(70, 90)]
+    assert md.rel_rms(torch.cat(pieces, 1), full) < 1e-10
+    m.train()
+    m(idx, targets=idx)[1].backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
 def test_training_step_cpu():
     m = tiny(dtype=torch.float32).train()
     idx = torch.randint(0, 65, (2, 64))
@@ -259,6 +312,17 @@ def test_cpu_autocast_bf16_runs():
 @pytest.mark.parametrize('l2norm_in_kernel', [True, False])
 def test_fla_chunk_delta_rule_vs_ref(T, l2norm_in_kernel):
     errs = md.compare_chunk_kernel(B=2, T=T, H=4, D=64, l2norm_in_kernel=l2norm_in_kernel, seed=T)
+    bad = {n: e for n, e in errs.items() if not e < 1e-2}
+    assert not bad, errs
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize('T', [63, 256, 1000, 4096])
+def test_fla_chunk_delta_rule_neg_eigval_vs_ref(T):
+    """allow_neg_eigval: the kernel takes beta as given, here in (0, 2); the model's call (q/k L2 norm in
+    the kernel) against the fp32 reference, outputs and every gradient. Same shapes as the test above."""
+    errs = md.compare_chunk_kernel(B=2, T=T, H=4, D=64, l2norm_in_kernel=True, seed=T, neg_eigval=True)
     bad = {n: e for n, e in errs.items() if not e < 1e-2}
     assert not bad, errs
 
