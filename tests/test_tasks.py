@@ -321,7 +321,7 @@ def test_examples_task_serves_each_example_once_per_epoch(tmp_path):
     t = tasks.make_task(cfg, 'cpu', 32)
     assert t.steps_per_epoch == 3 and t.batches_per_epoch == 6  # 192 of 200 examples: whole steps only
     seen = torch.cat([t.train_batch(32, None, i)[0] for i in range(6)])
-    rows = {r.tobytes() for r in t.train[0][:200].numpy()}
+    rows = {r.tobytes() for r in t.train[0][:200].long().numpy()}  # stored as int16, served as int64
     assert len({r.tobytes() for r in seen.numpy()}) == 192 and {r.tobytes() for r in seen.numpy()} <= rows
     assert not torch.equal(t.train_batch(32, None, 0)[0], t.train_batch(32, None, 6)[0]), "reshuffled each epoch"
     x, y = t.train_batch(32, None, 1)
