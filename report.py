@@ -707,7 +707,7 @@ RUNS_MARK = ('<!-- runs-table:start -->', '<!-- runs-table:end -->')
 BAKEOFF_MARK = ('<!-- bakeoff-table:start -->', '<!-- bakeoff-table:end -->')
 
 
-def runs(runs_dir='results/h200', readme=False):
+def runs(runs_dir='results/full/runs', readme=False):
     """A markdown table of every finished run (summary.json + config.json) below runs_dir. With readme=True
     it replaces the README block between the runs-table markers, so the README quotes only these files."""
     rows = []
