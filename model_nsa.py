@@ -405,11 +405,12 @@ class NSAMixer(nn.Module):
                          recomputes q . k_cmp rather than storing them)     2 D NC
             selection    QK^T + AV over min(S bs, T) tokens                 4 D min(S bs, T)
             window       QK^T + AV over min(w, T) tokens                    4 D min(w, T)
-        plus mean-pooling k and v (2 D per token per KV head). Sorting and gates are left out."""
+        Matmul FLOPs only, like the other mixers: mean pooling, sorting and gates are left out.
+        tests/test_flops.py checks this against torch's FLOP counter on the decoding reference."""
         D, bs = self.head_dim, self.block_size
         NC = T // bs
         per_head = 6 * D * NC + 4 * D * min(self.block_counts * bs, T) + 4 * D * min(self.window_size, T)
-        return self.n_head * per_head + 2 * D * self.n_kv_head
+        return self.n_head * per_head
 
 
 # ----------------------------------------------------------------------------- GPT

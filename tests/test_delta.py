@@ -170,13 +170,6 @@ def test_param_count_full_config():
     assert abs(n / 10_745_088 - 1) < 0.03, n
 
 
-def test_flops_per_token():
-    m = model.build_model('delta', **md.TINY)
-    f = m.transformer.h[0].mixer.flops_per_token(256)
-    assert isinstance(f, int) and f > 0
-    assert m.transformer.h[0].mixer.flops_per_token(8) < f  # short contexts use short chunks
-
-
 @pytest.mark.parametrize('prompt_len', [1, 63, 256])
 def test_generate_cached_equals_uncached(prompt_len):
     m = tiny(seed=prompt_len)

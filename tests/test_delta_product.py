@@ -205,7 +205,6 @@ def test_build_model_and_flags():
     assert isinstance(mixer, dp.GatedDeltaProductMixer)
     assert mixer.A_log._no_weight_decay and mixer.dt_bias._no_weight_decay
     assert torch.isfinite(mixer.A_log).all() and (mixer.A_log.exp() >= 1).all()
-    assert mixer.flops_per_token(256) > 0
     with pytest.raises(ValueError, match='backend'):
         dp.GPT(dp.GPTConfig(**{**dp.TINY, 'backend': 'cuda'}))
     with pytest.raises(ValueError, match='expand_v'):

@@ -367,15 +367,6 @@ def test_default_params_match_vanilla():
     assert abs(n / model.count_params(model.GPTConfig(), model.GPT) - 1) < 0.03
 
 
-def test_flops_per_token():
-    mix = M.GPT(M.GPTConfig(**M.TINY)).transformer.h[0].mixer
-    D, bs, S, w = 16, 16, 4, 24
-    T = 256
-    want = 16 * (6 * D * (T // bs) + 4 * D * S * bs + 4 * D * w) + 2 * D
-    assert mix.flops_per_token(T) == want
-    assert mix.flops_per_token(8) == 16 * (4 * D * 8 + 4 * D * 8) + 2 * D  # short context: branches cap at T
-
-
 # ----------------------------------------------------------------------------- CUDA (fla kernels)
 
 @pytest.mark.cuda
