@@ -23,6 +23,7 @@ import torch
 import model_delta as md
 import model_delta_product as dp
 import model_nsa as M
+from helpers import unit_scale_
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')]
 
@@ -49,18 +50,6 @@ def true_fp32():
     torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-def unit_scale_(mixer, seed):
-    """Weights at unit scale (std 1/sqrt(fan_in); the convs' K taps std 1/sqrt(K)) and norm weights away from
-    1, so every weight moves the output; A_log and dt_bias keep the mixer's own initialisation."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in mixer.named_parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
-            elif name.endswith('norm.weight'):
-                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
 
 
 def copy_weights(ours, theirs, names):
