@@ -67,4 +67,10 @@ CUDA_PLANTS = [n for n, (_, _, cuda) in PLANTS.items() if cuda]
 def test_planted_bug_is_caught_on_cuda(name):
     """The same with the CUDA tests named for each bug (those run in this process first, so fla's autotuning
     results are in Triton's cache already)."""
-    assert_caught(name, PLANTS[name][2], extra=('-m', 'cuda'))
+    ids = PLANTS[name][2]
+    if all('test_fla_layers.py' in n for n in ids):
+        try:
+            import fla.layers  # noqa: F401
+        except Exception as e:
+            pytest.skip(f"its CUDA tests need fla.layers (flash-linear-attention), which does not import: {e}")
+    assert_caught(name, ids, extra=('-m', 'cuda'))
