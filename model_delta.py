@@ -339,7 +339,8 @@ class DeltaNetMixer(nn.Module):
             W S0, Q S0, K^T U (the state reads and write)              6 D^2
             inverting the unit-triangular (I + L) of a chunk           ~c^2 / 3   (c^3/3 per chunk)
         The token-by-token recurrence would be 6 D^2 (two reads and a rank-1 write of S).
-        Elementwise work (conv, norms, gates) is left out, as for attention."""
+        Elementwise work (conv, norms, gates) is left out, as for attention. tests/test_flops.py checks
+        this against torch's FLOP counter on the chunked reference."""
         c = min(self.chunk_size, T)
         D = self.head_dim
         return self.n_head * (10 * c * D + 6 * D * D + c * c // 3)

@@ -373,18 +373,21 @@ class GatedDeltaProductMixer(nn.Module):
                 'conv': fused_conv_cache(self._convs, batch_size, device, dtype)}
 
     def flops_per_token(self, T, chunk_size=64):
-        """Forward FLOPs per token beyond the parameters' 2N: the chunked (WY) algorithm the kernel runs
-        over the interleaved sequence of n_h sub-steps per token, chunks of c = min(64, T*n_h) sub-steps,
-        a multiply-add = 2 FLOPs, intra-chunk squares counted in full (like vanilla's T x T). Per head:
-          per sub-step: K K^T row 2cDk; (I+A)^-1 by triangular solve ~c^2/3; W and U rows 2c(Dk+Dv);
-                        d = U - W S 2DkDv; state update K^T d 2DkDv
-          per token:    intra-chunk q.k and (qk)d 2c(Dk+Dv); inter-chunk S^T q 2DkDv.
-        Roughly linear in T once T*n_h >= 64 (a recurrent model: no growing attention). The conv,
-        gates and norms are O(width) and left out, like vanilla's softmax."""
+        """Forward FLOPs per token beyond the parameters' 2N: what fla's chunked kernel runs, a multiply-add
+        = 2 FLOPs, intra-chunk squares counted in full (like vanilla's T x T). The WY part works on the
+        interleaved sequence of n_h sub-steps per token, in chunks of c = min(64, T*n_h) sub-steps; the
+        output part on chunks of ct = min(64, T) tokens, each token's query against the n_h keys of every
+        token of its chunk (fla/ops/gated_delta_product/chunk_deltaproduct_o.py). Per head:
+          per sub-step: K K^T row 2cDk; (I+A)^-1, inverted explicitly (solve_tril) ~c^2/3; W and U rows
+                        by matmul with it 2c(Dk+Dv); d = U - W S 2DkDv; state update K^T d 2DkDv
+          per token:    intra-chunk q.k and (qk)d, n_h keys per token 2 n_h ct (Dk+Dv); S^T q 2DkDv.
+        Roughly linear in T once T >= 64 (a recurrent model: no growing attention). The conv,
+        gates and norms are O(width) and left out, like vanilla's softmax. tests/test_flops.py checks
+        this against torch's FLOP counter on the reference."""
         H, Dk, Dv, n = self.n_head, self.head_k_dim, self.head_v_dim, self.num_householder
-        c = min(chunk_size, T * n)
+        c, ct = min(chunk_size, T * n), min(chunk_size, T)
         per_sub = 2 * c * Dk + c * c // 3 + 2 * c * (Dk + Dv) + 4 * Dk * Dv
-        per_tok = 2 * c * (Dk + Dv) + 2 * Dk * Dv
+        per_tok = 2 * n * ct * (Dk + Dv) + 2 * Dk * Dv
         return H * (n * per_sub + per_tok)
 
 

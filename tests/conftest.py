@@ -18,6 +18,19 @@ torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 def pytest_configure(config):
     config.addinivalue_line('markers', 'cuda: needs a CUDA GPU (skipped on CPU-only machines)')
     config.addinivalue_line('markers', 'slow: takes more than a few seconds')
+    # PLANT=<name>: run the tests with one of tests/planted.py's bugs put in (tests/test_planted.py does)
+    name = os.environ.get('PLANT')
+    if name:
+        import planted
+        try:
+            planted.plant(name)
+        except ValueError as e:
+            raise pytest.UsageError(str(e)) from None
+
+
+def pytest_report_header(config):
+    if os.environ.get('PLANT'):
+        return f"planted bug: {os.environ['PLANT']} (tests/planted.py)"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -11,6 +11,7 @@ from torch.nn import functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model  # noqa: E402
 import model_delta_product as dp  # noqa: E402
+from helpers import mixer_grad_errors, unit_scale_mixers_  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
@@ -205,7 +206,6 @@ def test_build_model_and_flags():
     assert isinstance(mixer, dp.GatedDeltaProductMixer)
     assert mixer.A_log._no_weight_decay and mixer.dt_bias._no_weight_decay
     assert torch.isfinite(mixer.A_log).all() and (mixer.A_log.exp() >= 1).all()
-    assert mixer.flops_per_token(256) > 0
     with pytest.raises(ValueError, match='backend'):
         dp.GPT(dp.GPTConfig(**{**dp.TINY, 'backend': 'cuda'}))
     with pytest.raises(ValueError, match='expand_v'):
@@ -328,17 +328,24 @@ def test_selfcheck_passes():
 @pytest.mark.cuda
 @needs_cuda
 def test_cuda_mixer_fla_matches_torch_backend():
-    """The whole model under bf16 autocast: fla backend vs torch backend, loss and gradients."""
+    """The whole model under bf16 autocast, fla backend vs torch backend, with the mixers at unit scale
+    (tests/helpers.py: at GPT-2's init the mixers barely move the residual stream, and the embedding and MLP
+    gradients would hide theirs): the loss, and each mixer parameter's gradient within MIXER_TOL = 2e-2
+    relative RMS. Both sides round the same activations to bf16 (autocast), so what differs is the kernel's
+    own arithmetic (1e-2 in the kernel tests), through two layers."""
+    MIXER_TOL = 2e-2
     idx = torch.randint(0, 65, (4, 200), generator=torch.Generator().manual_seed(0)).cuda()
-    out = {}
+    models, losses = {}, {}
     for backend in ('fla', 'torch'):
-        m = tiny_model(torch.float32, backend=backend, **GPU_SHAPES).cuda().train()
+        m = unit_scale_mixers_(tiny_model(torch.float32, backend=backend, **GPU_SHAPES)).cuda().train()
         with torch.autocast('cuda', dtype=torch.bfloat16):
             _, loss = m(idx, idx)
         loss.backward()
-        out[backend] = (loss.item(), torch.cat([p.grad.flatten() for p in m.parameters()]))
-    assert abs(out['fla'][0] - out['torch'][0]) < 1e-2 * abs(out['torch'][0])
-    assert rel_rms(out['fla'][1], out['torch'][1]) < 0.03
+        models[backend], losses[backend] = m, loss.item()
+    assert abs(losses['fla'] - losses['torch']) < 1e-2 * abs(losses['torch'])
+    errs = mixer_grad_errors(models['fla'], models['torch'], rel_rms)
+    assert len(errs) == 2 * len(list(models['fla'].transformer.h[0].mixer.parameters()))
+    assert all(e < MIXER_TOL for e in errs.values()), errs
 
 
 @pytest.mark.cuda
