@@ -28,7 +28,6 @@ def test_prepare_split_sizes(input_txt, tmp_path):
     train = np.fromfile(tmp_path / 'train.bin', dtype=np.uint16)
     val = np.fromfile(tmp_path / 'val.bin', dtype=np.uint16)
     assert len(train) == 1_003_854 and len(val) == 111_540 and train.max() < 65
-    import pickle
     meta = pickle.load(open(tmp_path / 'meta.pkl', 'rb'))
     assert meta['vocab_size'] == 65 and ''.join(meta['itos'][i] for i in train[:5]) == 'First'
     # the record that loading checks: each file's size and sha256
