@@ -22,6 +22,7 @@ import torch
 import model as model_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+DATA_DIR = os.path.join(HERE, 'data')  # data/<dataset>/: prepare.py, train.bin, val.bin, [meta.pkl], manifest.json
 
 
 class ConfigError(ValueError):
@@ -109,28 +110,153 @@ def peak_flops(device):
     return _peak_cache[name]
 
 
+class DatasetError(ValueError):
+    """A prepared dataset folder that can't be used as it is (changed since prepare.py wrote it, or unreadable).
+    A ValueError, so the command lines print it as one line, as they print prepare.py's own DatasetError."""
+
+
+GPT2_VOCAB = 50257  # tiktoken's 'gpt2' encoding; a dataset without meta.pkl is in these tokens
+
+
+def _rerun(dataset):
+    if os.path.exists(os.path.join(DATA_DIR, dataset, 'prepare.py')):
+        return f"rerun `python data/{dataset}/prepare.py`"
+    return f"rerun whatever prepared data/{dataset} (it has no prepare.py)"
+
+
+def load_meta(path, dataset):
+    """meta.pkl's dict. A corrupt, truncated or empty file is a DatasetError that names it."""
+    import pickle
+    try:
+        with open(path, 'rb') as f:
+            meta = pickle.load(f)
+    except Exception as e:  # garbage unpickles into any of a dozen exception types
+        raise DatasetError(f"{path} is unreadable ({type(e).__name__}: {e}); {_rerun(dataset)}") from None
+    if not isinstance(meta, dict) or 'vocab_size' not in meta:
+        raise DatasetError(f"{path} holds no vocabulary (a dict with vocab_size); {_rerun(dataset)}")
+    return meta
+
+
+def _manifest(data_dir, dataset):
+    """prepare.py's record of what it wrote ({'files': {name: {'bytes', 'sha256'}}, ...}), or None if absent."""
+    path = os.path.join(data_dir, 'manifest.json')
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        assert isinstance(manifest['files'], dict)
+        return manifest
+    except Exception as e:
+        raise DatasetError(f"{path} is unreadable ({type(e).__name__}: {e}); {_rerun(dataset)}") from None
+
+
+def _check_file(data_dir, dataset, name, record):
+    """The file as prepare.py wrote it: same size, same sha256 (2 MB hash in ~10 ms: cheap enough every load)."""
+    import hashlib
+    path = os.path.join(data_dir, name)
+    if not os.path.exists(path):
+        raise DatasetError(f"{path} is missing but manifest.json lists it; {_rerun(dataset)}")
+    size = os.path.getsize(path)
+    if size != record['bytes']:
+        raise DatasetError(f"{path} has {size:,} bytes, manifest.json records {record['bytes']:,} (truncated or "
+                           f"changed since prepare.py wrote it); {_rerun(dataset)}")
+    with open(path, 'rb') as f:
+        if hashlib.sha256(f.read()).hexdigest() != record['sha256']:
+            raise DatasetError(f"{path} differs from what prepare.py wrote (sha256 mismatch with manifest.json); "
+                               f"{_rerun(dataset)}")
+
+
+def dataset_meta(dataset):
+    """meta.pkl's dict, or None for a dataset without one (GPT-2 BPE). With a manifest, meta.pkl belongs to the
+    dataset exactly when the manifest lists it, and is checked against it."""
+    data_dir = os.path.join(DATA_DIR, dataset)
+    path = os.path.join(data_dir, 'meta.pkl')
+    manifest = _manifest(data_dir, dataset)
+    if manifest is not None:
+        if 'meta.pkl' not in manifest['files']:
+            return None
+        _check_file(data_dir, dataset, 'meta.pkl', manifest['files']['meta.pkl'])
+    return load_meta(path, dataset) if os.path.exists(path) else None
+
+
 def load_dataset(dataset, device):
-    """Both splits as int64 tensors on `device` (tiny-shakespeare is 1M tokens: 8 MB), prepared if missing."""
-    data_dir = os.path.join(HERE, 'data', dataset)
-    paths = [os.path.join(data_dir, f) for f in ('train.bin', 'val.bin', 'meta.pkl')]
-    if not all(os.path.exists(p) for p in paths):
-        prep = os.path.join(data_dir, 'prepare.py')
-        if not os.path.exists(prep):
-            have = sorted(d for d in os.listdir(os.path.join(HERE, 'data')) if not d.startswith('_'))
-            raise FileNotFoundError(f"dataset {dataset!r} not found in {data_dir} and has no prepare.py; "
-                                    f"available datasets: {', '.join(have)}")
+    """Both splits as int64 tensors on `device` (tiny-shakespeare is 1M tokens: 8 MB) and meta.pkl's dict (None
+    for a dataset without one: GPT-2 BPE). A folder counts as prepared when its manifest.json and every file
+    it lists exist; otherwise prepare.py runs (again: a folder from a prepare.py that wrote no manifest is
+    prepared anew, so that what trains is checked). Every file must match the manifest (size and sha256): a
+    truncated or changed file is a DatasetError that says to rerun prepare.py, never a silently smaller dataset."""
+    data_dir = os.path.join(DATA_DIR, dataset)
+    prep = os.path.join(data_dir, 'prepare.py')
+    manifest = _manifest(data_dir, dataset) if os.path.isdir(data_dir) else None
+    prepared = manifest is not None and all(os.path.exists(os.path.join(data_dir, f)) for f in manifest['files'])
+    bins = [os.path.join(data_dir, f) for f in ('train.bin', 'val.bin')]
+    if not prepared and os.path.exists(prep):
         import importlib.util
         spec = importlib.util.spec_from_file_location(f'prepare_{dataset}', prep)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
-        print(f"preparing dataset {dataset!r} ...")
-        mod.prepare(out_dir=data_dir)
-    import pickle
-    with open(paths[2], 'rb') as f:
-        meta = pickle.load(f)
+        unrecorded = manifest is None and all(map(os.path.exists, bins))
+        print(f"{data_dir} has no manifest.json (prepared by an earlier prepare.py): preparing it again"
+              if unrecorded else f"preparing dataset {dataset!r} ...")
+        try:
+            mod.prepare(out_dir=data_dir)
+        except getattr(mod, 'DatasetError', ()) as e:  # prepare.py's clear-message errors (offline, checksum)
+            raise DatasetError(f"{data_dir} has no manifest.json to check its files against, and preparing it "
+                               f"again failed: {e}" if unrecorded else str(e)) from None
+        manifest = _manifest(data_dir, dataset)
+    elif not prepared and not all(map(os.path.exists, bins)):
+        have = sorted(d for d in os.listdir(DATA_DIR) if not d.startswith('_'))
+        raise FileNotFoundError(f"dataset {dataset!r} not found in {data_dir} and has no prepare.py; "
+                                f"available datasets: {', '.join(have)}")
+    if manifest is None:  # a folder of .bin files without a prepare.py (e.g. nanoGPT's own): nothing to check with
+        print(f"note: {data_dir} has no manifest.json; its files are not checked")
+    else:
+        for name in ('train.bin', 'val.bin'):
+            if name not in manifest['files']:
+                raise DatasetError(f"{data_dir}/manifest.json does not list {name}; {_rerun(dataset)}")
+            _check_file(data_dir, dataset, name, manifest['files'][name])
+    meta = dataset_meta(dataset)
     splits = {s: torch.from_numpy(np.fromfile(p, dtype=np.uint16).astype(np.int64)).to(device)
-              for s, p in (('train', paths[0]), ('val', paths[1]))}
+              for s, p in zip(('train', 'val'), bins)}
     return splits, meta
+
+
+def check_block_size(splits, block_size, dataset):
+    """Every training and evaluation window is block_size + 1 consecutive tokens (the inputs, and the targets
+    shifted by one), so a split of M tokens holds windows for block_size <= M - 1."""
+    for split, d in splits.items():
+        if len(d) < block_size + 1:
+            raise ConfigError(f"block_size {block_size} exceeds the {len(d):,} tokens of {split} (data/{dataset}/"
+                              f"{split}.bin): a window takes block_size + 1 tokens, so block_size can be at most "
+                              f"{max(len(d) - 1, 0):,} here")
+
+
+def codec(dataset, vocab_size):
+    """(encode, decode) between text and a dataset's token ids: meta.pkl's characters, or GPT-2 BPE through
+    tiktoken when the dataset has no meta.pkl (as nanoGPT's sample.py does). vocab_size is the model's."""
+    meta = dataset_meta(dataset)
+    if meta is None:
+        if vocab_size < GPT2_VOCAB:
+            raise DatasetError(f"data/{dataset} has no meta.pkl, and a model with vocab_size {vocab_size} is not "
+                               f"GPT-2 BPE ({GPT2_VOCAB} tokens); {_rerun(dataset)}")
+        import tiktoken
+        enc = tiktoken.get_encoding('gpt2')
+
+        def decode(ids):
+            # ids of the padded vocabulary (50257..50303) are no GPT-2 token: a trained model never picks them,
+            # an untrained one may, so they show as U+FFFD rather than fail
+            b = b''.join(enc.decode_single_token_bytes(i) if i < enc.n_vocab else '\ufffd'.encode() for i in ids)
+            return b.decode('utf-8', errors='replace')
+        return (lambda s: enc.encode(s, allowed_special={'<|endoftext|>'})), decode
+    stoi, itos = meta['stoi'], meta['itos']
+
+    def encode(s):
+        unknown = sorted(set(s) - set(stoi))
+        if unknown:
+            raise ConfigError(f"prompt has characters outside the vocabulary: {unknown!r}")
+        return [stoi[c] for c in s]
+    return encode, lambda ids: ''.join(itos[int(i)] for i in ids)
 
 
 def atomic_torch_save(obj, path):

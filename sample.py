@@ -8,7 +8,6 @@ Decodes incrementally with the model's cache/state (--use_cache=False recomputes
 """
 
 import os
-import pickle
 import sys
 from contextlib import nullcontext
 
@@ -16,6 +15,7 @@ import torch
 
 import model as model_lib
 from runtime import ConfigError, parse_value, pick_device
+from runtime import codec
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -74,29 +74,21 @@ def main(argv):
     torch.cuda.manual_seed(cfg['seed']) if device_type == 'cuda' else None
 
     model, ckpt = load_model(cfg['out_dir'], cfg['ckpt'], device)
-    dataset = ckpt['config'].get('dataset', 'shakespeare_char')
-    meta_path = os.path.join(HERE, 'data', dataset, 'meta.pkl')
-    if not os.path.exists(meta_path):
-        raise FileNotFoundError(f"{meta_path} missing: run data/{dataset}/prepare.py")
-    with open(meta_path, 'rb') as f:
-        meta = pickle.load(f)
-    stoi, itos = meta['stoi'], meta['itos']
+    # meta.pkl's characters, or GPT-2 BPE through tiktoken for a dataset without meta.pkl
+    encode, decode = codec(ckpt['config'].get('dataset', 'shakespeare_char'), ckpt['model_config']['vocab_size'])
 
     start = cfg['start']
     if start.startswith('FILE:'):
         with open(start[5:], 'r', encoding='utf-8') as f:
             start = f.read()
-    unknown = sorted(set(start) - set(stoi))
-    if unknown:
-        raise ConfigError(f"prompt has characters outside the vocabulary: {unknown!r}")
-    x = torch.tensor([stoi[c] for c in start], dtype=torch.long, device=device)[None, ...]
+    x = torch.tensor(encode(start), dtype=torch.long, device=device)[None, ...]
     print(f"{ckpt['model_config']['model_type']} from {cfg['out_dir']} (iter {ckpt['iter_num']}, "
           f"val loss {ckpt.get('val_loss', float('nan')):.4f}), cache={'on' if cfg['use_cache'] else 'off'}")
     with torch.no_grad(), ctx:
         for _ in range(cfg['num_samples']):
             y = model.generate(x, cfg['max_new_tokens'], temperature=cfg['temperature'], top_k=cfg['top_k'],
                                use_cache=cfg['use_cache'], compile=cfg['compile'])
-            print(''.join(itos[int(i)] for i in y[0].tolist()))
+            print(decode(y[0].tolist()))
             print('---------------')
 
 

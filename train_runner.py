@@ -33,6 +33,7 @@ import torch
 import model as model_lib
 from runtime import (ConfigError, GraphedStep, as_list, atomic_torch_save, atomic_write_json, execution_modes,
                      fmt_time, load_dataset, load_json, parse_value, peak_flops, pick_device, run_metadata)
+from runtime import check_block_size
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -245,9 +246,10 @@ def train(config_file=None, overrides=None):
         os.makedirs(out_dir, exist_ok=True)
     mkeys = model_keys(cfg['model_type'])
     mcfg = {k: cfg[k] for k in mkeys}
-    if mcfg['vocab_size'] != meta['vocab_size']:
-        mcfg['vocab_size'] = meta['vocab_size']
+    # no meta.pkl: GPT-2 BPE, its 50257 tokens padded to 50304, a multiple of 64, as nanoGPT pads
+    mcfg['vocab_size'] = meta['vocab_size'] if meta else 50304
     block_size = mcfg['block_size']
+    check_block_size(data, block_size, cfg['dataset'])
     ckpt = None
     if cfg['init_from'] == 'resume':
         if not os.path.exists(ckpt_last):
@@ -306,7 +308,8 @@ def train(config_file=None, overrides=None):
     tokens_per_iter = gas * world_size * cfg['batch_size'] * block_size
     flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
     g = torch.Generator().manual_seed(12345)  # same evaluation windows for every run, model and seed
-    eval_ix = {s: [torch.randint(len(d) - block_size - 1, (eval_bs,), generator=g)
+    # a window starts at 0 .. len - block_size - 1 (it takes block_size + 1 tokens): randint's high is exclusive
+    eval_ix = {s: [torch.randint(len(d) - block_size, (eval_bs,), generator=g)
                    for _ in range(cfg['eval_iters'])] for s, d in data.items()}
 
     @torch.no_grad()
@@ -395,7 +398,7 @@ def train(config_file=None, overrides=None):
 
         # one optimizer step = gas micro-steps
         for micro in range(gas):
-            X, Y = get_batch(data['train'], torch.randint(len(data['train']) - block_size - 1,
+            X, Y = get_batch(data['train'], torch.randint(len(data['train']) - block_size,
                                                          (cfg['batch_size'],), generator=data_gen), block_size)
             while use_graphs and graphed is None:  # capture; if the warm-up fails compiled, again without
                 try:
