@@ -31,8 +31,9 @@ import numpy as np
 import torch
 
 import model as model_lib
-from runtime import (ConfigError, GraphedStep, as_list, atomic_torch_save, atomic_write_json, execution_modes,
-                     fmt_time, load_dataset, load_json, parse_value, peak_flops, pick_device, run_metadata)
+from runtime import (ConfigError, GraphedStep, Progress, as_list, atomic_torch_save, atomic_write_json,
+                     execution_modes, fmt_time, load_dataset, load_json, parse_value, peak_flops, pick_device,
+                     run_metadata)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -237,7 +238,7 @@ def train(config_file=None, overrides=None):
 
     out_dir = cfg['out_dir']
     ckpt_last, ckpt_best = os.path.join(out_dir, 'ckpt_last.pt'), os.path.join(out_dir, 'ckpt_best.pt')
-    metrics_path = os.path.join(out_dir, 'metrics.jsonl')
+    metrics_path, summary_path = os.path.join(out_dir, 'metrics.jsonl'), os.path.join(out_dir, 'summary.json')
 
     # --- data and model
     data, meta = load_dataset(cfg['dataset'], device)
@@ -261,6 +262,16 @@ def train(config_file=None, overrides=None):
         if len(ckpt['rng']) != world_size:
             raise ConfigError(f"{ckpt_last} was written by {len(ckpt['rng'])} process(es), this run has {world_size}: "
                               f"resume with the same number, so every rank continues its own data stream")
+        done = load_json(summary_path)
+        if (not cfg['eval_only'] and done and done.get('status') == 'done' and done.get('iters') == ckpt['iter_num']
+                and ckpt['iter_num'] >= cfg['max_iters']):  # finished: there is nothing to resume
+            if master:
+                print(f"{cfg['model_type']} in {out_dir} already finished at iteration {ckpt['iter_num']} (best val "
+                      f"{done['best_val_loss']:.4f}); nothing to train, its records are kept. To train longer, "
+                      f"resume with a larger max_iters")
+            if ddp:
+                dist.destroy_process_group()
+            return done
         mcfg = ckpt['model_config']  # the architecture as built (d_ff solved)
     torch.manual_seed(cfg['seed'])  # same init on every rank
     model = model_lib.get_model_module(cfg['model_type']).GPT(
@@ -273,7 +284,12 @@ def train(config_file=None, overrides=None):
     data_gen = torch.Generator().manual_seed(cfg['seed'] + 1000 * rank)
     torch.manual_seed(cfg['seed'] + rank)  # dropout differs per rank
     iter_num, best_val, best_iter = 0, float('inf'), -1
+    # what the earlier segments of a resumed run measured, up to its checkpoint: times (summed over segments),
+    # timing windows (one list per segment), last eval losses, how the last steps ran
+    prev = dict(wall_s=0.0, train_s=0.0, eval_s=0.0, n_evals=0, window_times=[], segments=0,
+                losses={'train': float('nan'), 'val': float('nan')}, ran=None)
     if ckpt is not None:
+        prev.update(ckpt.get('progress', {}))
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
         iter_num, best_val, best_iter = ckpt['iter_num'], ckpt['best_val_loss'], ckpt['best_iter']
@@ -284,14 +300,16 @@ def train(config_file=None, overrides=None):
         if device_type == 'cuda' and rng['cuda'] is not None:
             torch.cuda.set_rng_state(rng['cuda'].cpu())
         if master and os.path.exists(metrics_path):  # drop lines logged after the checkpoint
-            with open(metrics_path) as f:
-                keep = [ln for ln in f if json.loads(ln)['iter'] <= iter_num]
+            with open(metrics_path) as f:  # (a line cut short by a kill has no newline: it goes too)
+                keep = [ln for ln in f if ln.endswith('\n') and json.loads(ln)['iter'] <= iter_num]
             with open(metrics_path, 'w') as f:
                 f.writelines(keep)
+        if master and not cfg['eval_only'] and os.path.exists(summary_path):
+            os.remove(summary_path)  # an earlier, shorter segment's: this run writes its own when it finishes
         print(f"resuming {cfg['model_type']} from iteration {iter_num} (best val {best_val:.4f} at {best_iter})")
         del ckpt
     elif master:  # from scratch: nothing an earlier run left here may be mistaken for this run's
-        for f in (metrics_path, ckpt_last, ckpt_best, os.path.join(out_dir, 'summary.json')):
+        for f in (metrics_path, ckpt_last, ckpt_best, summary_path):
             if os.path.exists(f):
                 os.remove(f)
 
@@ -314,13 +332,16 @@ def train(config_file=None, overrides=None):
         # the raw (uncompiled) module: eval shapes differ from training's, and must not trigger recompiles
         raw_model.eval()
         out = {}
+        progress = Progress(sum(map(len, eval_ix.values())), f"eval at iter {iter_num}", bar=True)  # minutes on CPU
         for split, ixs in eval_ix.items():
             losses = torch.zeros(len(ixs))
             for i, ix in enumerate(ixs):
                 X, Y = get_batch(data[split], ix, block_size)
                 with autocast:
                     losses[i] = raw_model(X, Y)[1].item()
+                progress.update()
             out[split] = losses.mean().item()
+        progress.close()
         raw_model.train()
         return out
 
@@ -351,18 +372,30 @@ def train(config_file=None, overrides=None):
         if wandb_run is not None:
             wandb_run.log({k: v for k, v in row.items() if k not in ('kind',)}, step=row['iter'])
 
+    def so_far():
+        """The run's times and timing windows up to now, over all its segments (a resumed run's summary sums
+        them); what a checkpoint carries for the segment that resumes from it."""
+        now = time.time()
+        return dict(wall_s=prev['wall_s'] + now - t_start, train_s=prev['train_s'] + now - t_train0,
+                    eval_s=prev['eval_s'] + eval_s, n_evals=prev['n_evals'] + n_evals,
+                    window_times=prev['window_times'] + [window_times], segments=prev['segments'] + 1,
+                    losses=losses, ran=dict(compile=use_compile, cuda_graphs=graphed is not None)
+                    if iter_num > start_iter or prev['ran'] is None else prev['ran'])
+
     def save(path, losses, rng_states):
         atomic_torch_save({
             'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
             'model_config': asdict(raw_model.config), 'config': cfg, 'iter_num': iter_num,
             'best_val_loss': best_val, 'best_iter': best_iter, 'val_loss': losses['val'],
             'rng': rng_states,  # one dict per rank: data sampling, dropout (CPU and CUDA generators)
+            'progress': so_far(),
         }, path)
 
     # --- the loop
-    losses = {'train': float('nan'), 'val': float('nan')}
-    window_times, window_t0, window_iters = [], None, 0
-    last_loss = float('nan')
+    losses = prev['losses']  # a run resumed at its last iteration evaluates nothing: the checkpoint's
+    # the first window starts here: after the step-0 evaluation, or on resume (which skips that evaluation)
+    window_times, window_t0, window_iters = [], time.time(), 0
+    last_loss, eval_s, n_evals = float('nan'), 0.0, 0
     start_iter, t_train0 = iter_num, time.time()
     # a resumed run already evaluated (and logged) the iteration it resumes at
     skip_eval_at = iter_num if cfg['init_from'] == 'resume' and not cfg['eval_only'] else -1
@@ -375,20 +408,28 @@ def train(config_file=None, overrides=None):
         if (iter_num % cfg['eval_interval'] == 0 or iter_num == max_iters) and iter_num != skip_eval_at:
             rng_states = _gather_rng_states(data_gen, device_type, ddp)  # a collective: every rank takes part
             if master:
+                t_eval = time.time()
                 losses = estimate_loss()
+                eval_s, n_evals = eval_s + time.time() - t_eval, n_evals + 1
                 if not all(math.isfinite(v) for v in losses.values()):
                     raise NonFiniteLoss(f"non-finite eval loss at iteration {iter_num}: {losses}; "
                                         f"the last good checkpoint is {ckpt_last}")
-                if losses['val'] < best_val:
+                better = losses['val'] < best_val
+                if better:
                     best_val, best_iter = losses['val'], iter_num
-                    save(ckpt_best, losses, rng_states)  # only ever replaced by a better one
-                if iter_num > 0:
-                    save(ckpt_last, losses, rng_states)
+                # the row before the checkpoint: a kill in between resumes from the previous checkpoint, which
+                # drops the row and evaluates again; the other order would lose the row for good
                 log({'kind': 'eval', 'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'],
                      'lr': lr, 'tokens': iter_num * tokens_per_iter, 'flops': iter_num * flops_per_iter,
-                     'time_s': round(time.time() - t_start, 3)})
+                     'time_s': round(prev['wall_s'] + time.time() - t_start, 3)})
                 print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                       f" (best {best_val:.4f} @ {best_iter})")
+                if better:
+                    save(ckpt_best, losses, rng_states)  # only ever replaced by a better one
+                if iter_num > 0:
+                    _fault_point('before_ckpt', iter_num)
+                    save(ckpt_last, losses, rng_states)
+                    _fault_point('after_ckpt', iter_num)
             window_t0, window_iters = time.time(), 0  # evaluation time is not training time
         if iter_num >= max_iters or cfg['eval_only']:
             break
@@ -444,7 +485,10 @@ def train(config_file=None, overrides=None):
                 dt = (now - window_t0) / window_iters
                 window_times.append(dt)
                 mfu = raw_model.estimate_mfu(gas * cfg['batch_size'], dt, peak) if peak else None  # per GPU
-                eta = dt * (max_iters - iter_num)
+                # the evaluations still to come count too, at the mean time of those so far
+                ei, evals = cfg['eval_interval'], prev['n_evals'] + n_evals
+                evals_left = max_iters // ei - iter_num // ei + (max_iters % ei != 0)
+                eta = dt * (max_iters - iter_num) + evals_left * ((prev['eval_s'] + eval_s) / evals if evals else 0)
                 log({'kind': 'train', 'iter': iter_num, 'loss': last_loss, 'lr': lr, 'ms_per_iter': dt * 1000,
                      'mfu': mfu})
                 if master:
@@ -452,20 +496,24 @@ def train(config_file=None, overrides=None):
                           + (f", mfu {mfu * 100:.1f}%" if mfu is not None else '') + f", eta {fmt_time(eta)}")
             window_t0, window_iters = now, 0
 
-    # the first timed window includes compilation/autotuning; leave it out when there are others
-    times = window_times[1:] if len(window_times) > 1 else window_times
+    # the first timed window of each segment includes compilation/autotuning; leave those out when there are others
+    run = so_far()
+    times = ([t for seg in run['window_times'] for t in seg[1:]]
+             or [t for seg in run['window_times'] for t in seg])
     median_dt = float(np.median(times)) if times else float('nan')
     summary = {
         'model_type': cfg['model_type'], 'learning_rate': cfg['learning_rate'], 'seed': cfg['seed'],
         'preset': cfg['preset'], 'best_val_loss': best_val, 'best_iter': best_iter,
         'final_train_loss': losses['train'], 'final_val_loss': losses['val'], 'iters': iter_num,
-        'wall_s': round(time.time() - t_start, 2), 'train_s': round(time.time() - t_train0, 2),
+        # summed over the segments of a resumed run (each up to the checkpoint the next resumed from)
+        'wall_s': round(run['wall_s'], 2), 'train_s': round(run['train_s'], 2), 'eval_s': round(run['eval_s'], 2),
+        'segments': run['segments'],
         'median_ms_per_iter': median_dt * 1000, 'tokens_per_s': tokens_per_iter / median_dt if times else None,
         'n_params': n_params, 'out_dir': out_dir, 'status': 'done',
-        'compile': use_compile, 'cuda_graphs': graphed is not None,  # as it ran (after any fallback)
+        **run['ran'],  # compile, cuda_graphs: as the steps ran (after any fallback)
     }
     if master and not cfg['eval_only']:  # an evaluation-only pass never replaces a training run's summary
-        atomic_write_json(summary, os.path.join(out_dir, 'summary.json'))
+        atomic_write_json(summary, summary_path)
         print(f"done: best val loss {best_val:.4f} at iter {best_iter}, {summary['wall_s']:.0f}s wall, "
               f"median {median_dt * 1000:.2f} ms/iter")
     if wandb_run is not None:
@@ -478,6 +526,13 @@ def train(config_file=None, overrides=None):
         dist.barrier()
         dist.destroy_process_group()
     return summary
+
+
+def _fault_point(name, iter_num):
+    """Test hook (tests/test_faults.py): FAULT_AT='<name>:iter=<N>' ends the process on the spot, as kill -9
+    would (os._exit: no cleanup, no flush), at the point of train() called <name> at iteration N."""
+    if os.environ.get('FAULT_AT') == f'{name}:iter={iter_num}':
+        os._exit(1)
 
 
 def _say_compile_failed(model_type, e):
