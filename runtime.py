@@ -178,6 +178,11 @@ class Progress:
             self.last = time.time()
             print(f"{self.desc}: {self.text()}", flush=True)
 
+    def skip(self, weight=1.0):
+        """A unit that cost (next to) nothing: counted, and its weight taken out of the work left."""
+        self.total -= weight
+        self.update(0.0)
+
     def eta(self):
         return (time.time() - self.t0) * (self.total - self.done) / self.done if self.done else None
 

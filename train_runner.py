@@ -187,6 +187,14 @@ def get_lr(it, cfg):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
 
 
+def run_eta(s_per_iter, iter_num, max_iters, eval_interval, eval_s, n_evals):
+    """Seconds left of a run after iter_num iterations: the rest at s_per_iter, and the evaluations still to
+    come (at every multiple of eval_interval from iter_num on, and at max_iters) at the mean time of the
+    n_evals so far (eval_s in all)."""
+    evals_left = max_iters // eval_interval - (iter_num - 1) // eval_interval + (max_iters % eval_interval != 0)
+    return s_per_iter * (max_iters - iter_num) + evals_left * (eval_s / n_evals if n_evals else 0.0)
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 
@@ -485,10 +493,8 @@ def train(config_file=None, overrides=None):
                 dt = (now - window_t0) / window_iters
                 window_times.append(dt)
                 mfu = raw_model.estimate_mfu(gas * cfg['batch_size'], dt, peak) if peak else None  # per GPU
-                # the evaluations still to come count too, at the mean time of those so far
-                ei, evals = cfg['eval_interval'], prev['n_evals'] + n_evals
-                evals_left = max_iters // ei - iter_num // ei + (max_iters % ei != 0)
-                eta = dt * (max_iters - iter_num) + evals_left * ((prev['eval_s'] + eval_s) / evals if evals else 0)
+                eta = run_eta(dt, iter_num, max_iters, cfg['eval_interval'], prev['eval_s'] + eval_s,
+                              prev['n_evals'] + n_evals)
                 log({'kind': 'train', 'iter': iter_num, 'loss': last_loss, 'lr': lr, 'ms_per_iter': dt * 1000,
                      'mfu': mfu})
                 if master:
@@ -586,7 +592,13 @@ NEUTRAL_KEYS = {'wandb_log', 'wandb_project', 'wandb_run_name', 'log_interval', 
 
 
 def sweep(overrides=None):
-    """The whole reproduction. Resumable: finished runs with the same config are not trained again."""
+    """The whole reproduction. Resumable: finished runs with the same config are not trained again.
+    Everything it prints also goes to <results_dir>/sweep.log (appended to by a resumed sweep)."""
+    with _SweepLog() as log:
+        return _sweep(overrides, log)
+
+
+def _sweep(overrides, log):
     overrides = dict(overrides or {})
     opts = {k: overrides.pop(k, v) for k, v in SWEEP_KEYS.items()}
     owned = sorted(set(overrides) & {'model_type', 'learning_rate', 'seed', 'out_dir', 'preset', 'init_from'})
@@ -620,6 +632,9 @@ def sweep(overrides=None):
         raise ConfigError(f"--gpus={gpus} but this machine has {torch.cuda.device_count() if cuda else 0} CUDA "
                           f"GPU(s); valid: 1..{max(1, torch.cuda.device_count() if cuda else 1)}")
 
+    called = None if os.path.abspath(sys.argv[0]) == os.path.abspath(__file__) else \
+        {**{k: v for k, v in opts.items() if v != SWEEP_KEYS[k]}, **overrides}  # from Python, not the CLI
+    log.open(os.path.join(results_dir, 'sweep.log'), called)
     t0, summaries, todo = time.time(), {}, []
     for i, (m, lr, seed) in enumerate(runs):
         out_dir = os.path.join(results_dir, 'runs', f"{m}-lr{lr:g}-s{seed}")
@@ -637,20 +652,30 @@ def sweep(overrides=None):
         resume = same and os.path.exists(os.path.join(out_dir, 'ckpt_last.pt'))
         todo.append((i, {**run_cfg, 'init_from': 'resume' if resume else 'scratch'}))
 
-    def progress(n_done, times):
-        left = len(todo) - n_done
-        eta = np.mean(times) * left / gpus if times else None
-        return (f"{n_done}/{len(todo)} runs to train done | elapsed {fmt_time(time.time() - t0)}"
-                + (f", eta {fmt_time(eta)}" if eta else ''))
+    eta = _SweepEta()
+    for m in dict.fromkeys(c['model_type'] for _, c in todo):  # a few timed iterations of each model to train
+        c = next(c for _, c in todo if c['model_type'] == m)
+        if resolve_config(None, c)['max_iters'] >= 10 * PROBE_ITERS:  # (not worth it for a smoke test)
+            eta.probe[m] = _probe(c)
+    if eta.probe:
+        left = eta.left([c['model_type'] for _, c in todo])
+        print(f"training estimate: {fmt_time(left / gpus) if left else 'unknown'} for {len(todo)} runs; per run: "
+              + ', '.join(f"{m} {fmt_time(v) if v else 'unknown'}" for m, v in eta.probe.items())
+              + f" (from a {PROBE_ITERS}-iteration eager run of each model, {fmt_time(time.time() - t0)})")
 
-    times = []
+    def progress(n_done, left_models):
+        left = eta.left(left_models)
+        return (f"{n_done}/{len(todo)} runs to train done | elapsed {fmt_time(time.time() - t0)}"
+                + (f", eta {fmt_time(left / gpus)}" if left else ''))
+
     if gpus == 1:
         for n, (i, run_cfg) in enumerate(todo):
             print(f"\n=== run {i + 1}/{len(runs)}: {run_cfg['model_type']} lr={run_cfg['learning_rate']:g} "
-                  f"seed={run_cfg['seed']} | {progress(n, times)} ===")
+                  f"seed={run_cfg['seed']} | {progress(n, [c['model_type'] for _, c in todo[n:]])} ===")
             t_run = time.time()
             summaries[i] = _sweep_run(run_cfg)
-            times.append(time.time() - t_run)
+            if summaries[i]['status'] == 'done' and run_cfg['init_from'] == 'scratch':  # a whole run's time
+                eta.add(run_cfg['model_type'], time.time() - t_run)
     else:
         # independent runs, one process per GPU (spawned, each sees only its GPU); each run's console
         # output goes to <out_dir>/train.log. Every run is seeded on its own, so the records are the same
@@ -664,19 +689,20 @@ def sweep(overrides=None):
         print(f"training {len(todo)} runs on {gpus} GPUs, one run per GPU at a time; logs in <run>/train.log")
         with ProcessPoolExecutor(gpus, mp_context=ctx, initializer=_pin_gpu, initargs=(free_gpus,)) as pool:
             started = {pool.submit(_sweep_run, run_cfg, True): (i, run_cfg) for i, run_cfg in todo}
+            running = dict(started)
             for n, fut in enumerate(as_completed(started), 1):
-                i, run_cfg = started[fut]
+                i, run_cfg = running.pop(fut)
                 try:
                     summaries[i] = s = fut.result()
                 except BaseException:  # stop now, as the one-GPU sweep does, not after every queued run
                     print(f"run {i + 1}/{len(runs)} failed; see {os.path.join(run_cfg['out_dir'], 'train.log')}")
                     pool.shutdown(wait=False, cancel_futures=True)
                     raise
-                if s.get('wall_s'):
-                    times.append(s['wall_s'])
+                if s['status'] == 'done' and run_cfg['init_from'] == 'scratch':
+                    eta.add(run_cfg['model_type'], s['wall_s'])
                 print(f"run {i + 1}/{len(runs)} {run_cfg['model_type']} lr={run_cfg['learning_rate']:g} "
                       f"seed={run_cfg['seed']}: {s['status']}, best val loss {s['best_val_loss']:.4f} "
-                      f"| {progress(n, times)}", flush=True)
+                      f"| {progress(n, [c['model_type'] for c in running.values()])}", flush=True)
     summaries = [summaries[i] for i in sorted(summaries)]
 
     bench_out = None
@@ -689,6 +715,133 @@ def sweep(overrides=None):
     total = time.time() - t0
     print(f"\nreproduction finished in {fmt_time(total)} ({total:.0f}s); results in {results_dir}")
     return {'preset': label, 'results_dir': results_dir, 'runs': summaries, 'wall_s': total, 'bench': bench_out}
+
+
+PROBE_ITERS, PROBE_EVAL_ITERS = 8, 2  # the sweep's ETA probe of each model: iterations, eval batches per split
+
+
+def _probe(run_cfg):
+    """Seconds a run of run_cfg should take, from PROBE_ITERS iterations of it (eager: on CUDA an estimate
+    until a run of the model finishes) with an evaluation of PROBE_EVAL_ITERS batches per split at the start
+    and the end, in a scratch folder, output hidden: its ms/iter and time per eval batch, times the run's
+    iterations and eval batches. (Not its startup: the first train() of a process pays one-time costs,
+    imports and data loading, that the runs don't.) None if the probe fails (the run will say why)."""
+    import io
+    import shutil
+    import tempfile
+    from contextlib import redirect_stdout
+    cfg, tmp = resolve_config(None, run_cfg), tempfile.mkdtemp(prefix='eta-probe-')
+    try:
+        with redirect_stdout(io.StringIO()):
+            s = train(None, {**run_cfg, 'out_dir': tmp, 'init_from': 'scratch', 'max_iters': PROBE_ITERS,
+                             'eval_interval': PROBE_ITERS, 'eval_iters': PROBE_EVAL_ITERS, 'log_interval': 1,
+                             'compile': False, 'cuda_graphs': False, 'wandb_log': False})
+    except Exception as e:
+        print(f"ETA probe of {run_cfg['model_type']} failed ({type(e).__name__}: {model_lib.first_line(e)})")
+        return None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    n, ei = cfg['max_iters'], cfg['eval_interval']
+    eval_batches = 2 * cfg['eval_iters'] * (n // ei + 1 + (n % ei != 0))  # 2 splits; step 0, every ei, the last
+    return n * s['median_ms_per_iter'] / 1e3 + eval_batches * s['eval_s'] / (2 * 2 * PROBE_EVAL_ITERS)
+
+
+class _SweepEta:
+    """The sweep's ETA: each run to come estimated from its own model's speed: the mean time of that model's
+    runs finished in this sweep; before one has, its probe, scaled by how the finished runs of other models
+    compared with theirs (on CUDA the probe runs eagerly, the runs compiled); without a probe, the mean of
+    all finished runs."""
+
+    def __init__(self):
+        self.probe, self.measured = {}, {}
+
+    def add(self, model_type, seconds):
+        self.measured.setdefault(model_type, []).append(seconds)
+
+    def run(self, model_type):
+        if model_type in self.measured:
+            return float(np.mean(self.measured[model_type]))
+        scale = [np.mean(v) / self.probe[m] for m, v in self.measured.items() if self.probe.get(m)]
+        if self.probe.get(model_type):
+            return self.probe[model_type] * (float(np.mean(scale)) if scale else 1.0)
+        every = [t for v in self.measured.values() for t in v]
+        return float(np.mean(every)) if every else None
+
+    def left(self, model_types):
+        """Seconds for runs of these model types, one after another (None while any is unknown)."""
+        est = [self.run(m) for m in model_types]
+        return None if any(e is None for e in est) else sum(est)
+
+
+class _Tee:
+    """A stream that also hands its complete lines to a sweep log. A line redrawn with carriage returns (a
+    progress bar) reaches the log in its last state."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log, self.line = stream, log, ''
+
+    def write(self, text):
+        self.stream.write(text)
+        *lines, self.line = (self.line + text).split('\n')
+        for line in lines:
+            self.log.write(line.rsplit('\r', 1)[-1] + '\n')
+        return len(text)
+
+    def flush(self):
+        self.stream.flush()
+        self.log.flush()
+
+    def isatty(self):
+        return self.stream.isatty()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+    def end(self):
+        last = self.line.rsplit('\r', 1)[-1]
+        if last.strip():
+            self.log.write(last + '\n')
+        return self.stream
+
+
+class _SweepLog:
+    """sys.stdout and sys.stderr of a sweep (its runs and the benchmark process included), copied to
+    <results_dir>/sweep.log. What is printed before open() names the file is kept and written first; an
+    exception that ends the sweep is written last."""
+
+    def __init__(self):
+        self.file, self.kept = None, []
+
+    def __enter__(self):
+        self.streams = sys.stdout, sys.stderr
+        self.tees = sys.stdout, sys.stderr = _Tee(sys.stdout, self), _Tee(sys.stderr, self)
+        return self
+
+    def open(self, path, overrides=None):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.file = open(path, 'a', buffering=1)
+        how = f"train_runner.sweep({overrides!r})" if overrides is not None else \
+            f"python {' '.join(['train_runner.py'] + sys.argv[1:])}"
+        self.file.write(f"===== {time.strftime('%Y-%m-%d %H:%M:%S %z')}: {how} =====\n" + ''.join(self.kept))
+        self.kept = []
+
+    def write(self, line):
+        (self.file.write if self.file else self.kept.append)(line)
+
+    def flush(self):
+        if self.file:
+            self.file.flush()
+
+    def __exit__(self, kind, exc, tb):
+        for tee in self.tees:
+            tee.end()
+        sys.stdout, sys.stderr = self.streams
+        if self.file:
+            if exc is not None:
+                import traceback
+                self.file.write(''.join(traceback.format_exception(kind, exc, tb)))
+            self.file.close()
+        return False
 
 
 def run_benchmarks(results_dir, preset, wandb_log=False):
