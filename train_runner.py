@@ -657,9 +657,11 @@ def _sweep(overrides, log):
         c = next(c for _, c in todo if c['model_type'] == m)
         if resolve_config(None, c)['max_iters'] >= 10 * PROBE_ITERS:  # (not worth it for a smoke test)
             eta.probe[m] = _probe(c)
+    first, t_train = None, time.time()
     if eta.probe:
         left = eta.left([c['model_type'] for _, c in todo])
-        print(f"training estimate: {fmt_time(left / gpus) if left else 'unknown'} for {len(todo)} runs; per run: "
+        first = left / gpus if left else None
+        print(f"training estimate: {fmt_time(first) if first else 'unknown'} for {len(todo)} runs; per run: "
               + ', '.join(f"{m} {fmt_time(v) if v else 'unknown'}" for m, v in eta.probe.items())
               + f" (from a {PROBE_ITERS}-iteration eager run of each model, {fmt_time(time.time() - t0)})")
 
@@ -704,11 +706,17 @@ def _sweep(overrides, log):
                       f"seed={run_cfg['seed']}: {s['status']}, best val loss {s['best_val_loss']:.4f} "
                       f"| {progress(n, [c['model_type'] for c in running.values()])}", flush=True)
     summaries = [summaries[i] for i in sorted(summaries)]
+    if todo:  # how the estimate did
+        took = time.time() - t_train
+        print(f"\ntraining: {len(todo)} runs in {fmt_time(took)} ({took:.0f}s)" + (
+            f"; the first estimate was {fmt_time(first)} ({first:.0f}s), {first / took:.2f}x" if first else ''))
 
     bench_out = None
     if opts['bench']:
         print(f"\n=== benchmarks and report -> {results_dir} ===", flush=True)
+        t_bench = time.time()
         bench_out = run_benchmarks(results_dir, label, overrides.get('wandb_log', False))
+        print(f"benchmarks and report: {fmt_time(time.time() - t_bench)}")
         failed = {k: v for k, v in bench_out.items() if str(v).startswith('failed')}
         if failed:
             raise RuntimeError(f"benchmark step(s) failed: {failed}")
