@@ -749,6 +749,8 @@ def _probe(run_cfg):
         return None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the sweep's runs (and a multi-GPU sweep's workers) get the probe's memory back
     n, ei = cfg['max_iters'], cfg['eval_interval']
     eval_batches = 2 * cfg['eval_iters'] * (n // ei + 1 + (n % ei != 0))  # 2 splits; step 0, every ei, the last
     return n * s['median_ms_per_iter'] / 1e3 + eval_batches * s['eval_s'] / (2 * 2 * PROBE_EVAL_ITERS)
