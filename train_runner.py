@@ -663,7 +663,7 @@ def _sweep(overrides, log):
         first = left / gpus if left else None
         print(f"training estimate: {fmt_time(first) if first else 'unknown'} for {len(todo)} runs; per run: "
               + ', '.join(f"{m} {fmt_time(v) if v else 'unknown'}" for m, v in eta.probe.items())
-              + f" (from a {PROBE_ITERS}-iteration eager run of each model, {fmt_time(time.time() - t0)})")
+              + f" (from an eager run of {PROBE_ITERS} iterations of each model, {fmt_time(time.time() - t0)})")
 
     def progress(n_done, left_models):
         left = eta.left(left_models)
