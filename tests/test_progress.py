@@ -79,3 +79,15 @@ def test_a_sweep_writes_everything_it_prints_to_sweep_log(prepared, tmp_path, mo
     log = (tmp_path / 'sweep.log').read_text()
     assert log.count('\n===== ') == 1  # appended: the second sweep's header
     assert log.rstrip().endswith('RuntimeError: broken run')  # how it ended, traceback included
+
+
+def test_the_evaluation_shows_progress_in_a_log(prepared, tmp_path, monkeypatch, capsys):
+    # not a terminal (a log file, a pipe): plain lines, here one per batch (every=0), with the phase's ETA
+    import functools
+    import runtime
+    monkeypatch.setattr(train_runner, 'Progress', functools.partial(runtime.Progress, every=0.0))
+    train_runner.train(None, {**TINY, 'model_type': 'vanilla', 'max_iters': 2, 'eval_interval': 2, 'eval_iters': 2,
+                              'log_interval': 1, 'out_dir': str(tmp_path)})
+    out = capsys.readouterr().out
+    assert 'eval at iter 0: 1/4, ' in out and 'eval at iter 2: 3/4, ' in out and ', eta ' in out
+    assert '\r' not in out
