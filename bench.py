@@ -40,16 +40,16 @@ import torch
 import model
 from report import (DECODE_COL, add_vs_vanilla, bakeoff, model_kw_from_runs, plot_latency, plot_memory, plot_scaling,
                     plot_throughput, report, resolve_runs_dir, runs)
-from runtime import (GraphedStep, act_dtype, as_list, autocast_for, device_name, execution_modes, failure_status,
-                     fmt_cell, free_memory, load_dataset, median, parse_value, peak_flops, read_csv, resolve_device,
-                     sync, write_csv, write_meta)
+from runtime import (GraphedStep, Progress, act_dtype, as_list, autocast_for, device_name, execution_modes,
+                     failure_status, fmt_cell, fmt_time, free_memory, load_dataset, median, parse_value, peak_flops,
+                     read_csv, resolve_device, sync, write_csv, write_meta)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # sizes of each benchmark: (full, tiny)
 MEMORY_CONTEXTS = ([2 ** i for i in range(8, 18)], [32, 64])           # 256 -> 131072
 MEMORY_BATCHES = ((1, 4), (1, 2))
-LATENCY_CONTEXTS = ([2 ** i for i in range(7, 16)], [16, 32])          # 128 -> 32768
+LATENCY_CONTEXTS = ([2 ** i for i in range(7, 16)], [16, 32, 1024])    # 128 -> 32768; 1024: the bake-off's column
 THROUGHPUT_SHAPES = ([(64, 256), (16, 1024), (4, 4096), (1, 16384)],  # (B, T): training shape, then 16384 tokens/step
                      [(4, 32), (1, 64)])
 
@@ -217,8 +217,10 @@ def memory(out='results', tiny=False, device='auto', models=None, contexts=None,
         print("[memory] peak memory is read from torch.cuda.max_memory_allocated, which CPU lacks: on CPU the "
               "fwd+bwd still runs at every context (a shape check) but peak_bytes stays empty; "
               "decoding-state bytes are computed as on CUDA")
-    rows = []
-    for mt, mod in available_models(models):
+    rows, avail = [], available_models(models)
+    progress = Progress(len(avail) * len(batches) * len(contexts), '[memory]',  # a step's cost ~ its tokens
+                        weights=[B * T for _ in avail for B in batches for T in contexts])
+    for mt, mod in avail:
         kw = model_kwargs(mt, mod, tiny, model_kw)
         state_bytes = {}
         for T in contexts:
@@ -230,6 +232,7 @@ def memory(out='results', tiny=False, device='auto', models=None, contexts=None,
                 if wall is not None:
                     row['status'] = f'skipped (OOM at {wall})'
                     rows.append(row)
+                    progress.skip(B * T)
                     continue
                 m = oom = None
                 try:
@@ -252,9 +255,10 @@ def memory(out='results', tiny=False, device='auto', models=None, contexts=None,
                 if oom:
                     wall = T
                 rows.append(row)
+                progress.update(B * T)
                 print(f"[memory] {mt} B={B} T={T}: {row['status']}"
                       + (f", peak {row['peak_gib']:.3f} GiB" if row.get('peak_gib') is not None else '')
-                      + f", state {state_bytes[T]:,} B/seq", flush=True)
+                      + f", state {state_bytes[T]:,} B/seq | {progress.text()}", flush=True)
     add_vs_vanilla(rows, 'fwdbwd_ms', 'fwdbwd_vs_vanilla')
     _print_vs_vanilla('memory', rows, 'fwdbwd_vs_vanilla', 'fwd+bwd time')
     cols = ['model', 'batch', 'context', 'tokens', 'status', 'peak_bytes', 'peak_gib', 'param_bytes', 'state_bytes',
@@ -369,8 +373,9 @@ def latency(out='results', tiny=False, device='auto', models=None, contexts=None
     contexts = as_list(contexts, int) or LATENCY_CONTEXTS[tiny]
     n = n_decode or (4 if tiny else 32)
     trials = trials or (2 if tiny else 5)
-    rows = []
-    for mt, mod in available_models(models):
+    rows, avail = [], available_models(models)
+    progress = Progress(len(avail) * len(contexts), '[latency]', weights=[L + n for _ in avail for L in contexts])
+    for mt, mod in avail:
         kw = model_kwargs(mt, mod, tiny, model_kw)
         # one model for all contexts; its block_size covers the longest context plus the decoded tokens
         m = build(mt, kw, device, block_size=max(contexts) + n).eval()
@@ -396,12 +401,13 @@ def latency(out='results', tiny=False, device='auto', models=None, contexts=None
                 free_memory(device)
             row['note'] = '; '.join(notes)
             rows.append(row)
+            progress.update(L + n)
             times = ', '.join(f"{md} {row[DECODE_COL[md]]:.3f}" for md in modes if row.get(DECODE_COL[md]))
             print(f"[latency] {mt} L={L}: " + (f"prefill {row['prefill_ms']:.3f} ms, decode ms/token: {times}"
                   if row['status'] == 'ok' else row['status'])
                   + (f", no-cache {row['nocache_ms_per_token']:.3f} ms/token "
-                     f"({row['nocache_over_cache']:.1f}x eager cached)" if 'nocache_ms_per_token' in row else ''),
-                  flush=True)
+                     f"({row['nocache_over_cache']:.1f}x eager cached)" if 'nocache_ms_per_token' in row else '')
+                  + f" | {progress.text()}", flush=True)
         del m
         free_memory(device)
     cols = ['model', 'context', 'status', 'prefill_ms', 'decode_ms_per_token', 'decode_tokens_per_s', 'decode_mode',
@@ -600,13 +606,14 @@ def throughput(out='results', tiny=False, device='auto', models=None, shapes=Non
     if shapes is None:
         shapes = THROUGHPUT_SHAPES[tiny]
     shapes = [tuple(int(v) for v in s) for s in shapes]
-    iters = iters or (2 if tiny else 20)
+    iters = iters or (10 if tiny else 20)  # enough to state a spread (min_ms, max_ms)
     warmup = warmup or (1 if tiny else (10 if compile else 5))
     peak = peak_flops(device)
     print(f"[throughput] peak FLOP/s for MFU on {device_name(device)}: "
           + (f"{peak:.4g}" if peak else "unknown (MFU left empty)"))
-    rows = []
-    for mt, mod in available_models(models):
+    rows, avail = [], available_models(models)
+    progress = Progress(len(avail) * len(shapes), '[throughput]')
+    for mt, mod in avail:
         kw = model_kwargs(mt, mod, tiny, model_kw)
         for B, T in shapes:
             row = dict(model=mt, batch=B, context=T, tokens_per_iter=B * T)
@@ -618,7 +625,8 @@ def throughput(out='results', tiny=False, device='auto', models=None, shapes=Non
                 times = train_step_times(m, B, T, device, iters, warmup, comp, cuda_graphs=graphs)
                 row['cuda_graphs'] = m._bench_step[2] is not None  # as it ran
                 dt = median(times) / 1e3
-                row.update(status='ok', ms_per_iter=dt * 1e3, tokens_per_s=B * T / dt,
+                row.update(status='ok', ms_per_iter=dt * 1e3, iters=len(times), min_ms=min(times), max_ms=max(times),
+                           tokens_per_s=B * T / dt,
                            mfu=m.estimate_mfu(B, dt, peak, T=T) if peak else None,
                            flops_per_token=m.flops_per_token(T))
             except Exception as e:
@@ -628,17 +636,20 @@ def throughput(out='results', tiny=False, device='auto', models=None, shapes=Non
             del m
             free_memory(device)
             rows.append(row)
-            print(f"[throughput] {mt} B={B} T={T}: " + (f"{row['ms_per_iter']:.2f} ms/iter, "
-                  f"{row['tokens_per_s']:,.0f} tok/s" + (f", MFU {100 * row['mfu']:.1f}%" if row['mfu'] else '')
-                  if row['status'] == 'ok' else row['status']), flush=True)
+            progress.update()
+            print(f"[throughput] {mt} B={B} T={T}: " + (f"{row['ms_per_iter']:.2f} ms/iter (min {row['min_ms']:.2f}, "
+                  f"max {row['max_ms']:.2f} of {row['iters']}), {row['tokens_per_s']:,.0f} tok/s"
+                  + (f", MFU {100 * row['mfu']:.1f}%" if row['mfu'] else '')
+                  if row['status'] == 'ok' else row['status']) + f" | {progress.text()}", flush=True)
     add_vs_vanilla(rows, 'ms_per_iter', 'vs_vanilla')
     _print_vs_vanilla('throughput', rows, 'vs_vanilla', 'ms/iter')
-    cols = ['model', 'batch', 'context', 'tokens_per_iter', 'status', 'ms_per_iter', 'vs_vanilla', 'tokens_per_s',
-            'mfu', 'flops_per_token', 'compile', 'cuda_graphs']
+    cols = ['model', 'batch', 'context', 'tokens_per_iter', 'status', 'ms_per_iter', 'iters', 'min_ms', 'max_ms',
+            'vs_vanilla', 'tokens_per_s', 'mfu', 'flops_per_token', 'compile', 'cuda_graphs']
     write_csv(os.path.join(out, 'throughput.csv'), rows, cols)
     write_meta(out, 'throughput', device, dict(tiny=tiny, models=models, shapes=shapes, iters=iters, warmup=warmup,
                                                compile=compile, cuda_graphs=cuda_graphs, model_kw=model_kw),
-               peak_flops=peak, method=f"median ms of {iters} iterations after {warmup} warm-up ones; an iteration "
+               peak_flops=peak, method=f"median ms of {iters} iterations after {warmup} warm-up ones (min_ms, max_ms: "
+                                       f"their spread); an iteration "
                                        f"= fwd+bwd ({'bf16 autocast' if 'cuda' in device else 'fp32'}), grad clip "
                                        f"1.0, AdamW step; MFU = model.estimate_mfu(B, dt, peak_flops, T)")
     plot_throughput(rows, os.path.join(out, 'throughput.png'))
@@ -718,9 +729,11 @@ def run_all(out='results', tiny=None, device='auto', models=None, preset=None, r
              ('vs_nanogpt', lambda: vs_nanogpt(out, tiny=tiny, device=device, iters=60 if tiny else 500)),
              ('bakeoff', lambda: bakeoff(out, preset, rdir)),
              ('report', lambda: report(out))]
-    status = {}
-    for name, fn in steps:
-        print(f"===== bench {name} =====", flush=True)
+    status, t_all = {}, time.time()
+    for k, (name, fn) in enumerate(steps, 1):
+        # each benchmark's lines end with its own progress and ETA; here: where the whole stands
+        print(f"===== bench {name} (step {k}/{len(steps)}, {fmt_time(time.time() - t_all)} elapsed) =====", flush=True)
+        t_step = time.time()
         if name == 'bakeoff' and rdir is None:
             status[name] = 'skipped: no run records'
             continue
@@ -735,6 +748,7 @@ def run_all(out='results', tiny=None, device='auto', models=None, preset=None, r
             traceback.print_exc()
             status[name] = f'failed: {type(e).__name__}: {e}'
             print(f"[bench] {name} {status[name]}")
+        print(f"[bench] {name}: {status[name].split(':')[0]} in {fmt_time(time.time() - t_step)}", flush=True)
     if wandb_log:
         _wandb_log(out, wandb_project, f'bench-{preset or os.path.basename(os.path.normpath(out))}')
     print(f"[bench] {json.dumps(status)}")

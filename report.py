@@ -41,6 +41,13 @@ def color_of(mt):
 
 def plot_memory(rows, path, device_total_bytes=None):
     plt = pyplot()
+    if _peak_needs_cuda(rows):  # no peak-memory counter (CPU): no memory-wall panel
+        fig, ax2 = plt.subplots(figsize=(7, 4.5))
+        fig.text(0.01, 0.01, 'peak training memory and the OOM wall: needs CUDA', fontsize=8, color='0.35')
+        _plot_state_bytes(ax2, rows)
+        fig.tight_layout(rect=(0, 0.04, 1, 1))
+        savefig(fig, path)
+        return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     measured = False
     for mt in dict.fromkeys(r['model'] for r in rows):
@@ -67,6 +74,12 @@ def plot_memory(rows, path, device_total_bytes=None):
     ax1.set_xscale('log', base=2)
     if measured:
         ax1.legend(fontsize=7)
+    _plot_state_bytes(ax2, rows)
+    fig.tight_layout()
+    savefig(fig, path)
+
+
+def _plot_state_bytes(ax2, rows):
     for mt in dict.fromkeys(r['model'] for r in rows):
         pts = sorted({(int(r['context']), int(r['state_bytes'])) for r in rows if r['model'] == mt})
         ax2.plot(*zip(*pts), marker='o', ms=3, color=color_of(mt), label=mt)
@@ -74,8 +87,12 @@ def plot_memory(rows, path, device_total_bytes=None):
             title='decoding state (KV cache vs recurrent state)')
     ax2.set_xscale('log', base=2)
     ax2.legend(fontsize=7)
-    fig.tight_layout()
-    savefig(fig, path)
+
+
+def _peak_needs_cuda(rows):
+    """memory.csv rows of a device without a peak-memory counter: nothing measured, no OOM wall."""
+    return (any(r['status'].startswith('ok (peak not measured') for r in rows)
+            and not any(r['status'] in ('ok', 'OOM') for r in rows))
 
 
 def add_vs_vanilla(rows, value, col):
@@ -137,29 +154,40 @@ def plot_throughput(rows, path):
     plt = pyplot()
     shapes = list(dict.fromkeys((int(r['batch']), int(r['context'])) for r in rows))
     mts = list(dict.fromkeys(r['model'] for r in rows))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    # MFU needs the device's peak FLOP/s, known (or measured) for CUDA devices only: no panel without it
+    has_mfu = any(_num(r, 'mfu') for r in rows if r['status'] == 'ok')
+    fig, axes = plt.subplots(1, 2 if has_mfu else 1, figsize=(12, 4.5) if has_mfu else (7, 4.5), squeeze=False)
+    ax1, ax2 = axes[0][0], axes[0][1] if has_mfu else None
     w = 0.8 / max(1, len(mts))
+    spread = any(_num(r, 'min_ms') for r in rows)  # files since the spread is measured: min-max as error bars
     for i, mt in enumerate(mts):
-        tps, mfu = [], []
+        tps, mfu, err = [], [], [[], []]
         for B, T in shapes:
             r = next((r for r in rows if r['model'] == mt and (int(r['batch']), int(r['context'])) == (B, T)
                       and r['status'] == 'ok'), None)
             tps.append(_num(r, 'tokens_per_s') if r else 0)
             mfu.append(100 * _num(r, 'mfu') if r and _num(r, 'mfu') is not None else 0)
+            ok = r is not None and _num(r, 'min_ms') and _num(r, 'max_ms')
+            err[0].append(tps[-1] - B * T * 1e3 / _num(r, 'max_ms') if ok else 0)
+            err[1].append(B * T * 1e3 / _num(r, 'min_ms') - tps[-1] if ok else 0)
         x = [j + i * w for j in range(len(shapes))]
-        ax1.bar(x, tps, w, color=color_of(mt), label=mt)
-        ax2.bar(x, mfu, w, color=color_of(mt), label=mt)
-    if not any(_num(r, 'mfu') for r in rows if r['status'] == 'ok'):
-        ax2.text(0.5, 0.5, 'MFU not available\n(no peak FLOP/s known for this device)', ha='center',
-                 va='center', transform=ax2.transAxes)
+        ax1.bar(x, tps, w, color=color_of(mt), label=mt, **(dict(yerr=err, capsize=2) if spread else {}))
+        if ax2 is not None:
+            ax2.bar(x, mfu, w, color=color_of(mt), label=mt)
+    if not has_mfu:
+        fig.text(0.01, 0.01, 'MFU (model FLOPs utilisation): needs CUDA (a known peak FLOP/s)', fontsize=8,
+                 color='0.35')
     labels = [f'B={B}\nT={T}' for B, T in shapes]
     for ax, yl in ((ax1, 'training tokens / s'), (ax2, 'MFU (%)')):
+        if ax is None:
+            continue
         ax.set_xticks([j + 0.4 - w / 2 for j in range(len(shapes))], labels)
         ax.set(ylabel=yl)
         ax.legend(fontsize=7)
-    ax1.set_title('training throughput (missing bar = OOM / error)')
-    ax2.set_title('model FLOPs utilisation')
-    fig.tight_layout()
+    ax1.set_title('training throughput (missing bar = OOM / error' + ('; bars: min-max)' if spread else ')'))
+    if ax2 is not None:
+        ax2.set_title('model FLOPs utilisation')
+    fig.tight_layout(rect=(0, 0 if has_mfu else 0.04, 1, 1))
     savefig(fig, path)
 
 
@@ -247,8 +275,10 @@ def _oom_thresholds(out):
     path = os.path.join(out, 'memory.csv')
     if not os.path.exists(path):
         return {}
-    res = {}
-    for r in read_csv(path):
+    res, rows = {}, read_csv(path)
+    if _peak_needs_cuda(rows):  # the bake-off's columns (B=1, B=4) say why they are empty
+        return {mt: {1: 'needs CUDA', 4: 'needs CUDA'} for mt in dict.fromkeys(r['model'] for r in rows)}
+    for r in rows:
         s = res.setdefault(r['model'], {}).setdefault(int(r['batch']), {'oom': None, 'max_ok': None, 'err': None})
         T = int(r['context'])
         if r['status'] == 'OOM' and (s['oom'] is None or T < s['oom']):
@@ -550,6 +580,10 @@ def report(out='results', readme=False):
         table, cols = _pivot(rows, lambda r: r['context'], lambda r: f"{r['model']} B={r['batch']}", cell)
         lines = ["Peak training memory, fwd+bwd (GiB; OOM = out of memory; skipped = past the OOM; n/m = not "
                  "measured):", "", _md_table(table, cols, ['context'] + cols[1:]), "", *err_lines]
+        if _peak_needs_cuda(rows):  # a table of "not measured" cells says less than one line
+            lines = ["Peak training memory, fwd+bwd, and the OOM wall: needs CUDA (read from "
+                     "torch.cuda.max_memory_allocated; on this device the fwd+bwd still ran at every context).", "",
+                     *err_lines]
         timed = [r for r in rows if r.get('fwdbwd_ms')]
         if timed:
             table, cols = _pivot(timed, lambda r: r['context'], lambda r: f"{r['model']} B={r['batch']}",
@@ -626,13 +660,18 @@ def report(out='results', readme=False):
         for r in rows:
             ok = r['status'] == 'ok'
             r['ms'] = f"{float(r['ms_per_iter']):.2f}" if ok else err_cell(r['status'])
+            if ok and r.get('min_ms'):  # the spread, in files since it is measured
+                r['ms'] += f" ({float(r['min_ms']):.2f}-{float(r['max_ms']):.2f}, n={r['iters']})"
             r['x_van'] = f"{float(r['vs_vanilla']):.2f}x" if ok and r.get('vs_vanilla') else '-'
             r['tps'] = f"{float(r['tokens_per_s']):,.0f}" if ok else '-'
-            r['mfu_pct'] = f"{100 * float(r['mfu']):.1f}" if ok and r['mfu'] else '-'
+            # no MFU for an ok row: no peak FLOP/s, which is known (or measured) for CUDA devices only
+            r['mfu_pct'] = (f"{100 * float(r['mfu']):.1f}" if r['mfu'] else 'needs CUDA') if ok else '-'
+        spread = ["ms/iter: the median of n iterations, in parentheses min-max."] if any(
+            r.get('min_ms') for r in rows) else []
         return [_md_table(rows, ['model', 'batch', 'context', 'ms', 'x_van', 'tps', 'mfu_pct', 'compile', 'cuda_graphs'],
                           ['model', 'B', 'T', 'ms/iter', 'x vanilla (same run)', 'tokens/s', 'MFU %', 'torch.compile',
                            'CUDA graph']), "",
-                *err_lines,
+                *err_lines, *spread, *([""] if spread else []),
                 "MFU counts attention over the full T x T score matrix, as nanoGPT and PaLM do; a causal kernel "
                 "does about half of that work, so at long context vanilla's MFU reads up to 2x high.", "",
                 img('throughput.png', 'training throughput'), "", _meta_lines(out, 'throughput')]

@@ -279,6 +279,49 @@ def fmt_time(s):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+class Progress:
+    """Progress through `count` units of work, with an ETA from the rate so far (weights: a unit's relative
+    cost, e.g. its tokens). text() is "k/n, elapsed, eta" for the lines a caller prints anyway. bar=True shows
+    progress of a phase that prints nothing else (an evaluation): a tqdm bar on a terminal; elsewhere (a log
+    file, a pipe) a plain line every `every` seconds, so a log gets lines, not carriage returns, and a short
+    phase stays silent."""
+
+    def __init__(self, count, desc='', weights=None, bar=False, every=30.0):
+        self.count, self.desc, self.every = count, desc, every
+        self.total = float(sum(weights)) if weights else float(count)
+        self.n, self.done, self.t0 = 0, 0.0, time.time()
+        self.last, self.bar = self.t0, None
+        self.plain = bar and not sys.stderr.isatty()
+        if bar and not self.plain:
+            from tqdm import tqdm
+            self.bar = tqdm(total=count, desc=desc, leave=False, delay=2.0, file=sys.stderr)
+
+    def update(self, weight=1.0):
+        self.n, self.done = self.n + 1, self.done + weight
+        if self.bar is not None:
+            self.bar.update(1)
+        elif self.plain and time.time() - self.last >= self.every and self.n < self.count:
+            self.last = time.time()
+            print(f"{self.desc}: {self.text()}", flush=True)
+
+    def skip(self, weight=1.0):
+        """A unit that cost (next to) nothing: counted, and its weight taken out of the work left."""
+        self.total -= weight
+        self.update(0.0)
+
+    def eta(self):
+        return (time.time() - self.t0) * (self.total - self.done) / self.done if self.done else None
+
+    def text(self):
+        eta = self.eta()
+        return (f"{self.n}/{self.count}, {fmt_time(time.time() - self.t0)} elapsed"
+                + (f", eta {fmt_time(eta)}" if eta is not None else ''))
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
 def execution_modes(gpt_cls, device_type, compile='auto', cuda_graphs='auto', ddp=False):
     """(use torch.compile, use CUDA graphs) for a model class on a device type, 'auto' = on for CUDA.
     Off, with the reason printed, where they can't work: compile for a model that declares a

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 import model as model_lib
-from runtime import (ConfigError, GraphedStep, as_list, atomic_torch_save, atomic_write_json, execution_modes,
-                     fmt_time, load_dataset, load_json, parse_value, peak_flops, pick_device, run_metadata)
-from runtime import check_block_size
+from runtime import (ConfigError, GraphedStep, Progress, as_list, atomic_torch_save, atomic_write_json,
+                     check_block_size, execution_modes, fmt_time, load_dataset, load_json, parse_value, peak_flops,
+                     pick_device, run_metadata)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -187,6 +187,14 @@ def get_lr(it, cfg):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
 
 
+def run_eta(s_per_iter, iter_num, max_iters, eval_interval, eval_s, n_evals):
+    """Seconds left of a run after iter_num iterations: the rest at s_per_iter, and the evaluations still to
+    come (at every multiple of eval_interval from iter_num on, and at max_iters) at the mean time of the
+    n_evals so far (eval_s in all)."""
+    evals_left = max_iters // eval_interval - (iter_num - 1) // eval_interval + (max_iters % eval_interval != 0)
+    return s_per_iter * (max_iters - iter_num) + evals_left * (eval_s / n_evals if n_evals else 0.0)
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 
@@ -238,7 +246,7 @@ def train(config_file=None, overrides=None):
 
     out_dir = cfg['out_dir']
     ckpt_last, ckpt_best = os.path.join(out_dir, 'ckpt_last.pt'), os.path.join(out_dir, 'ckpt_best.pt')
-    metrics_path = os.path.join(out_dir, 'metrics.jsonl')
+    metrics_path, summary_path = os.path.join(out_dir, 'metrics.jsonl'), os.path.join(out_dir, 'summary.json')
 
     # --- data and model
     data, meta = load_dataset(cfg['dataset'], device)
@@ -263,6 +271,16 @@ def train(config_file=None, overrides=None):
         if len(ckpt['rng']) != world_size:
             raise ConfigError(f"{ckpt_last} was written by {len(ckpt['rng'])} process(es), this run has {world_size}: "
                               f"resume with the same number, so every rank continues its own data stream")
+        done = load_json(summary_path)
+        if (not cfg['eval_only'] and done and done.get('status') == 'done' and done.get('iters') == ckpt['iter_num']
+                and ckpt['iter_num'] >= cfg['max_iters']):  # finished: there is nothing to resume
+            if master:
+                print(f"{cfg['model_type']} in {out_dir} already finished at iteration {ckpt['iter_num']} (best val "
+                      f"{done['best_val_loss']:.4f}); nothing to train, its records are kept. To train longer, "
+                      f"resume with a larger max_iters")
+            if ddp:
+                dist.destroy_process_group()
+            return done
         mcfg = ckpt['model_config']  # the architecture as built (d_ff solved)
     torch.manual_seed(cfg['seed'])  # same init on every rank
     model = model_lib.get_model_module(cfg['model_type']).GPT(
@@ -275,7 +293,12 @@ def train(config_file=None, overrides=None):
     data_gen = torch.Generator().manual_seed(cfg['seed'] + 1000 * rank)
     torch.manual_seed(cfg['seed'] + rank)  # dropout differs per rank
     iter_num, best_val, best_iter = 0, float('inf'), -1
+    # what the earlier segments of a resumed run measured, up to its checkpoint: times (summed over segments),
+    # timing windows (one list per segment), last eval losses, how the last steps ran
+    prev = dict(wall_s=0.0, train_s=0.0, eval_s=0.0, n_evals=0, window_times=[], segments=0,
+                losses={'train': float('nan'), 'val': float('nan')}, ran=None)
     if ckpt is not None:
+        prev.update(ckpt.get('progress', {}))
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
         iter_num, best_val, best_iter = ckpt['iter_num'], ckpt['best_val_loss'], ckpt['best_iter']
@@ -286,14 +309,16 @@ def train(config_file=None, overrides=None):
         if device_type == 'cuda' and rng['cuda'] is not None:
             torch.cuda.set_rng_state(rng['cuda'].cpu())
         if master and os.path.exists(metrics_path):  # drop lines logged after the checkpoint
-            with open(metrics_path) as f:
-                keep = [ln for ln in f if json.loads(ln)['iter'] <= iter_num]
+            with open(metrics_path) as f:  # (a line cut short by a kill has no newline: it goes too)
+                keep = [ln for ln in f if ln.endswith('\n') and json.loads(ln)['iter'] <= iter_num]
             with open(metrics_path, 'w') as f:
                 f.writelines(keep)
+        if master and not cfg['eval_only'] and os.path.exists(summary_path):
+            os.remove(summary_path)  # an earlier, shorter segment's: this run writes its own when it finishes
         print(f"resuming {cfg['model_type']} from iteration {iter_num} (best val {best_val:.4f} at {best_iter})")
         del ckpt
     elif master:  # from scratch: nothing an earlier run left here may be mistaken for this run's
-        for f in (metrics_path, ckpt_last, ckpt_best, os.path.join(out_dir, 'summary.json')):
+        for f in (metrics_path, ckpt_last, ckpt_best, summary_path):
             if os.path.exists(f):
                 os.remove(f)
 
@@ -317,13 +342,16 @@ def train(config_file=None, overrides=None):
         # the raw (uncompiled) module: eval shapes differ from training's, and must not trigger recompiles
         raw_model.eval()
         out = {}
+        progress = Progress(sum(map(len, eval_ix.values())), f"eval at iter {iter_num}", bar=True)  # minutes on CPU
         for split, ixs in eval_ix.items():
             losses = torch.zeros(len(ixs))
             for i, ix in enumerate(ixs):
                 X, Y = get_batch(data[split], ix, block_size)
                 with autocast:
                     losses[i] = raw_model(X, Y)[1].item()
+                progress.update()
             out[split] = losses.mean().item()
+        progress.close()
         raw_model.train()
         return out
 
@@ -354,18 +382,30 @@ def train(config_file=None, overrides=None):
         if wandb_run is not None:
             wandb_run.log({k: v for k, v in row.items() if k not in ('kind',)}, step=row['iter'])
 
+    def so_far():
+        """The run's times and timing windows up to now, over all its segments (a resumed run's summary sums
+        them); what a checkpoint carries for the segment that resumes from it."""
+        now = time.time()
+        return dict(wall_s=prev['wall_s'] + now - t_start, train_s=prev['train_s'] + now - t_train0,
+                    eval_s=prev['eval_s'] + eval_s, n_evals=prev['n_evals'] + n_evals,
+                    window_times=prev['window_times'] + [window_times], segments=prev['segments'] + 1,
+                    losses=losses, ran=dict(compile=use_compile, cuda_graphs=graphed is not None)
+                    if iter_num > start_iter or prev['ran'] is None else prev['ran'])
+
     def save(path, losses, rng_states):
         atomic_torch_save({
             'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
             'model_config': asdict(raw_model.config), 'config': cfg, 'iter_num': iter_num,
             'best_val_loss': best_val, 'best_iter': best_iter, 'val_loss': losses['val'],
             'rng': rng_states,  # one dict per rank: data sampling, dropout (CPU and CUDA generators)
+            'progress': so_far(),
         }, path)
 
     # --- the loop
-    losses = {'train': float('nan'), 'val': float('nan')}
-    window_times, window_t0, window_iters = [], None, 0
-    last_loss = float('nan')
+    losses = prev['losses']  # a run resumed at its last iteration evaluates nothing: the checkpoint's
+    # the first window starts here: after the step-0 evaluation, or on resume (which skips that evaluation)
+    window_times, window_t0, window_iters = [], time.time(), 0
+    last_loss, eval_s, n_evals = float('nan'), 0.0, 0
     start_iter, t_train0 = iter_num, time.time()
     # a resumed run already evaluated (and logged) the iteration it resumes at
     skip_eval_at = iter_num if cfg['init_from'] == 'resume' and not cfg['eval_only'] else -1
@@ -378,20 +418,28 @@ def train(config_file=None, overrides=None):
         if (iter_num % cfg['eval_interval'] == 0 or iter_num == max_iters) and iter_num != skip_eval_at:
             rng_states = _gather_rng_states(data_gen, device_type, ddp)  # a collective: every rank takes part
             if master:
+                t_eval = time.time()
                 losses = estimate_loss()
+                eval_s, n_evals = eval_s + time.time() - t_eval, n_evals + 1
                 if not all(math.isfinite(v) for v in losses.values()):
                     raise NonFiniteLoss(f"non-finite eval loss at iteration {iter_num}: {losses}; "
                                         f"the last good checkpoint is {ckpt_last}")
-                if losses['val'] < best_val:
+                better = losses['val'] < best_val
+                if better:
                     best_val, best_iter = losses['val'], iter_num
-                    save(ckpt_best, losses, rng_states)  # only ever replaced by a better one
-                if iter_num > 0:
-                    save(ckpt_last, losses, rng_states)
+                # the row before the checkpoint: a kill in between resumes from the previous checkpoint, which
+                # drops the row and evaluates again; the other order would lose the row for good
                 log({'kind': 'eval', 'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'],
                      'lr': lr, 'tokens': iter_num * tokens_per_iter, 'flops': iter_num * flops_per_iter,
-                     'time_s': round(time.time() - t_start, 3)})
+                     'time_s': round(prev['wall_s'] + time.time() - t_start, 3)})
                 print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                       f" (best {best_val:.4f} @ {best_iter})")
+                if better:
+                    save(ckpt_best, losses, rng_states)  # only ever replaced by a better one
+                if iter_num > 0:
+                    _fault_point('before_ckpt', iter_num)
+                    save(ckpt_last, losses, rng_states)
+                    _fault_point('after_ckpt', iter_num)
             window_t0, window_iters = time.time(), 0  # evaluation time is not training time
         if iter_num >= max_iters or cfg['eval_only']:
             break
@@ -447,7 +495,8 @@ def train(config_file=None, overrides=None):
                 dt = (now - window_t0) / window_iters
                 window_times.append(dt)
                 mfu = raw_model.estimate_mfu(gas * cfg['batch_size'], dt, peak) if peak else None  # per GPU
-                eta = dt * (max_iters - iter_num)
+                eta = run_eta(dt, iter_num, max_iters, cfg['eval_interval'], prev['eval_s'] + eval_s,
+                              prev['n_evals'] + n_evals)
                 log({'kind': 'train', 'iter': iter_num, 'loss': last_loss, 'lr': lr, 'ms_per_iter': dt * 1000,
                      'mfu': mfu})
                 if master:
@@ -455,20 +504,24 @@ def train(config_file=None, overrides=None):
                           + (f", mfu {mfu * 100:.1f}%" if mfu is not None else '') + f", eta {fmt_time(eta)}")
             window_t0, window_iters = now, 0
 
-    # the first timed window includes compilation/autotuning; leave it out when there are others
-    times = window_times[1:] if len(window_times) > 1 else window_times
+    # the first timed window of each segment includes compilation/autotuning; leave those out when there are others
+    run = so_far()
+    times = ([t for seg in run['window_times'] for t in seg[1:]]
+             or [t for seg in run['window_times'] for t in seg])
     median_dt = float(np.median(times)) if times else float('nan')
     summary = {
         'model_type': cfg['model_type'], 'learning_rate': cfg['learning_rate'], 'seed': cfg['seed'],
         'preset': cfg['preset'], 'best_val_loss': best_val, 'best_iter': best_iter,
         'final_train_loss': losses['train'], 'final_val_loss': losses['val'], 'iters': iter_num,
-        'wall_s': round(time.time() - t_start, 2), 'train_s': round(time.time() - t_train0, 2),
+        # summed over the segments of a resumed run (each up to the checkpoint the next resumed from)
+        'wall_s': round(run['wall_s'], 2), 'train_s': round(run['train_s'], 2), 'eval_s': round(run['eval_s'], 2),
+        'segments': run['segments'],
         'median_ms_per_iter': median_dt * 1000, 'tokens_per_s': tokens_per_iter / median_dt if times else None,
         'n_params': n_params, 'out_dir': out_dir, 'status': 'done',
-        'compile': use_compile, 'cuda_graphs': graphed is not None,  # as it ran (after any fallback)
+        **run['ran'],  # compile, cuda_graphs: as the steps ran (after any fallback)
     }
     if master and not cfg['eval_only']:  # an evaluation-only pass never replaces a training run's summary
-        atomic_write_json(summary, os.path.join(out_dir, 'summary.json'))
+        atomic_write_json(summary, summary_path)
         print(f"done: best val loss {best_val:.4f} at iter {best_iter}, {summary['wall_s']:.0f}s wall, "
               f"median {median_dt * 1000:.2f} ms/iter")
     if wandb_run is not None:
@@ -481,6 +534,13 @@ def train(config_file=None, overrides=None):
         dist.barrier()
         dist.destroy_process_group()
     return summary
+
+
+def _fault_point(name, iter_num):
+    """Test hook (tests/test_faults.py): FAULT_AT='<name>:iter=<N>' ends the process on the spot, as kill -9
+    would (os._exit: no cleanup, no flush), at the point of train() called <name> at iteration N."""
+    if os.environ.get('FAULT_AT') == f'{name}:iter={iter_num}':
+        os._exit(1)
 
 
 def _say_compile_failed(model_type, e):
@@ -534,7 +594,13 @@ NEUTRAL_KEYS = {'wandb_log', 'wandb_project', 'wandb_run_name', 'log_interval', 
 
 
 def sweep(overrides=None):
-    """The whole reproduction. Resumable: finished runs with the same config are not trained again."""
+    """The whole reproduction. Resumable: finished runs with the same config are not trained again.
+    Everything it prints also goes to <results_dir>/sweep.log (appended to by a resumed sweep)."""
+    with _SweepLog() as log:
+        return _sweep(overrides, log)
+
+
+def _sweep(overrides, log):
     overrides = dict(overrides or {})
     opts = {k: overrides.pop(k, v) for k, v in SWEEP_KEYS.items()}
     owned = sorted(set(overrides) & {'model_type', 'learning_rate', 'seed', 'out_dir', 'preset', 'init_from'})
@@ -568,6 +634,9 @@ def sweep(overrides=None):
         raise ConfigError(f"--gpus={gpus} but this machine has {torch.cuda.device_count() if cuda else 0} CUDA "
                           f"GPU(s); valid: 1..{max(1, torch.cuda.device_count() if cuda else 1)}")
 
+    called = None if os.path.abspath(sys.argv[0]) == os.path.abspath(__file__) else \
+        {**{k: v for k, v in opts.items() if v != SWEEP_KEYS[k]}, **overrides}  # from Python, not the CLI
+    log.open(os.path.join(results_dir, 'sweep.log'), called)
     t0, summaries, todo = time.time(), {}, []
     for i, (m, lr, seed) in enumerate(runs):
         out_dir = os.path.join(results_dir, 'runs', f"{m}-lr{lr:g}-s{seed}")
@@ -585,20 +654,32 @@ def sweep(overrides=None):
         resume = same and os.path.exists(os.path.join(out_dir, 'ckpt_last.pt'))
         todo.append((i, {**run_cfg, 'init_from': 'resume' if resume else 'scratch'}))
 
-    def progress(n_done, times):
-        left = len(todo) - n_done
-        eta = np.mean(times) * left / gpus if times else None
-        return (f"{n_done}/{len(todo)} runs to train done | elapsed {fmt_time(time.time() - t0)}"
-                + (f", eta {fmt_time(eta)}" if eta else ''))
+    eta = _SweepEta()
+    for m in dict.fromkeys(c['model_type'] for _, c in todo):  # a few timed iterations of each model to train
+        c = next(c for _, c in todo if c['model_type'] == m)
+        if resolve_config(None, c)['max_iters'] >= 10 * PROBE_ITERS:  # (not worth it for a smoke test)
+            eta.probe[m] = _probe(c)
+    first, t_train = None, time.time()
+    if eta.probe:
+        left = eta.left([c['model_type'] for _, c in todo])
+        first = left / gpus if left else None
+        print(f"training estimate: {fmt_time(first) if first else 'unknown'} for {len(todo)} runs; per run: "
+              + ', '.join(f"{m} {fmt_time(v) if v else 'unknown'}" for m, v in eta.probe.items())
+              + f" (from an eager run of {PROBE_ITERS} iterations of each model, {fmt_time(time.time() - t0)})")
 
-    times = []
+    def progress(n_done, left_models):
+        left = eta.left(left_models)
+        return (f"{n_done}/{len(todo)} runs to train done | elapsed {fmt_time(time.time() - t0)}"
+                + (f", eta {fmt_time(left / gpus)}" if left else ''))
+
     if gpus == 1:
         for n, (i, run_cfg) in enumerate(todo):
             print(f"\n=== run {i + 1}/{len(runs)}: {run_cfg['model_type']} lr={run_cfg['learning_rate']:g} "
-                  f"seed={run_cfg['seed']} | {progress(n, times)} ===")
+                  f"seed={run_cfg['seed']} | {progress(n, [c['model_type'] for _, c in todo[n:]])} ===")
             t_run = time.time()
             summaries[i] = _sweep_run(run_cfg)
-            times.append(time.time() - t_run)
+            if summaries[i]['status'] == 'done' and run_cfg['init_from'] == 'scratch':  # a whole run's time
+                eta.add(run_cfg['model_type'], time.time() - t_run)
     else:
         # independent runs, one process per GPU (spawned, each sees only its GPU); each run's console
         # output goes to <out_dir>/train.log. Every run is seeded on its own, so the records are the same
@@ -612,31 +693,167 @@ def sweep(overrides=None):
         print(f"training {len(todo)} runs on {gpus} GPUs, one run per GPU at a time; logs in <run>/train.log")
         with ProcessPoolExecutor(gpus, mp_context=ctx, initializer=_pin_gpu, initargs=(free_gpus,)) as pool:
             started = {pool.submit(_sweep_run, run_cfg, True): (i, run_cfg) for i, run_cfg in todo}
+            running = dict(started)
             for n, fut in enumerate(as_completed(started), 1):
-                i, run_cfg = started[fut]
+                i, run_cfg = running.pop(fut)
                 try:
                     summaries[i] = s = fut.result()
                 except BaseException:  # stop now, as the one-GPU sweep does, not after every queued run
                     print(f"run {i + 1}/{len(runs)} failed; see {os.path.join(run_cfg['out_dir'], 'train.log')}")
                     pool.shutdown(wait=False, cancel_futures=True)
                     raise
-                if s.get('wall_s'):
-                    times.append(s['wall_s'])
+                if s['status'] == 'done' and run_cfg['init_from'] == 'scratch':
+                    eta.add(run_cfg['model_type'], s['wall_s'])
                 print(f"run {i + 1}/{len(runs)} {run_cfg['model_type']} lr={run_cfg['learning_rate']:g} "
                       f"seed={run_cfg['seed']}: {s['status']}, best val loss {s['best_val_loss']:.4f} "
-                      f"| {progress(n, times)}", flush=True)
+                      f"| {progress(n, [c['model_type'] for c in running.values()])}", flush=True)
     summaries = [summaries[i] for i in sorted(summaries)]
+    if todo:  # how the estimate did
+        took = time.time() - t_train
+        print(f"\ntraining: {len(todo)} runs in {fmt_time(took)} ({took:.0f}s)" + (
+            f"; the first estimate was {fmt_time(first)} ({first:.0f}s), {first / took:.2f}x" if first else ''))
 
     bench_out = None
     if opts['bench']:
         print(f"\n=== benchmarks and report -> {results_dir} ===", flush=True)
+        t_bench = time.time()
         bench_out = run_benchmarks(results_dir, label, overrides.get('wandb_log', False))
+        print(f"benchmarks and report: {fmt_time(time.time() - t_bench)}")
         failed = {k: v for k, v in bench_out.items() if str(v).startswith('failed')}
         if failed:
             raise RuntimeError(f"benchmark step(s) failed: {failed}")
     total = time.time() - t0
     print(f"\nreproduction finished in {fmt_time(total)} ({total:.0f}s); results in {results_dir}")
     return {'preset': label, 'results_dir': results_dir, 'runs': summaries, 'wall_s': total, 'bench': bench_out}
+
+
+PROBE_ITERS, PROBE_EVAL_ITERS = 8, 2  # the sweep's ETA probe of each model: iterations, eval batches per split
+
+
+def _probe(run_cfg):
+    """Seconds a run of run_cfg should take, from PROBE_ITERS iterations of it (eager: on CUDA an estimate
+    until a run of the model finishes) with an evaluation of PROBE_EVAL_ITERS batches per split at the start
+    and the end, in a scratch folder, output hidden: its ms/iter and time per eval batch, times the run's
+    iterations and eval batches. (Not its startup: the first train() of a process pays one-time costs,
+    imports and data loading, that the runs don't.) None if the probe fails (the run will say why)."""
+    import io
+    import shutil
+    import tempfile
+    from contextlib import redirect_stdout
+    cfg, tmp = resolve_config(None, run_cfg), tempfile.mkdtemp(prefix='eta-probe-')
+    try:
+        with redirect_stdout(io.StringIO()):
+            s = train(None, {**run_cfg, 'out_dir': tmp, 'init_from': 'scratch', 'max_iters': PROBE_ITERS,
+                             'eval_interval': PROBE_ITERS, 'eval_iters': PROBE_EVAL_ITERS, 'log_interval': 1,
+                             'compile': False, 'cuda_graphs': False, 'wandb_log': False})
+    except Exception as e:
+        print(f"ETA probe of {run_cfg['model_type']} failed ({type(e).__name__}: {model_lib.first_line(e)})")
+        return None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the sweep's runs (and a multi-GPU sweep's workers) get the probe's memory back
+    n, ei = cfg['max_iters'], cfg['eval_interval']
+    eval_batches = 2 * cfg['eval_iters'] * (n // ei + 1 + (n % ei != 0))  # 2 splits; step 0, every ei, the last
+    return n * s['median_ms_per_iter'] / 1e3 + eval_batches * s['eval_s'] / (2 * 2 * PROBE_EVAL_ITERS)
+
+
+class _SweepEta:
+    """The sweep's ETA: each run to come estimated from its own model's speed: the mean time of that model's
+    runs finished in this sweep; before one has, its probe, scaled by how the finished runs of other models
+    compared with theirs (on CUDA the probe runs eagerly, the runs compiled); without a probe, the mean of
+    all finished runs."""
+
+    def __init__(self):
+        self.probe, self.measured = {}, {}
+
+    def add(self, model_type, seconds):
+        self.measured.setdefault(model_type, []).append(seconds)
+
+    def run(self, model_type):
+        if model_type in self.measured:
+            return float(np.mean(self.measured[model_type]))
+        scale = [np.mean(v) / self.probe[m] for m, v in self.measured.items() if self.probe.get(m)]
+        if self.probe.get(model_type):
+            return self.probe[model_type] * (float(np.mean(scale)) if scale else 1.0)
+        every = [t for v in self.measured.values() for t in v]
+        return float(np.mean(every)) if every else None
+
+    def left(self, model_types):
+        """Seconds for runs of these model types, one after another (None while any is unknown)."""
+        est = [self.run(m) for m in model_types]
+        return None if any(e is None for e in est) else sum(est)
+
+
+class _Tee:
+    """A stream that also hands its complete lines to a sweep log. A line redrawn with carriage returns (a
+    progress bar) reaches the log in its last state."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log, self.line = stream, log, ''
+
+    def write(self, text):
+        self.stream.write(text)
+        *lines, self.line = (self.line + text).split('\n')
+        for line in lines:
+            self.log.write(line.rsplit('\r', 1)[-1] + '\n')
+        return len(text)
+
+    def flush(self):
+        self.stream.flush()
+        self.log.flush()
+
+    def isatty(self):
+        return self.stream.isatty()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+    def end(self):
+        last = self.line.rsplit('\r', 1)[-1]
+        if last.strip():
+            self.log.write(last + '\n')
+        return self.stream
+
+
+class _SweepLog:
+    """sys.stdout and sys.stderr of a sweep (its runs and the benchmark process included), copied to
+    <results_dir>/sweep.log. What is printed before open() names the file is kept and written first; an
+    exception that ends the sweep is written last."""
+
+    def __init__(self):
+        self.file, self.kept = None, []
+
+    def __enter__(self):
+        self.streams = sys.stdout, sys.stderr
+        self.tees = sys.stdout, sys.stderr = _Tee(sys.stdout, self), _Tee(sys.stderr, self)
+        return self
+
+    def open(self, path, overrides=None):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.file = open(path, 'a', buffering=1)
+        how = f"train_runner.sweep({overrides!r})" if overrides is not None else \
+            f"python {' '.join(['train_runner.py'] + sys.argv[1:])}"
+        self.file.write(f"===== {time.strftime('%Y-%m-%d %H:%M:%S %z')}: {how} =====\n" + ''.join(self.kept))
+        self.kept = []
+
+    def write(self, line):
+        (self.file.write if self.file else self.kept.append)(line)
+
+    def flush(self):
+        if self.file:
+            self.file.flush()
+
+    def __exit__(self, kind, exc, tb):
+        for tee in self.tees:
+            tee.end()
+        sys.stdout, sys.stderr = self.streams
+        if self.file:
+            if exc is not None:
+                import traceback
+                self.file.write(''.join(traceback.format_exception(kind, exc, tb)))
+            self.file.close()
+        return False
 
 
 def run_benchmarks(results_dir, preset, wandb_log=False):
