@@ -2,6 +2,7 @@
 Benchmarks of the four token mixers, and the generated report.
 
     python bench.py <sub-command> [--key=value ...]
+    python bench.py <sub-command> --help     # its keys, with defaults and meanings
 
     params      parameter-matching table (layers, heads, widths, solved d_ff, total params, % vs vanilla)
     memory      peak training memory (fwd+bwd) vs context 256 -> 131072, batch 1 and 4; OOM wall;
@@ -9,12 +10,15 @@ Benchmarks of the four token mixers, and the generated report.
     latency     batch-1 generation: prefill time vs prompt length, per-token decode time with the
                 cache/state, and vanilla's no-cache recompute path for comparison
     throughput  training ms/iter, tokens/s and MFU at the training shape and at long context
-    bakeoff     tables + plots from the sweep's run records in results/runs/<preset>/ (deterministic)
-    report      results/REPORT.md from whatever result files exist
+    vs_nanogpt  training speed side by side with karpathy/nanoGPT (cloned into .nanogpt/), one run each
+    bakeoff     tables + plots from the sweep's run records in <out>/runs/ (the sweep's layout:
+                results/<preset>/runs/<run>/; deterministic)
+    report      <out>/REPORT.md from whatever result files exist
+    runs        a markdown table of every finished run below a folder (and the README's runs block)
     selfcheck   each model's fla-kernel-vs-reference check (CUDA); non-zero exit on any FAIL
     profile     where a training step's time goes: wall vs GPU kernel time, kernels/iter, top kernels
     scaling     DDP over N GPUs against one at the same global batch: tokens/s ratio and both loss curves
-    all         params, memory, latency, throughput, bakeoff, report
+    all         params, memory, latency, throughput, vs_nanogpt, bakeoff, report
 
 Every sub-command is also a function: bench.params(out='results', tiny=False, device='auto', ...).
 Common keys: --out=results (output folder), --tiny=True (each module's TINY config and small sizes,
@@ -40,9 +44,9 @@ import torch
 import model
 from report import (DECODE_COL, add_vs_vanilla, bakeoff, model_kw_from_runs, plot_latency, plot_memory, plot_scaling,
                     plot_throughput, report, resolve_runs_dir, runs)
-from runtime import (GraphedStep, Progress, act_dtype, as_list, autocast_for, device_name, execution_modes,
-                     failure_status, fmt_cell, fmt_time, free_memory, load_dataset, median, parse_value, peak_flops,
-                     read_csv, resolve_device, sync, write_csv, write_meta)
+from runtime import (TRISTATE, GraphedStep, Progress, act_dtype, as_list, autocast_for, check_value, device_name,
+                     execution_modes, failure_status, fmt_cell, fmt_time, free_memory, key_table, load_dataset, median,
+                     parse_value, peak_flops, read_csv, resolve_device, sync, write_csv, write_meta)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -791,6 +795,7 @@ def vs_nanogpt(out='results', nanogpt_dir=None, iters=500, skip=20, tiny=False, 
     nanoGPT is not part of this repository: clone it into nanogpt_dir (git-ignored) first."""
     import subprocess
     import tempfile
+    check_value('compile', compile, None, TRISTATE)  # bool('no') would be True
     device = resolve_device(device)
     nanogpt_dir = nanogpt_dir or NANOGPT_DIR
     script = os.path.join(nanogpt_dir, 'train.py')
@@ -934,12 +939,88 @@ COMMANDS = {**{f.__name__: f for f in (params, memory, latency, throughput, bake
 all = run_all  # bench.all(...) as in the docs (shadows the builtin in this module only; bench never uses it)
 
 
+# the meaning of every sub-command's keys: 'key' for each sub-command that has it, 'command.key' where one
+# means something else by it. `python bench.py <sub-command> --help` and docs/configuration.md are made from
+# this table; a test checks that it covers every key of every sub-command.
+HELP = {
+    'out': "output folder: <out>/<name>.csv, <name>.meta.json and plots",
+    'tiny': "each module's TINY config and small sizes (CPU tests)",
+    'device': "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:N'",
+    'models': "comma-separated model types (None: every one in model.MODEL_TYPES whose module imports)",
+    'model_kw': "{model_type: GPTConfig kwargs} of the models measured (None: the modules' defaults, or TINY)",
+    'compile': "torch.compile: 'auto' (on for CUDA), True, False",
+    'cuda_graphs': "capture the training step in a CUDA graph: 'auto' (on for CUDA), True, False",
+    'preset': "the sweep preset whose run records to use (None: the only one there)",
+    'runs_dir': "folder of the run folders (None: <out>/runs, or <out>/runs/<preset>)",
+    'readme': "also replace the README's generated block with the table",
+    'shapes': "training shapes (B, T) (None: the sub-command's own list)",
+    'iters': "timed iterations (None: 20; tiny: 2)",
+    'memory.contexts': "contexts T (None: 256 -> 131072 in powers of two; tiny: 32, 64)",
+    'memory.batches': "batch sizes (None: 1, 4; tiny: 1, 2)",
+    'memory.warmup': "CUDA: one pass before the measured one (the first autotunes kernels, with extra buffers)",
+    'memory.repeats': "fwd+bwd passes timed after the measured one (their median); 0: memory only",
+    'latency.contexts': "prompt lengths (None: 128 -> 32768 in powers of two; tiny: 16, 32)",
+    'latency.n_decode': "tokens decoded per timing (None: 32; tiny: 4)",
+    'latency.trials': "timings per context, the first a warm-up (None: 5; tiny: 2)",
+    'latency.nocache': "also time vanilla's no-cache path (the whole context recomputed per token)",
+    'latency.cuda_graph': "'auto': also the CUDA-graph decode modes on CUDA; False: eager steps only",
+    'latency.compile_decode': "also time the torch.compile'd graphed decode step (compiled in the warm-up)",
+    'throughput.warmup': "untimed iterations first (None: 10 compiled, 5 eager; tiny: 1)",
+    'profile.batch': "batch size of the training step (None: 64; tiny: 4)",
+    'profile.context': "context of the training step, or the decode modes' prompt (None: 256 / 1024; tiny: 32)",
+    'profile.steps': "steps timed and profiled (None: 10; tiny: 2)",
+    'profile.modes': "comma-separated: eager, compiled, train, decode, decode_compiled",
+    'profile.top': "kernels listed per table",
+    'runs.runs_dir': "folder searched (recursively) for finished runs",
+    'vs_nanogpt.nanogpt_dir': "karpathy/nanoGPT's checkout (None: .nanogpt/)",
+    'vs_nanogpt.iters': "training iterations of each",
+    'vs_nanogpt.skip': "first iterations left out of the median (compilation, autotuning)",
+    'scaling.models': "comma-separated model types",
+    'scaling.gpus': "processes (GPUs) of the DDP run, >= 2",
+    'scaling.iters': "training iterations of each run (None: 300; tiny: 20)",
+    'scaling.shapes': "per-process micro-batches (B, T) (None: (32, 256), (1, 8192); tiny: (8, 32))",
+    'all.tiny': "small sizes (None: when there is no CUDA)",
+    'all.wandb_log': "also log the tables and plots to Weights & Biases (needs wandb)",
+}
+# keys that take only these values (any string passes where the default is 'auto', and bool('no') is True)
+CHOICES = {'compile': TRISTATE, 'cuda_graphs': TRISTATE, 'tiny': (None, True, False), 'cuda_graph': ('auto', False)}
+
+
+def key_help(command, key):
+    return HELP.get(f'{command}.{key}', HELP.get(key))
+
+
+def command_help(command):
+    """`python bench.py <command> --help`: what it does (its docstring) and its keys with defaults and meanings."""
+    fn = COMMANDS[command]
+    target = run_all if command == 'all' else fn
+    rows = [(k, p.default, key_help(command, k)) for k, p in inspect.signature(fn).parameters.items()]
+    return '\n'.join([f"python bench.py {command} [--key=value ...]", '',
+                      inspect.cleandoc(target.__doc__ or ''), '', 'keys:', key_table(rows)])
+
+
+def check_args(command, kwargs):
+    """Each --key=value against its default: a bool key takes only booleans, a number key only numbers, the
+    tri-state keys only True/False/'auto' (a ConfigError names what fits)."""
+    params = inspect.signature(COMMANDS[command]).parameters
+    for k, v in kwargs.items():
+        default = params[k].default
+        if k in CHOICES:
+            check_value(k, v, default, CHOICES[k])
+        elif isinstance(default, (bool, int, float)) and not (v is None and default is None):
+            kwargs[k] = check_value(k, v, default)
+    return kwargs
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
         print(__doc__)
         print(f"usage: python bench.py <{'|'.join(COMMANDS)}> [--key=value ...]")
         return 2 if argv and argv[0] not in ('-h', '--help') else 0
+    if '-h' in argv[1:] or '--help' in argv[1:]:
+        print(command_help(argv[0]))
+        return 0
     fn = COMMANDS[argv[0]]
     valid = list(inspect.signature(fn).parameters)
     kwargs = {}
@@ -951,7 +1032,7 @@ def main(argv=None):
             raise SystemExit(f"unknown key {k!r} for {argv[0]}; valid keys: {', '.join(valid)}")
         kwargs[k] = parse_value(v)
     try:
-        rc = fn(**kwargs)
+        rc = fn(**check_args(argv[0], kwargs))
     except ValueError as e:  # bad input (an unknown model, preset...): the message names the valid choices
         raise SystemExit(f"error: {e}")
     return rc if isinstance(rc, int) else 0

@@ -40,7 +40,7 @@ import importlib
 import inspect
 import math
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
@@ -117,19 +117,70 @@ def count_params(config, gpt_cls):
         return gpt_cls(config).get_num_params(non_embedding=False)
 
 
-def solve_d_ff(config, gpt_cls, multiple=8):
-    """The parameter-matching solver: the MLP width (a multiple of `multiple`) that brings this model's
-    *total* trainable parameters (embeddings included, tied head counted once) closest to the vanilla
-    GPT with the same n_layer, n_embd, vocab_size, block_size and bias. The mixer keeps the widths its
-    config gives it; only the MLP absorbs the difference, since params are linear in d_ff."""
-    from dataclasses import replace
+# parameter matching (d_ff=-1) must bring a model within this fraction of vanilla's total parameters
+MATCH_TOLERANCE = 0.03
+
+
+def match_d_ff(config, gpt_cls, multiple=8):
+    """(d_ff, total params, vanilla's total params): the MLP width (a multiple of `multiple`, at least
+    `multiple`) that brings this model's *total* trainable parameters (embeddings included, tied head
+    counted once) closest to the vanilla GPT with the same n_layer, n_embd, vocab_size, block_size and
+    bias. The mixer keeps the widths its config gives it; only the MLP absorbs the difference, since
+    params are linear in d_ff (so the total needs no second build)."""
     target = count_params(GPTConfig(n_layer=config.n_layer, n_embd=config.n_embd, vocab_size=config.vocab_size,
                                     block_size=config.block_size, bias=config.bias, n_head=1), GPT)
     base_ff = 4 * config.n_embd
     here = count_params(replace(config, d_ff=base_ff), gpt_cls)
     per_unit = config.n_layer * (2 * config.n_embd + (1 if config.bias else 0))  # params per unit of d_ff
-    d_ff = base_ff + (target - here) / per_unit
-    return max(multiple, int(round(d_ff / multiple)) * multiple)
+    d_ff = max(multiple, int(round((base_ff + (target - here) / per_unit) / multiple)) * multiple)
+    return d_ff, here + (d_ff - base_ff) * per_unit, target
+
+
+def _matches(config, gpt_cls, multiple, **change):
+    """Whether config with `change` builds and matches vanilla within MATCH_TOLERANCE."""
+    try:
+        _, total, target = match_d_ff(replace(config, **change), gpt_cls, multiple)
+    except ValueError:  # a width the mixer refuses (e.g. NSA's kernel rules)
+        return False
+    return abs(total - target) <= MATCH_TOLERANCE * target
+
+
+def widths_that_match(config, gpt_cls, multiple=8):
+    """Where a match misses (the mixer alone outweighs vanilla's attention + MLP, so d_ff is clamped at its
+    minimum): the nearest widths that would match, one change at a time: the largest n_head, the largest
+    head_dim (multiples of 8 and powers of two) and the smallest n_embd (multiples of 32) that do."""
+    found = []
+    for key in ('n_head', 'head_dim'):
+        cur = getattr(config, key, None)
+        if not isinstance(cur, int) or isinstance(cur, bool):
+            continue
+        cands = [v for v in range(cur - 1, 0, -1) if key == 'n_head' or v % 8 == 0 or v & (v - 1) == 0]
+        v = next((v for v in cands if _matches(config, gpt_cls, multiple, **{key: v})), None)
+        if v is not None:
+            found.append(f"{key}={v} or less")
+    e = next((e for e in range(32 * (config.n_embd // 32 + 1), 8 * config.n_embd + 1, 32)
+              if _matches(config, gpt_cls, multiple, n_embd=e)), None)
+    if e is not None:
+        found.append(f"n_embd={e} or more")
+    return found
+
+
+def solve_d_ff(config, gpt_cls, multiple=8):
+    """The parameter-matching solver (d_ff=-1): match_d_ff's width. A match that misses vanilla's total by
+    more than MATCH_TOLERANCE is an error naming the widths that would fit; an explicit d_ff (0 = 4 * n_embd,
+    or a width) turns matching off."""
+    d_ff, total, target = match_d_ff(config, gpt_cls, multiple)
+    if abs(total - target) > MATCH_TOLERANCE * target:
+        fits = widths_that_match(config, gpt_cls, multiple)
+        why = (f"d_ff at its minimum {d_ff}: the mixer's widths outweigh vanilla's attention and MLP"
+               if d_ff == multiple else f"d_ff={d_ff}")
+        raise ValueError(
+            f"parameter matching failed for {config.model_type}: {total:,} parameters, "
+            f"{100 * (total - target) / target:+.1f}% of vanilla's {target:,} at n_layer={config.n_layer}, n_embd="
+            f"{config.n_embd} (tolerance {MATCH_TOLERANCE:.0%}), with {why}. Widths that would match: "
+            f"{'; '.join(fits) if fits else 'none found by changing one of them'}; or give d_ff explicitly "
+            f"(e.g. d_ff={d_ff}) to train it unmatched")
+    return d_ff
 
 
 class DecodeState:
@@ -428,18 +479,33 @@ class Block(nn.Module):
         return x
 
 
+D_FF_HELP = ("MLP hidden width; 0: 4 * n_embd; -1: solved so total parameters match vanilla's within 3% "
+             "(an error names widths that would, where it can't); a width given turns matching off")
+
+
+def setting(default, meaning):
+    """A config field with its one-line meaning: `train_runner.py --help` and docs/configuration.md show it."""
+    return field(default=default, metadata={'help': meaning})
+
+
+def config_help(config_cls):
+    """{field: meaning} of a GPTConfig class (a subclass's own meaning wins where it redefines a field)."""
+    return {f.name: f.metadata.get('help', '') for f in fields(config_cls)}
+
+
 @dataclass
 class GPTConfig:
-    model_type: str = 'vanilla'
-    block_size: int = 256     # training context length (and the learned position table's size)
-    vocab_size: int = 65      # shakespeare_char
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    d_ff: int = 0             # MLP hidden width; 0 -> 4 * n_embd; -1 -> solved to match vanilla's parameters (solve_d_ff)
-    dropout: float = 0.0
-    bias: bool = False        # bias in Linears and LayerNorms (nanoGPT's shakespeare_char uses False)
-    pos_emb: str = 'learned'  # 'learned' (absolute, GPT-2) or 'none' (the mixer encodes position itself)
+    model_type: str = setting('vanilla', "the token mixer: " + ', '.join(MODEL_TYPES))
+    block_size: int = setting(256, "training context length (and the learned position table's size)")
+    vocab_size: int = setting(65, "vocabulary size (train_runner takes the dataset's)")
+    n_layer: int = setting(6, "transformer blocks")
+    n_head: int = setting(6, "attention heads (n_embd must be divisible by it)")
+    n_embd: int = setting(384, "residual stream width")
+    d_ff: int = setting(0, D_FF_HELP)
+    dropout: float = setting(0.0, "dropout on embeddings, residual branches and the MLP (and vanilla's attention "
+                                  "probabilities); train_runner's default: 0.2, nanoGPT's shakespeare_char")
+    bias: bool = setting(False, "bias in Linears and LayerNorms (nanoGPT's shakespeare_char uses False)")
+    pos_emb: str = setting('learned', "'learned' (absolute, GPT-2) or 'none' (the mixer encodes position itself)")
 
 
 # a tiny configuration of this model, for tests and smoke runs (each model file has one)

@@ -28,6 +28,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import model
+from model import D_FF_HELP, setting
 
 L2NORM_EPS = 1e-6  # fla's l2norm (and so use_qk_l2norm_in_kernel): x / sqrt(sum(x^2) + eps)
 
@@ -350,14 +351,14 @@ class DeltaNetMixer(nn.Module):
 
 @dataclass
 class GPTConfig(model.GPTConfig):
-    model_type: str = 'delta'
-    pos_emb: str = 'none'      # the short convs and the recurrence carry position information
-    d_ff: int = -1             # solved to match vanilla's total params
-    n_head: int = 6            # delta-rule heads
-    head_dim: int = 64         # key and value head dim (n_head * head_dim need not equal n_embd)
-    conv_size: int = 4         # kernel of the causal depthwise convs on q, k, v
-    chunk_size: int = 64       # chunk length of the PyTorch chunked reference (fla's kernel uses 64)
-    backend: str = 'auto'      # 'auto': fla kernels on CUDA, torch reference elsewhere; 'fla'; 'torch'
+    model_type: str = setting('delta', "the token mixer: DeltaNet")
+    pos_emb: str = setting('none', "'none': the short convs and the recurrence carry position information")
+    d_ff: int = setting(-1, D_FF_HELP)
+    n_head: int = setting(6, "delta-rule heads")
+    head_dim: int = setting(64, "key and value head dim (n_head * head_dim need not equal n_embd)")
+    conv_size: int = setting(4, "kernel of the causal depthwise convs on q, k, v")
+    chunk_size: int = setting(64, "chunk length of the PyTorch chunked reference (fla's kernel uses 64)")
+    backend: str = setting('auto', "'auto': fla kernels on CUDA, torch reference elsewhere; 'fla' (CUDA only); 'torch'")
 
 
 class GPT(model.GPT):

@@ -51,6 +51,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import model
+from model import D_FF_HELP, setting
 from model_delta import ShortConv, fused_conv_cache, fused_linear, fused_short_conv, l2norm  # l2norm: fla's q/k norm formula
 
 
@@ -395,15 +396,15 @@ class GatedDeltaProductMixer(nn.Module):
 
 @dataclass
 class GPTConfig(model.GPTConfig):
-    model_type: str = 'delta_product'
-    pos_emb: str = 'none'          # the convs and the recurrence carry position
-    d_ff: int = -1                 # solved to match vanilla's total params
-    head_dim: int = 64             # key (and query) dim per head; n_head heads (fla's 256 ignores n_embd)
-    expand_v: float = 1.0          # value head dim = head_dim * expand_v
-    num_householder: int = 2       # n_h: Householder steps (keys/values/betas) per token
-    allow_neg_eigval: bool = False  # beta in (0, 2) instead of (0, 1): transitions can have eigenvalue -1
-    conv_size: int = 4             # kernel of the short causal convs on q, k, v
-    backend: str = 'auto'          # 'auto': fla kernels on CUDA, torch reference elsewhere; 'fla'; 'torch'
+    model_type: str = setting('delta_product', "the token mixer: Gated DeltaProduct")
+    pos_emb: str = setting('none', "'none': the convs and the recurrence carry position")
+    d_ff: int = setting(-1, D_FF_HELP)
+    head_dim: int = setting(64, "key (and query) dim per head; n_head heads (fla's 256 ignores n_embd)")
+    expand_v: float = setting(1.0, "value head dim = head_dim * expand_v")
+    num_householder: int = setting(2, "n_h: Householder steps (keys/values/betas) per token")
+    allow_neg_eigval: bool = setting(False, "beta in (0, 2) instead of (0, 1): transitions can have eigenvalue -1")
+    conv_size: int = setting(4, "kernel of the short causal convs on q, k, v")
+    backend: str = setting('auto', "'auto': fla kernels on CUDA, torch reference elsewhere; 'fla' (CUDA only); 'torch'")
 
 
 class GPT(model.GPT):

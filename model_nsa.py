@@ -81,6 +81,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import model
+from model import D_FF_HELP, setting
 
 
 
@@ -433,6 +434,12 @@ def check_nsa_config(c):
     if c.nsa_block_size < 1 or c.nsa_block_counts < 1 or c.nsa_window_size < 0:
         raise ValueError(f"need nsa_block_size >= 1, nsa_block_counts >= 1, nsa_window_size >= 0; got "
                          f"{c.nsa_block_size}, {c.nsa_block_counts}, {c.nsa_window_size}")
+    if c.nsa_block_size > c.block_size:
+        # no complete block fits in the context: the compression branch has nothing to attend to and the
+        # selection branch nothing to select, so both contribute 0 and the model is a sliding window only
+        raise ValueError(f"nsa_block_size ({c.nsa_block_size}) > block_size ({c.block_size}): no complete block fits "
+                         f"in the context, so NSA's compression and selection branches would never see one; use "
+                         f"nsa_block_size <= {c.block_size} (or a longer block_size)")
     if c.backend == 'torch':
         return
     kern = "for fla's parallel_nsa (backend 'auto'/'fla'; backend='torch' lifts this)"
@@ -457,17 +464,17 @@ def check_nsa_config(c):
 
 @dataclass
 class GPTConfig(model.GPTConfig):
-    model_type: str = 'nsa'
-    pos_emb: str = 'none'          # RoPE inside the mixer carries position information
-    d_ff: int = -1                 # solved to match vanilla's total params
-    n_head: int = 16               # query heads
-    n_kv_head: int = 1             # KV heads (GQA); fla needs n_head / n_kv_head a power of two >= 16
-    head_dim: int = 32             # per-head dim of q, k, v (n_head * head_dim need not equal n_embd)
-    nsa_block_size: int = 32       # tokens per compression / selection block
-    nsa_block_counts: int = 4      # blocks selected per query (incl. the forced first/previous/current)
-    nsa_window_size: int = 64      # sliding-window branch: the last w tokens (0: no window branch)
-    rope_theta: float = 10000.0    # RoPE base
-    backend: str = 'auto'          # 'auto': fla kernels on CUDA, torch reference elsewhere; 'fla'; 'torch'
+    model_type: str = setting('nsa', "the token mixer: NSA (Native Sparse Attention)")
+    pos_emb: str = setting('none', "'none': RoPE inside the mixer carries position information")
+    d_ff: int = setting(-1, D_FF_HELP)
+    n_head: int = setting(16, "query heads")
+    n_kv_head: int = setting(1, "KV heads (GQA); fla needs n_head / n_kv_head a power of two >= 16")
+    head_dim: int = setting(32, "per-head dim of q, k, v (n_head * head_dim need not equal n_embd)")
+    nsa_block_size: int = setting(32, "tokens per compression / selection block (at most block_size)")
+    nsa_block_counts: int = setting(4, "blocks selected per query (incl. the forced first/previous/current)")
+    nsa_window_size: int = setting(64, "sliding-window branch: the last w tokens (0: no window branch)")
+    rope_theta: float = setting(10000.0, "RoPE base")
+    backend: str = setting('auto', "'auto': fla kernels on CUDA, torch reference elsewhere; 'fla' (CUDA only); 'torch'")
 
     def __post_init__(self):
         check_nsa_config(self)

@@ -316,8 +316,8 @@ def _source_meta(out, name):
 
 
 def bakeoff(out='results', preset=None, runs_dir=None):
-    """Tables and plots from the sweep's run records (results/runs/<preset>/<run>/). Deterministic: the
-    files depend only on the records (and on <out>/memory.csv and latency.csv when present)."""
+    """Tables and plots from the sweep's run records (<out>/runs/<run>/, the sweep's results/<preset>/runs/).
+    Deterministic: the files depend only on the records (and on <out>/memory.csv and latency.csv when present)."""
     runs_dir, preset = resolve_runs_dir(out, preset, runs_dir)
     runs, skipped = load_runs(runs_dir)
     for s in skipped:
@@ -695,7 +695,7 @@ def report(out='results', readme=False):
             " Self-checks need CUDA.")
     section('Parameters', 'params.csv', 'python bench.py params', params_body)
     section('Bake-off (sweep results)', 'bakeoff.csv', 'python bench.py bakeoff --preset=<preset>', bakeoff_body,
-            " (needs the sweep's run records in results/runs/<preset>/).")
+            " (needs the sweep's run records in results/<preset>/runs/).")
     section('Memory', 'memory.csv', 'python bench.py memory', memory_body)
     section('Generation latency (batch 1)', 'latency.csv', 'python bench.py latency', latency_body)
     section('Training speed against nanoGPT (same shape, same run)', 'vs_nanogpt.csv',

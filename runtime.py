@@ -38,6 +38,72 @@ def parse_value(s):
         return s  # a bare string such as --model_type=delta
 
 
+# the values of a tri-state key such as compile or cuda_graphs
+TRISTATE = (True, False, 'auto')
+
+
+def show_value(v):
+    """A value as it is typed on the command line: bare where that reads back the same, else its repr."""
+    if isinstance(v, str) and v and v.isprintable() and not any(c in v for c in ' \'"') and parse_value(v) == v:
+        return v
+    return repr(v)
+
+
+def check_value(key, value, default, choices=None):
+    """value, coerced to the default's type where that is lossless; a ConfigError otherwise.
+    choices: the only values that may pass (True and False match only the bools): a tri-state key must get
+    one of them, since any string passes a type check against its 'auto' default and bool('no') is True."""
+    if choices is not None:
+        if any(value is c if isinstance(c, bool) or c is None else
+               (type(value) is type(c) and value == c) for c in choices):
+            return value
+        raise ConfigError(f"{key} must be one of {', '.join(map(show_value, choices))}; got {value!r}")
+    if default is None or isinstance(value, type(default)) and not (isinstance(value, bool) and
+                                                                     not isinstance(default, bool)):
+        return value
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    name = type(default).__name__
+    raise ConfigError(f"{key} must be {'an' if name[0] in 'aeiou' else 'a'} {name} (default {default!r}), got {value!r}")
+
+
+def check_minimum(cfg, minimum):
+    """ConfigError for the first key of cfg below its minimum ({key: lowest valid value})."""
+    for k, lo in minimum.items():
+        if k in cfg and cfg[k] is not None and cfg[k] < lo:
+            raise ConfigError(f"{k} must be >= {lo}, got {cfg[k]!r}")
+
+
+def key_table(rows, markdown=False):
+    """rows of (key, default, meaning) as `--help` lines ('--key=default  meaning'), or as a markdown table."""
+    if markdown:
+        esc = lambda s: str(s).replace('|', '\\|').replace('<', '&lt;')  # no cell may read as HTML
+        return '\n'.join(['| key | default | meaning |', '|---|---|---|'] +
+                         [f"| `{k}` | `{esc(show_value(d))}` | {esc(h)} |" for k, d, h in rows])
+    cells = [(f"--{k}={show_value(d)}", h) for k, d, h in rows]
+    width = min(40, max((len(c) for c, _ in cells), default=0))
+    return '\n'.join(f"  {c:<{width}}  {h}" if len(c) <= width else f"  {c}\n  {'':<{width}}  {h}" for c, h in cells)
+
+
+def user_error(e, extra=()):
+    """The one line to show for an error of the user's making, or None for any other (a bug: it keeps its
+    traceback). The user's: a bad config or option (ConfigError: the message names the valid choices), a
+    path that does not exist or can't be used (a config file, a checkpoint to resume, an out_dir), a dataset
+    problem (data/<dataset>/prepare.py's DatasetError), memory (the model or batch does not fit), a full
+    disk, and the classes in `extra` (train_runner: a diverging run). A plain ValueError is not among them:
+    the config checks raise ConfigError, so a ValueError that reaches the command line is a bug."""
+    if isinstance(e, (ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+                      *extra)) or type(e).__name__ == 'DatasetError':
+        return str(e)
+    if isinstance(e, OSError) and e.errno == 28:  # ENOSPC
+        return f"no space left on the device: {e}"
+    if isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and (
+            "can't allocate memory" in str(e) or 'out of memory' in str(e).lower())):
+        return (f"out of memory ({model_lib.first_line(e, 200)}): the model or batch does not fit; reduce "
+                f"batch_size (raise gradient_accumulation_steps to keep the global batch), block_size or the model")
+    return None
+
+
 def pick_device(device='auto'):
     return ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
 
@@ -327,6 +393,8 @@ def execution_modes(gpt_cls, device_type, compile='auto', cuda_graphs='auto', dd
     Off, with the reason printed, where they can't work: compile for a model that declares a
     compile_problem, graphs under DDP. cuda_graphs=True without CUDA is an error. train() and bench's
     timings both decide here."""
+    check_value('compile', compile, None, TRISTATE)  # bool('no') would be True
+    check_value('cuda_graphs', cuda_graphs, None, TRISTATE)
     use_compile = (device_type == 'cuda') if compile == 'auto' else bool(compile)
     if use_compile and getattr(gpt_cls, 'compile_problem', None):
         print(f"torch.compile: off for {gpt_cls.__module__}: {gpt_cls.compile_problem}; running eagerly")

@@ -28,6 +28,25 @@ def test_parameter_matching(model_type):
     assert abs(n - VANILLA_PARAMS) / VANILLA_PARAMS < 0.03, f"{model_type}: {n:,} params"
 
 
+@pytest.mark.parametrize('model_type,more', [('delta', 34.1), ('delta_product', 133.2)])
+def test_a_missed_match_is_an_error_naming_widths_that_fit(model_type, more):
+    """At n_embd=96 the mixers' default widths outweigh vanilla's attention + MLP: d_ff clamps at 8 and the
+    model had +34% / +133% of vanilla's parameters without a word. Now it is an error naming widths that
+    would match; each of them does (within 3%), and an explicit d_ff builds the unmatched model."""
+    import re
+    with pytest.raises(ValueError, match=rf"parameter matching failed for {model_type}.*\+{more}% of vanilla's") as e:
+        model_lib.build_model(model_type, n_embd=96)
+    msg = str(e.value)
+    fits = re.findall(r'(n_head|head_dim)=(\d+) or less', msg) + re.findall(r'(n_embd)=(\d+) or more', msg)
+    assert {k for k, _ in fits} == {'n_head', 'head_dim', 'n_embd'}, msg
+    for k, v in fits:
+        kw = {'n_embd': 96, k: int(v)}
+        n = model_lib.build_model(model_type, **kw).get_num_params(non_embedding=False)
+        target = model_lib.build_model('vanilla', n_embd=kw['n_embd'], n_head=1).get_num_params(non_embedding=False)
+        assert abs(n - target) / target <= model_lib.MATCH_TOLERANCE, (kw, n, target)
+    assert model_lib.build_model(model_type, n_embd=96, d_ff=8).config.d_ff == 8  # matching off: no error
+
+
 @pytest.mark.parametrize('model_type', MODEL_TYPES)
 def test_batch_rows_are_independent(model_type):
     m = tiny(model_type)

@@ -356,6 +356,15 @@ def test_group_rule_error_names_valid_choices():
         model.build_model('nsa', block_counts=4)
 
 
+@pytest.mark.parametrize('backend', ['torch', 'auto'])
+def test_blocks_longer_than_the_context_are_refused(backend):
+    """With nsa_block_size > block_size no block is ever complete: compression and selection would be dead
+    (always 0) and the model a sliding window only."""
+    with pytest.raises(ValueError, match=r"nsa_block_size \(64\) > block_size \(32\): no complete block"):
+        M.GPTConfig(block_size=32, nsa_block_size=64, backend=backend)
+    M.GPTConfig(block_size=32, nsa_block_size=32, backend=backend)  # one block fits: allowed
+
+
 def test_fla_backend_needs_cuda():
     m = M.GPT(M.GPTConfig(**{**M.TINY, 'backend': 'fla'}))
     with pytest.raises(RuntimeError, match="needs CUDA"):
