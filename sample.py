@@ -31,7 +31,8 @@ DEFAULTS = dict(
     device='auto',
     dtype='auto',
     use_cache=True,
-    compile=False,           # CUDA: torch.compile the graphed decoding step (compiles once, then faster tokens)
+    compile='auto',          # CUDA: torch.compile the graphed decoding step (compiles once, then faster tokens);
+                             # 'auto' = when the tokens asked for pay for the compilation (model.compile_pays)
 )
 
 
@@ -92,10 +93,23 @@ def main(argv):
     x = torch.tensor([stoi[c] for c in start], dtype=torch.long, device=device)[None, ...]
     print(f"{ckpt['model_config']['model_type']} from {cfg['out_dir']} (iter {ckpt['iter_num']}, "
           f"val loss {ckpt.get('val_loss', float('nan')):.4f}), cache={'on' if cfg['use_cache'] else 'off'}")
+    compile = cfg['compile']
+    if compile == 'auto':  # decided once for all the samples: a compilation serves every one of them
+        steps = cfg['num_samples'] * (cfg['max_new_tokens'] - 1)
+        compile, why = model_lib.compile_pays(model.config.model_type, steps) \
+            if device_type == 'cuda' and cfg['use_cache'] and model.static_decode else \
+            (False, 'no CUDA graph to compile: that needs CUDA and use_cache=True')
+        print(f"torch.compile of the decoding step: {'on' if compile else 'off'} ({why}; --compile=True or False "
+              f"to choose)")
     with torch.no_grad(), ctx:
         for _ in range(cfg['num_samples']):
+            st = {}
             y = model.generate(x, cfg['max_new_tokens'], temperature=cfg['temperature'], top_k=cfg['top_k'],
-                               use_cache=cfg['use_cache'], compile=cfg['compile'])
+                               use_cache=cfg['use_cache'], compile=compile, stats=st)
+            print(f"[{st['mode']} ({st['why']}): prefill and first token {1e3 * st['prefill_s']:.1f} ms, setup "
+                  f"{1e3 * st['setup_s']:.1f} ms, then {st['decode_steps']} tokens in {st['decode_s']:.3f} s"
+                  + (f": {st['tokens_per_s']:,.0f} tokens/s, {st['ms_per_token']:.3f} ms/token]"
+                     if st['ms_per_token'] else ']'))
             print(''.join(itos[int(i)] for i in y[0].tolist()))
             print('---------------')
 
