@@ -215,12 +215,13 @@ _COMPILED_SAMPLER = []  # [compiled_sampler()], made on first use
 
 def compiled_sampler():
     """sample_logits under torch.compile, one for the whole process (as compiled_static_step): what a compiled
-    GraphedDecodeStep with a sampler runs after the compiled step, its few elementwise kernels fused. Its
-    draw is the same as the eager sampler's: inductor never generates exponential_ itself (it calls ATen's
-    kernel, lowering.py: make_fallback(aten.exponential)), so the noise comes from the same Philox stream of
-    the default CUDA generator, at the same offsets."""
+    GraphedDecodeStep with a sampler runs after the compiled step, its few elementwise kernels fused.
+    fallback_random: by default inductor replaces exponential_ with its own generator (seeded from the
+    default one: valid noise, but not the numbers an eager draw takes); with it, the compiled sampler calls
+    ATen's exponential_, so it draws what the eager sampler draws from the same RNG state (the same Philox
+    stream and offsets), and a compiled generation can be checked token for token against an eager one."""
     if not _COMPILED_SAMPLER:
-        _COMPILED_SAMPLER.append(torch.compile(sample_logits, fullgraph=True))
+        _COMPILED_SAMPLER.append(torch.compile(sample_logits, fullgraph=True, options={'fallback_random': True}))
     return _COMPILED_SAMPLER[0]
 
 
@@ -300,7 +301,10 @@ def sample_logits(logits, temperature=None, top_k=None):
         # masked_fill, not x[x < kth] = -inf: a boolean-mask assignment finds the indices first (a host sync)
         x = x.masked_fill(x < kth, float('-inf'))
     probs = F.softmax(x, dim=-1)                                # (B, V), renormalised over the kept tokens
-    race = torch.empty_like(probs).exponential_()               # E_i ~ Exp(1)
+    # E_i ~ Exp(1). The rate is passed: inductor's apply_gumbel_max_trick pass, which rewrites this argmax into
+    # the equivalent Gumbel-max form, unpacks (tensor, rate) from the call and fails on exponential_()
+    # (torch 2.13: "not enough values to unpack"), which failed the compilation
+    race = torch.empty_like(probs).exponential_(1.0)
     return torch.argmax(probs / race, dim=-1, keepdim=True)    # (B, 1)
 
 

@@ -2,6 +2,8 @@
 as the full forward, batch rows don't interact, the future doesn't leak, and parameters are matched."""
 import functools
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -235,6 +237,26 @@ def check_top_k_distribution(draw, device):
 def test_top_k_sampling_distribution():
     """sample_logits (the sampler every step runs, eager here) draws from the renormalised top-k softmax."""
     check_top_k_distribution(model_lib.sample_logits, 'cpu')
+
+
+@pytest.mark.skipif(not shutil.which(os.environ.get('CXX', 'g++')), reason="inductor's CPU backend needs a C++ compiler")
+@torch.no_grad()
+def test_compiled_sampler_draws_what_the_eager_sampler_draws():
+    """compiled_sampler() (inductor, here on the CPU) takes the eager sampler's numbers from the same RNG state
+    and leaves the generator where the eager one does: what lets the CUDA tests compare compiled and eager
+    generations token for token. Without fallback_random inductor draws from a generator of its own, and
+    without an explicit rate in exponential_ its Gumbel-max pass fails the compilation: both failed here."""
+    x = torch.randn(256, 1, 65, generator=torch.Generator().manual_seed(0))
+    temperature = torch.tensor(0.8)
+    torch._dynamo.reset()
+    for top_k in (20, None):
+        out = []
+        for fn in (model_lib.sample_logits, model_lib.compiled_sampler()):
+            torch.manual_seed(5)
+            out.append((fn(x, temperature, top_k), torch.rand(3)))
+        assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1]), top_k
+    assert torch.equal(model_lib.compiled_sampler()(x, None, None), x[:, -1].argmax(-1, keepdim=True))
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize('model_type', MODEL_TYPES)
