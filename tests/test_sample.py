@@ -22,6 +22,9 @@ def test_sample_every_model_type(prepared, tmp_path, capsys, model_type):
     texts = [block.split('ROMEO:', 1)[1] for block in out.split('---------------') if 'ROMEO:' in block]
     assert len(texts) == 2 and len(texts[0]) >= 21 and texts[0] == texts[1], texts  # greedy: cached == uncached
     assert f"{model_type} from" in out
+    # how each sample ran and its speed after the prefill; the compile decision (none on CPU) said once
+    assert out.count(' ms/token]') == 2 and out.count('tokens/s') == 2 and '[eager (no CUDA' in out
+    assert 'torch.compile of the decoding step: off (no CUDA graph to compile' in out
 
 
 def test_sample_rejects_unknown_option():
