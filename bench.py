@@ -389,6 +389,13 @@ def time_generate(m, L, n, trials, device, mode):
             median([1e3 * st['prefill_s'] for st in res]))
 
 
+LATENCY_COLS = ['model', 'context', 'status', 'prefill_ms', 'decode_ms_per_token', 'decode_tokens_per_s',
+                'decode_mode',
+                *DECODE_COL.values(), 'generate_ms_per_token', 'generate_mode', 'generate_vs_step',
+                *GENERATE_COL.values(), 'generate_setup_ms', 'compiled_build_s', 'nocache_ms_per_token',
+                'nocache_over_cache', 'n_decode', 'trials', 'note']
+
+
 def latency(out='results', tiny=False, device='auto', models=None, contexts=None, n_decode=None, trials=None,
             nocache=True, cuda_graph='auto', compile_decode=True, model_kw=None):
     """Batch-1 prefill time vs prompt length and per-token decode time at those contexts (cache/state),
@@ -463,11 +470,9 @@ def latency(out='results', tiny=False, device='auto', models=None, contexts=None
                   flush=True)
         del m
         free_memory(device)
-    cols = ['model', 'context', 'status', 'prefill_ms', 'decode_ms_per_token', 'decode_tokens_per_s', 'decode_mode',
-            *DECODE_COL.values(), 'generate_ms_per_token', 'generate_mode', 'generate_vs_step', *GENERATE_COL.values(),
-            'generate_setup_ms', 'compiled_build_s', 'nocache_ms_per_token', 'nocache_over_cache', 'n_decode',
-            'trials', 'note']
-    write_csv(os.path.join(out, 'latency.csv'), rows, cols)
+        write_csv(os.path.join(out, 'latency.csv'), rows, LATENCY_COLS)  # after each model: a cut run keeps these
+    if not rows:
+        write_csv(os.path.join(out, 'latency.csv'), rows, LATENCY_COLS)
     write_meta(out, 'latency', device, dict(tiny=tiny, models=models, contexts=contexts, n_decode=n, trials=trials,
                                             nocache=nocache, cuda_graph=cuda_graph, compile_decode=compile_decode,
                                             model_kw=model_kw), generate_sampling=GENERATE_SAMPLING,
@@ -531,7 +536,7 @@ def decode_throughput(out='results', tiny=False, device='auto', models=None, con
     context (default 1024, 8192, 32768), the batch grid (default 1, 8, 64, 256), then the largest batch that
     fits, found by doubling from the largest grid batch that ran (or between it and the first that did not),
     until out of memory, an error, or max_batch (default 2^17). A shape that fails skips the larger grid
-    batches. Each shape: time_batched_decode, n_tokens steps (16) x repeats (3) after one untimed run, one
+    batches. Each shape: time_batched_decode, n_tokens steps (8) x repeats (3) after one untimed run, one
     CUDA graph per shape; tokens/s = B x n_tokens / the median run, spread_pct = (slowest - fastest) / median
     run. compile='auto': the compiled graph on CUDA (a model whose compilation fails goes on with the
     uncompiled graph, noted). Writes <out>/decode_throughput.csv, its sidecar and a plot."""
@@ -539,7 +544,7 @@ def decode_throughput(out='results', tiny=False, device='auto', models=None, con
     cuda = torch.device(device).type == 'cuda'
     contexts = as_list(contexts, int) or DECODE_CONTEXTS[tiny]
     batches = sorted(as_list(batches, int) or DECODE_BATCHES[tiny])
-    n = int(n_tokens or (2 if tiny else 16))
+    n = int(n_tokens or (2 if tiny else 8))
     repeats = int(repeats or (1 if tiny else 3))
     cap = int(max_batch or DECODE_MAX_BATCH[tiny])
     use_compile = cuda if compile == 'auto' else bool(compile)
