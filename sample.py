@@ -15,7 +15,7 @@ from contextlib import nullcontext
 import torch
 
 import model as model_lib
-from runtime import ConfigError, check_minimum, check_value, codec, key_table, parse_value, pick_device, user_error
+from runtime import TRISTATE, ConfigError, check_minimum, check_value, codec, key_table, parse_value, pick_device, user_error
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -32,11 +32,12 @@ TABLE = dict(
     device=('auto', "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:N'"),
     dtype=('auto', "'auto' (bfloat16 on CUDA, float32 on CPU), 'bfloat16', 'float32'"),
     use_cache=(True, "decode with the model's cache/state; False: recompute the whole context per token"),
-    compile=(False, "CUDA: torch.compile the graphed decoding step (compiles once, then faster tokens)"),
+    compile=('auto', "CUDA: torch.compile the graphed decoding step (compiles once, then faster tokens); "
+                     "'auto': when the tokens asked for pay for the compilation (model.compile_pays)"),
 )
 DEFAULTS = {k: d for k, (d, _) in TABLE.items()}
 HELP = {k: h for k, (_, h) in TABLE.items()}
-CHOICES = {'ckpt': ('best', 'last'), 'dtype': ('auto', 'bfloat16', 'float32')}
+CHOICES = {'ckpt': ('best', 'last'), 'dtype': ('auto', 'bfloat16', 'float32'), 'compile': TRISTATE}
 MINIMUM = dict(num_samples=1, max_new_tokens=1, temperature=0.0, top_k=1)
 
 
@@ -59,7 +60,7 @@ def parse_args(argv):
     dev = cfg['device']
     if not (dev in ('auto', 'cpu', 'cuda') or (dev.startswith('cuda:') and dev[5:].isdigit())):
         raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {dev!r}")
-    if cfg['compile'] and not (cfg['use_cache'] and pick_device(dev).startswith('cuda')):
+    if cfg['compile'] is True and not (cfg['use_cache'] and pick_device(dev).startswith('cuda')):
         raise ConfigError(f"compile=True compiles the CUDA-graph decoding step: it needs CUDA and use_cache=True "
                           f"(device {pick_device(dev)!r}, use_cache {cfg['use_cache']})")
     if not cfg['start']:
@@ -104,10 +105,23 @@ def main(argv):
     x = torch.tensor(encode(start), dtype=torch.long, device=device)[None, ...]
     print(f"{ckpt['model_config']['model_type']} from {cfg['out_dir']} (iter {ckpt['iter_num']}, "
           f"val loss {ckpt.get('val_loss', float('nan')):.4f}), cache={'on' if cfg['use_cache'] else 'off'}")
+    compile = cfg['compile']
+    if compile == 'auto':  # decided once for all the samples: a compilation serves every one of them
+        steps = cfg['num_samples'] * (cfg['max_new_tokens'] - 1)
+        compile, why = model_lib.compile_pays(model.config.model_type, steps) \
+            if device_type == 'cuda' and cfg['use_cache'] and model.static_decode else \
+            (False, 'no CUDA graph to compile: that needs CUDA and use_cache=True')
+        print(f"torch.compile of the decoding step: {'on' if compile else 'off'} ({why}; --compile=True or False "
+              f"to choose)")
     with torch.no_grad(), ctx:
         for _ in range(cfg['num_samples']):
+            st = {}
             y = model.generate(x, cfg['max_new_tokens'], temperature=cfg['temperature'], top_k=cfg['top_k'],
-                               use_cache=cfg['use_cache'], compile=cfg['compile'])
+                               use_cache=cfg['use_cache'], compile=compile, stats=st)
+            print(f"[{st['mode']} ({st['why']}): prefill and first token {1e3 * st['prefill_s']:.1f} ms, setup "
+                  f"{1e3 * st['setup_s']:.1f} ms, then {st['decode_steps']} tokens in {st['decode_s']:.3f} s"
+                  + (f": {st['tokens_per_s']:,.0f} tokens/s, {st['ms_per_token']:.3f} ms/token]"
+                     if st['ms_per_token'] else ']'))
             print(decode(y[0].tolist()))
             print('---------------')
 

@@ -64,7 +64,7 @@ def test_sample_checks_types_and_ranges():
     for arg, msg in (('--num_samples=abc', "num_samples must be an int"),
                      ('--max_new_tokens=-5', 'max_new_tokens must be >= 1'),
                      ('--num_samples=0', 'num_samples must be >= 1'), ('--temperature=-1', 'temperature must be >= 0'),
-                     ('--compile=no', 'compile must be a bool'), ('--ckpt=first', 'ckpt must be one of best, last'),
+                     ('--compile=no', 'compile must be one of True, False, auto'), ('--ckpt=first', 'ckpt must be one of best, last'),
                      ('--top_k=0', 'top_k must be >= 1'), ('--device=gpu', 'device must be'),
                      ('--start=', 'start is empty')):
         with pytest.raises(ValueError, match=msg):

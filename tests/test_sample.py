@@ -22,6 +22,9 @@ def test_sample_every_model_type(prepared, tmp_path, capsys, model_type):
     texts = [block.split('ROMEO:', 1)[1] for block in out.split('---------------') if 'ROMEO:' in block]
     assert len(texts) == 2 and len(texts[0]) >= 21 and texts[0] == texts[1], texts  # greedy: cached == uncached
     assert f"{model_type} from" in out
+    # how each sample ran and its speed after the prefill; the compile decision (none on CPU) said once
+    assert out.count(' ms/token]') == 2 and out.count('tokens/s') == 2 and '[eager (no CUDA' in out
+    assert 'torch.compile of the decoding step: off (no CUDA graph to compile' in out
 
 
 def test_sample_rejects_unknown_option():
@@ -48,7 +51,8 @@ def test_sample_gpt2_bpe_round_trips(prepared_bpe, gpt2_bpe, tmp_path, capsys, m
     (tmp_path / 'prompt.txt').write_text(prompt)
     sample.main([f'--out_dir={tmp_path}', f'--start=FILE:{tmp_path / "prompt.txt"}', '--num_samples=1',
                  '--max_new_tokens=8', '--temperature=0', '--device=cpu', '--ckpt=last'])
-    text = capsys.readouterr().out.split('\n', 1)[1].rsplit('\n---------------', 1)[0]  # after the header line
+    out = capsys.readouterr().out  # header lines (model, compile decision, timing), then the sample
+    text = out[out.index('\nROMEO:') + 1:].rsplit('\n---------------', 1)[0]
     assert seen['x'] == gpt2_bpe.encode(prompt) and len(seen['y']) == len(seen['x']) + 8
     assert text.startswith(prompt) and len(text) > len(prompt)
     if max(seen['y']) < gpt2_bpe.n_vocab:
