@@ -2,19 +2,24 @@
 Benchmarks of the four token mixers, and the generated report.
 
     python bench.py <sub-command> [--key=value ...]
+    python bench.py <sub-command> --help     # its keys, with defaults and meanings
 
     params      parameter-matching table (layers, heads, widths, solved d_ff, total params, % vs vanilla)
     memory      peak training memory (fwd+bwd) vs context 256 -> 131072, batch 1 and 4; OOM wall;
                 decoding-state bytes per sequence (KV cache vs recurrent state)
     latency     batch-1 generation: prefill time vs prompt length, per-token decode time with the
                 cache/state, and vanilla's no-cache recompute path for comparison
+    decode_throughput  decoding tokens/s at batch 1 -> 256 and the largest batch that fits, contexts 1024 -> 32768
     throughput  training ms/iter, tokens/s and MFU at the training shape and at long context
-    bakeoff     tables + plots from the sweep's run records in results/runs/<preset>/ (deterministic)
-    report      results/REPORT.md from whatever result files exist
+    vs_nanogpt  training speed side by side with karpathy/nanoGPT (cloned into .nanogpt/), one run each
+    bakeoff     tables + plots from the sweep's run records in <out>/runs/ (the sweep's layout:
+                results/<preset>/runs/<run>/; deterministic)
+    report      <out>/REPORT.md from whatever result files exist
+    runs        a markdown table of every finished run below a folder (and the README's runs block)
     selfcheck   each model's fla-kernel-vs-reference check (CUDA); non-zero exit on any FAIL
     profile     where a training step's time goes: wall vs GPU kernel time, kernels/iter, top kernels
     scaling     DDP over N GPUs against one at the same global batch: tokens/s ratio and both loss curves
-    all         params, memory, latency, throughput, bakeoff, report
+    all         params, memory, latency, decode_throughput, throughput, vs_nanogpt, bakeoff, report
 
 Every sub-command is also a function: bench.params(out='results', tiny=False, device='auto', ...).
 Common keys: --out=results (output folder), --tiny=True (each module's TINY config and small sizes,
@@ -38,18 +43,22 @@ from dataclasses import fields, replace
 import torch
 
 import model
-from report import (DECODE_COL, add_vs_vanilla, bakeoff, model_kw_from_runs, plot_latency, plot_memory, plot_scaling,
-                    plot_throughput, report, resolve_runs_dir, runs)
-from runtime import (GraphedStep, act_dtype, as_list, autocast_for, device_name, execution_modes, failure_status,
-                     fmt_cell, free_memory, load_dataset, median, parse_value, peak_flops, read_csv, resolve_device,
-                     sync, write_csv, write_meta)
+from report import (DECODE_COL, GENERATE_COL, add_vs_vanilla, bakeoff, model_kw_from_runs, plot_decode_throughput,
+                    plot_latency, plot_memory, plot_scaling, plot_throughput, report, resolve_runs_dir, runs)
+from runtime import (TRISTATE, GraphedStep, Progress, act_dtype, as_list, autocast_for, check_value, device_name,
+                     execution_modes, failure_status, fmt_cell, fmt_time, free_memory, is_oom, key_table, load_dataset,
+                     median, parse_value, peak_flops, read_csv, resolve_device, sync, write_csv, write_meta)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # sizes of each benchmark: (full, tiny)
 MEMORY_CONTEXTS = ([2 ** i for i in range(8, 18)], [32, 64])           # 256 -> 131072
 MEMORY_BATCHES = ((1, 4), (1, 2))
-LATENCY_CONTEXTS = ([2 ** i for i in range(7, 16)], [16, 32])          # 128 -> 32768
+LATENCY_CONTEXTS = ([2 ** i for i in range(7, 16)], [16, 32, 1024])    # 128 -> 32768; 1024: the bake-off's column
+DECODE_CONTEXTS = ([1024, 8192, 32768], [16, 32])                     # decode_throughput: contexts,
+DECODE_BATCHES = ([1, 8, 64, 256], [1, 2])                             # the batch grid,
+DECODE_MAX_BATCH = (1 << 17, 8)                                        # and where doubling stops
+GENERATE_SAMPLING = dict(temperature=0.8, top_k=200)                   # sample.py's defaults (a test checks)
 THROUGHPUT_SHAPES = ([(64, 256), (16, 1024), (4, 4096), (1, 16384)],  # (B, T): training shape, then 16384 tokens/step
                      [(4, 32), (1, 64)])
 
@@ -217,8 +226,10 @@ def memory(out='results', tiny=False, device='auto', models=None, contexts=None,
         print("[memory] peak memory is read from torch.cuda.max_memory_allocated, which CPU lacks: on CPU the "
               "fwd+bwd still runs at every context (a shape check) but peak_bytes stays empty; "
               "decoding-state bytes are computed as on CUDA")
-    rows = []
-    for mt, mod in available_models(models):
+    rows, avail = [], available_models(models)
+    progress = Progress(len(avail) * len(batches) * len(contexts), '[memory]',  # a step's cost ~ its tokens
+                        weights=[B * T for _ in avail for B in batches for T in contexts])
+    for mt, mod in avail:
         kw = model_kwargs(mt, mod, tiny, model_kw)
         state_bytes = {}
         for T in contexts:
@@ -230,6 +241,7 @@ def memory(out='results', tiny=False, device='auto', models=None, contexts=None,
                 if wall is not None:
                     row['status'] = f'skipped (OOM at {wall})'
                     rows.append(row)
+                    progress.skip(B * T)
                     continue
                 m = oom = None
                 try:
@@ -252,9 +264,10 @@ def memory(out='results', tiny=False, device='auto', models=None, contexts=None,
                 if oom:
                     wall = T
                 rows.append(row)
+                progress.update(B * T)
                 print(f"[memory] {mt} B={B} T={T}: {row['status']}"
                       + (f", peak {row['peak_gib']:.3f} GiB" if row.get('peak_gib') is not None else '')
-                      + f", state {state_bytes[T]:,} B/seq", flush=True)
+                      + f", state {state_bytes[T]:,} B/seq | {progress.text()}", flush=True)
     add_vs_vanilla(rows, 'fwdbwd_ms', 'fwdbwd_vs_vanilla')
     _print_vs_vanilla('memory', rows, 'fwdbwd_vs_vanilla', 'fwd+bwd time')
     cols = ['model', 'batch', 'context', 'tokens', 'status', 'peak_bytes', 'peak_gib', 'param_bytes', 'state_bytes',
@@ -310,7 +323,7 @@ def _time_decode_modes(row, modes, timer, notes):
 
 
 @torch.no_grad()
-def time_generation(m, L, n, trials, device, cached=True, graph=False, compile=False):
+def time_generation(m, L, n, trials, device, cached=True, graph=False, compile=False, info=None):
     """Batch-1 greedy generation after a random prompt of L tokens: (prefill ms, decode ms per token),
     each the median over `trials` (after one untimed warm-up trial).
     cached: prefill the prompt into a state of capacity L+n, then n steps of
@@ -318,7 +331,8 @@ def time_generation(m, L, n, trials, device, cached=True, graph=False, compile=F
     once in a CUDA graph (model.GraphedDecodeStep, what generate() uses on CUDA; the capture happens
     in the warm-up trial), and with compile=True as well, of the step compiled by torch.compile
     (generate(compile=True); compiled in the warm-up trial too). Not cached: every new token runs a
-    full forward over the whole sequence so far (prefill ms is then None)."""
+    full forward over the whole sequence so far (prefill ms is then None). info: a dict that gets build_s,
+    the seconds building the graphed step took in the warm-up trial (any compilation included)."""
     vocab = m.config.vocab_size
     prompt = torch.randint(vocab, (1, L), device=device)
     assert prompt.shape[1] == L
@@ -333,8 +347,12 @@ def time_generation(m, L, n, trials, device, cached=True, graph=False, compile=F
                 logits, _ = m(prompt, state=state, last_only=True)
             nxt = logits[:, -1].argmax(-1, keepdim=True)
             if graph and trial == 0:
+                t0 = time.perf_counter()
                 with autocast_for(device):
                     step = model.GraphedDecodeStep(m, state, compile=compile)
+                sync(device)
+                if info is not None:
+                    info['build_s'] = time.perf_counter() - t0
             with autocast_for(device), _Timer(device) as td:
                 for _ in range(n):
                     logits = step(nxt)
@@ -353,6 +371,39 @@ def time_generation(m, L, n, trials, device, cached=True, graph=False, compile=F
     return (median(prefill) if cached else None), median(decode)
 
 
+@torch.no_grad()
+def time_generate(m, L, n, trials, device, mode):
+    """model.generate() as sample.py calls it (batch 1, GENERATE_SAMPLING, bf16 autocast on CUDA) after a random
+    prompt of L tokens, n new tokens, in one decode mode: 'compiled graph' (cuda_graph=True, compile=True),
+    'graph' (cuda_graph=True, compile=False) or 'eager' (cuda_graph=False). Returns (ms per token, setup ms,
+    prefill ms) from generate's stats, each the median over `trials` calls after one warm-up call (where any
+    compilation happens): per token = the n - 1 steps after the first token, each a step and its draw;
+    setup = building the graphed step (a capture per call; cast weight copies); prefill = the prompt's
+    forward and the first token. A mode generate did not run (a failed capture) raises model.CaptureError."""
+    prompt = torch.randint(m.config.vocab_size, (1, L), device=device)
+    graph = mode != 'eager'
+    res = []
+    for trial in range(trials + 1):
+        st = {}
+        with autocast_for(device):
+            y = m.generate(prompt, n, cuda_graph=graph, compile=mode == 'compiled graph', stats=st,
+                           **GENERATE_SAMPLING)
+        assert y.shape == (1, L + n)
+        if st['mode'] != mode:
+            raise model.CaptureError(f"generate() ran {st['mode']} ({st['why']})")
+        if trial > 0:
+            res.append(st)
+    return (median([st['ms_per_token'] for st in res]), median([1e3 * st['setup_s'] for st in res]),
+            median([1e3 * st['prefill_s'] for st in res]))
+
+
+LATENCY_COLS = ['model', 'context', 'status', 'prefill_ms', 'decode_ms_per_token', 'decode_tokens_per_s',
+                'decode_mode',
+                *DECODE_COL.values(), 'generate_ms_per_token', 'generate_mode', 'generate_vs_step',
+                *GENERATE_COL.values(), 'generate_setup_ms', 'compiled_build_s', 'nocache_ms_per_token',
+                'nocache_over_cache', 'n_decode', 'trials', 'note']
+
+
 def latency(out='results', tiny=False, device='auto', models=None, contexts=None, n_decode=None, trials=None,
             nocache=True, cuda_graph='auto', compile_decode=True, model_kw=None):
     """Batch-1 prefill time vs prompt length and per-token decode time at those contexts (cache/state),
@@ -361,6 +412,12 @@ def latency(out='results', tiny=False, device='auto', models=None, contexts=None
     torch.compile, replayed from a CUDA graph: generate(compile=True)), 'graph' (the eager step replayed
     from a CUDA graph: generate()'s default on CUDA) and 'eager' (one kernel launch at a time). The
     headline decode_ms_per_token is the fastest of them (decode_mode says which).
+    Beside the step alone, generate() end to end as users run it (time_generate: sample.py's sampling, the
+    draw inside the graph, prefill excluded), in the graph modes on CUDA (eager on CPU):
+    generate_ms_per_token is the fastest (generate_mode), generate_vs_step its ratio to decode_ms_per_token.
+    compiled_build_s: seconds to build the compiled graphed step in its warm-up trial, compilation included
+    where one happened (each model's first context in the process; for the KV-cache models also the second,
+    where the capacity becomes a dynamic dimension): what compiling costs, model.COMPILE_COST_S's figure.
     cuda_graph: 'auto' = the graph modes on CUDA for models with static steps; False = eager only.
     compile_decode: also time the compiled graph (compilation happens in the untimed warm-up)."""
     if cuda_graph not in ('auto', False):
@@ -369,18 +426,34 @@ def latency(out='results', tiny=False, device='auto', models=None, contexts=None
     contexts = as_list(contexts, int) or LATENCY_CONTEXTS[tiny]
     n = n_decode or (4 if tiny else 32)
     trials = trials or (2 if tiny else 5)
-    rows = []
-    for mt, mod in available_models(models):
+    rows, avail = [], available_models(models)
+    progress = Progress(len(avail) * len(contexts), '[latency]', weights=[L + n for _ in avail for L in contexts])
+    for mt, mod in avail:
         kw = model_kwargs(mt, mod, tiny, model_kw)
         # one model for all contexts; its block_size covers the longest context plus the decoded tokens
         m = build(mt, kw, device, block_size=max(contexts) + n).eval()
         graphs = cuda_graph == 'auto' and torch.device(device).type == 'cuda' and m.static_decode
         modes = (['compiled graph'] if graphs and compile_decode else []) + (['graph'] if graphs else []) + ['eager']
+        gen_modes = [md for md in modes if md != 'eager'] or ['eager']  # eager generate() on CUDA: slow, not run
         for L in contexts:
             row, notes, err = dict(model=mt, context=L, n_decode=n, trials=trials), [], None
             try:
+                info = {}
                 _time_decode_modes(row, modes, lambda mode, m=m, L=L: time_generation(
-                    m, L, n, trials, device, graph=mode != 'eager', compile=mode == 'compiled graph'), notes)
+                    m, L, n, trials, device, graph=mode != 'eager', compile=mode == 'compiled graph',
+                    info=info if mode == 'compiled graph' else None), notes)
+                row['compiled_build_s'] = info.get('build_s')
+                for mode in gen_modes:
+                    try:
+                        g, setup, _ = time_generate(m, L, n, trials, device, mode)
+                    except model.CaptureError as e:
+                        notes.append(f"generate() {mode} failed: {model.first_line(e, 150)}")
+                        continue
+                    row[GENERATE_COL[mode]] = g
+                    if g < row.get('generate_ms_per_token', float('inf')):
+                        row.update(generate_mode=mode, generate_ms_per_token=g, generate_setup_ms=setup)
+                if row.get('generate_ms_per_token'):
+                    row['generate_vs_step'] = row['generate_ms_per_token'] / row['decode_ms_per_token']
                 for note in notes:
                     print(f"[latency] {mt} L={L}: {note}", flush=True)
                 row['decode_tokens_per_s'] = 1e3 / row['decode_ms_per_token']
@@ -396,28 +469,186 @@ def latency(out='results', tiny=False, device='auto', models=None, contexts=None
                 free_memory(device)
             row['note'] = '; '.join(notes)
             rows.append(row)
+            progress.update(L + n)
             times = ', '.join(f"{md} {row[DECODE_COL[md]]:.3f}" for md in modes if row.get(DECODE_COL[md]))
+            times += ''.join(f", generate() {md} {row[GENERATE_COL[md]]:.3f}" for md in gen_modes
+                             if row.get(GENERATE_COL[md]))
             print(f"[latency] {mt} L={L}: " + (f"prefill {row['prefill_ms']:.3f} ms, decode ms/token: {times}"
                   if row['status'] == 'ok' else row['status'])
                   + (f", no-cache {row['nocache_ms_per_token']:.3f} ms/token "
-                     f"({row['nocache_over_cache']:.1f}x eager cached)" if 'nocache_ms_per_token' in row else ''),
-                  flush=True)
+                     f"({row['nocache_over_cache']:.1f}x eager cached)" if 'nocache_ms_per_token' in row else '')
+                  + f" | {progress.text()}", flush=True)
         del m
         free_memory(device)
-    cols = ['model', 'context', 'status', 'prefill_ms', 'decode_ms_per_token', 'decode_tokens_per_s', 'decode_mode',
-            *DECODE_COL.values(), 'nocache_ms_per_token', 'nocache_over_cache', 'n_decode', 'trials', 'note']
-    write_csv(os.path.join(out, 'latency.csv'), rows, cols)
+        write_csv(os.path.join(out, 'latency.csv'), rows, LATENCY_COLS)  # after each model: a cut run keeps these
+    if not rows:
+        write_csv(os.path.join(out, 'latency.csv'), rows, LATENCY_COLS)
     write_meta(out, 'latency', device, dict(tiny=tiny, models=models, contexts=contexts, n_decode=n, trials=trials,
                                             nocache=nocache, cuda_graph=cuda_graph, compile_decode=compile_decode,
-                                            model_kw=model_kw),
+                                            model_kw=model_kw), generate_sampling=GENERATE_SAMPLING,
                method=f"batch 1, greedy; prefill = one forward of the L-token prompt into a fresh state of capacity "
                       f"L+n; decode = n={n} one-token steps with the state, ms/token, in each decode mode that "
                       f"applies (compiled graph: torch.compile'd step replayed from a CUDA graph; graph: the eager "
                       f"step replayed from a CUDA graph; eager: launched op by op), decode_mode = the fastest; "
                       f"no-cache = full forward over the whole sequence per token (vanilla); medians of "
                       f"{trials} trials after one warm-up trial (compilation and capture happen in it); "
-                      f"{'CUDA events, bf16 autocast' if 'cuda' in device else 'perf_counter, fp32'}")
+                      f"{'CUDA events, bf16 autocast' if 'cuda' in device else 'perf_counter, fp32'}. "
+                      f"generate_* = model.generate(prompt, {n}, temperature={GENERATE_SAMPLING['temperature']}, "
+                      f"top_k={GENERATE_SAMPLING['top_k']}) (sample.py's defaults; top_k >= the vocabulary keeps "
+                      f"every token), batch 1, end to end as a user calls it, from its stats: ms per token over the "
+                      f"{n - 1} steps after the first token (each step and its draw, in the graph where there is "
+                      f"one), the prefill and the graph's setup (generate_setup_ms, a capture per call) excluded; "
+                      f"modes compiled graph (compile=True) and graph (compile=False) on CUDA, eager on CPU; "
+                      f"generate_mode = the fastest, generate_vs_step = generate_ms_per_token / "
+                      f"decode_ms_per_token; medians of {trials} calls after a warm-up call; compiled_build_s = "
+                      f"seconds to build the compiled graphed step in its warm-up trial, compilation included "
+                      f"where one happened")
     plot_latency(rows, os.path.join(out, 'latency.png'))
+    return rows
+
+
+# ----------------------------------------------------------------------------- decode throughput at batch
+@torch.no_grad()
+def time_batched_decode(m, B, L, n, repeats, device, mode):
+    """ms of each of `repeats` runs of n decoding steps at batch B after a context of L tokens (one untimed run
+    first), each step with sample.py's sampling (GENERATE_SAMPLING): on CUDA replays of a GraphedDecodeStep
+    with a TokenSampler ('compiled graph': compiled, its batch and capacity dimensions dynamic, so that one
+    compilation per model serves every shape; 'graph': not compiled), else eager steps ('eager'). The state
+    is not prefilled: it is zeroed and its position set to L, since a step's work does not depend on the values
+    it reads (fixed shapes: the KV caches are read whole, masked by position; NSA selects a fixed number of
+    blocks), and a prefill of B x L tokens would cost time and memory that are not decoding's. The graph is
+    built with restore=False (no copy of the state: at the largest batches it would halve what fits)."""
+    state = m.init_state(B, L + n + 4, dtype=act_dtype(device))
+    state.pos = L
+    sampler = model.TokenSampler(torch.zeros(B, n + 1, dtype=torch.long, device=device), 1,
+                                 vocab_size=m.config.vocab_size, **GENERATE_SAMPLING)
+    if mode == 'eager':
+        step = lambda: sampler(m(sampler.tok, state=state, last_only=True)[0])  # noqa: E731
+    else:
+        with autocast_for(device):
+            step = model.GraphedDecodeStep(m, state, compile=mode == 'compiled graph', sampler=sampler,
+                                           restore=False, dynamic=mode == 'compiled graph')
+    times = []
+    for r in range(repeats + 1):
+        state.pos = L
+        sampler.reset(1)
+        with autocast_for(device), _Timer(device) as t:
+            for _ in range(n):
+                step()
+        if r > 0:
+            times.append(t.ms)
+    return times
+
+
+def decode_throughput(out='results', tiny=False, device='auto', models=None, contexts=None, batches=None,
+                      n_tokens=None, repeats=None, max_batch=None, compile='auto', model_kw=None):
+    """Decoding tokens/s at batch, where a fixed-size state should beat a growing KV cache: for each model and
+    context (default 1024, 8192, 32768), the batch grid (default 1, 8, 64, 256), then the largest batch that
+    fits, found by doubling from the largest grid batch that ran (or between it and the first that did not),
+    until out of memory, an error, or max_batch (default 2^17). A shape that fails skips the larger grid
+    batches. Each shape: time_batched_decode, n_tokens steps (8) x repeats (3) after one untimed run, one
+    CUDA graph per shape; tokens/s = B x n_tokens / the median run, spread_pct = (slowest - fastest) / median
+    run. compile='auto': the compiled graph on CUDA (a model whose compilation fails goes on with the
+    uncompiled graph, noted). Writes <out>/decode_throughput.csv, its sidecar and a plot."""
+    device = resolve_device(device)
+    cuda = torch.device(device).type == 'cuda'
+    contexts = as_list(contexts, int) or DECODE_CONTEXTS[tiny]
+    batches = sorted(as_list(batches, int) or DECODE_BATCHES[tiny])
+    n = int(n_tokens or (2 if tiny else 8))
+    repeats = int(repeats or (1 if tiny else 3))
+    cap = int(max_batch or DECODE_MAX_BATCH[tiny])
+    use_compile = cuda if compile == 'auto' else bool(compile)
+    if use_compile and not cuda:
+        raise ValueError("compile=True compiles the CUDA-graph decoding step: it needs CUDA; "
+                         "use compile='auto' or False")
+    rows = []
+    for mt, mod in available_models(models):
+        kw = model_kwargs(mt, mod, tiny, model_kw)
+        m = build(mt, kw, device, block_size=max(contexts) + n + 4).eval()
+        graphs = cuda and m.static_decode
+        modes = (['compiled graph'] if graphs and use_compile else []) + (['graph'] if graphs else ['eager'])
+        for L in contexts:
+            ran = {}  # batch -> status
+
+            def measure(B, source):
+                row = dict(model=mt, context=L, batch=B, source=source, n_tokens=n, repeats=repeats,
+                           state_gib=m.decode_state_bytes(B, L + n + 4, act_dtype(device)) / 2 ** 30)
+                while True:
+                    row['mode'] = modes[0]
+                    try:
+                        if cuda:
+                            torch.cuda.reset_peak_memory_stats(device)
+                        times = sorted(time_batched_decode(m, B, L, n, repeats, device, modes[0]))
+                        med = median(times)
+                        row.update(status='ok', ms_per_step=med / n, tokens_per_s=B * n * 1e3 / med,
+                                   tokens_per_s_min=B * n * 1e3 / times[-1], tokens_per_s_max=B * n * 1e3 / times[0],
+                                   spread_pct=100 * (times[-1] - times[0]) / med,
+                                   peak_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None)
+                    except Exception as e:
+                        if isinstance(e, model.CaptureError) and not is_oom(e) and len(modes) > 1:
+                            row['note'] = (f"{modes.pop(0)} failed ({model.first_line(e, 150)}): "
+                                           f"{modes[0]} from here on")
+                            print(f"[decode_throughput] {mt}: {row['note']}", flush=True)
+                            continue
+                        row['status'] = failure_status(e)
+                    break
+                free_memory(device)  # outside the except block: the traceback no longer pins the tensors
+                rows.append(row)
+                ran[B] = row['status']
+                print(f"[decode_throughput] {mt} T={L} B={B}: " + (
+                    f"{row['tokens_per_s']:,.0f} tokens/s ({1e3 * row['ms_per_step']:.0f} us/step, spread "
+                    f"{row['spread_pct']:.1f}%, {row['mode']})" if row['status'] == 'ok' else row['status']),
+                    flush=True)
+                return row
+
+            fail = None  # (batch, 'OOM' | 'error') of the first grid batch that did not run
+            for B in batches:
+                if fail:
+                    rows.append(dict(model=mt, context=L, batch=B, source='grid',
+                                     status=f'skipped ({fail[1]} at {fail[0]})'))
+                    continue
+                st = measure(B, 'grid')['status']
+                if st != 'ok':
+                    fail = (B, 'OOM' if st == 'OOM' else 'error')
+            lo = max((B for B, st in ran.items() if st == 'ok'), default=None)
+            b = 2 * lo if lo else None
+            while b is not None and b <= cap and (fail is None or b < fail[0]):
+                st = measure(b, 'doubling')['status']
+                if st != 'ok':
+                    fail = (b, 'OOM' if st == 'OOM' else 'error')
+                    break
+                lo, b = b, 2 * b
+            if lo:
+                best = next(r for r in rows if (r['model'], r['context'], r['batch'], r['status']) == (mt, L, lo, 'ok'))
+                best['largest_fitting'] = True
+                best['limit'] = f"{fail[1]} at batch {fail[0]}" if fail else f"max_batch {cap} reached"
+                print(f"[decode_throughput] {mt} T={L}: largest batch that ran {lo:,} ({best['limit']}): "
+                      f"{best['tokens_per_s']:,.0f} tokens/s", flush=True)
+        m = None  # (not del: measure() closes over it)
+        free_memory(device)
+    add_vs_vanilla(rows, 'tokens_per_s', 'vs_vanilla')
+    cols = ['model', 'context', 'batch', 'source', 'status', 'mode', 'tokens_per_s', 'vs_vanilla', 'tokens_per_s_min',
+            'tokens_per_s_max', 'spread_pct', 'ms_per_step', 'state_gib', 'peak_gib', 'largest_fitting', 'limit',
+            'n_tokens', 'repeats', 'note']
+    write_csv(os.path.join(out, 'decode_throughput.csv'), rows, cols)
+    spreads = [r['spread_pct'] for r in rows if r.get('spread_pct') is not None]
+    write_meta(out, 'decode_throughput', device,
+               dict(tiny=tiny, models=models, contexts=contexts, batches=batches, n_tokens=n, repeats=repeats,
+                    max_batch=cap, compile=compile, model_kw=model_kw),
+               method=f"batched decoding with sampling (temperature {GENERATE_SAMPLING['temperature']}, top_k "
+                      f"{GENERATE_SAMPLING['top_k']}: sample.py's defaults) at context L: a state of capacity "
+                      f"L+{n + 4} "
+                      f"at position L, not prefilled (a step's work does not depend on the values it reads), "
+                      f"{n} steps a run, {repeats} timed runs after an untimed one, "
+                      + ("one CUDA graph per shape (TokenSampler inside, no state copy), the step compiled once per "
+                         "model with its batch and capacity dimensions dynamic, CUDA events, bf16 autocast"
+                         if cuda else "eager steps, perf_counter, fp32")
+                      + f"; tokens/s = batch x {n} / the median run; spread_pct = (slowest - fastest run) / median; "
+                        f"vs_vanilla = tokens/s over vanilla's at the same batch and context; the largest batch: "
+                        f"doubling from the largest grid batch that ran until out of memory, an error or "
+                        f"max_batch (source 'doubling'), marked largest_fitting with its limit",
+               largest_spread_pct=max(spreads, default=None))
+    plot_decode_throughput(rows, os.path.join(out, 'decode_throughput.png'))
     return rows
 
 
@@ -600,13 +831,14 @@ def throughput(out='results', tiny=False, device='auto', models=None, shapes=Non
     if shapes is None:
         shapes = THROUGHPUT_SHAPES[tiny]
     shapes = [tuple(int(v) for v in s) for s in shapes]
-    iters = iters or (2 if tiny else 20)
+    iters = iters or (10 if tiny else 20)  # enough to state a spread (min_ms, max_ms)
     warmup = warmup or (1 if tiny else (10 if compile else 5))
     peak = peak_flops(device)
     print(f"[throughput] peak FLOP/s for MFU on {device_name(device)}: "
           + (f"{peak:.4g}" if peak else "unknown (MFU left empty)"))
-    rows = []
-    for mt, mod in available_models(models):
+    rows, avail = [], available_models(models)
+    progress = Progress(len(avail) * len(shapes), '[throughput]')
+    for mt, mod in avail:
         kw = model_kwargs(mt, mod, tiny, model_kw)
         for B, T in shapes:
             row = dict(model=mt, batch=B, context=T, tokens_per_iter=B * T)
@@ -618,7 +850,8 @@ def throughput(out='results', tiny=False, device='auto', models=None, shapes=Non
                 times = train_step_times(m, B, T, device, iters, warmup, comp, cuda_graphs=graphs)
                 row['cuda_graphs'] = m._bench_step[2] is not None  # as it ran
                 dt = median(times) / 1e3
-                row.update(status='ok', ms_per_iter=dt * 1e3, tokens_per_s=B * T / dt,
+                row.update(status='ok', ms_per_iter=dt * 1e3, iters=len(times), min_ms=min(times), max_ms=max(times),
+                           tokens_per_s=B * T / dt,
                            mfu=m.estimate_mfu(B, dt, peak, T=T) if peak else None,
                            flops_per_token=m.flops_per_token(T))
             except Exception as e:
@@ -628,17 +861,20 @@ def throughput(out='results', tiny=False, device='auto', models=None, shapes=Non
             del m
             free_memory(device)
             rows.append(row)
-            print(f"[throughput] {mt} B={B} T={T}: " + (f"{row['ms_per_iter']:.2f} ms/iter, "
-                  f"{row['tokens_per_s']:,.0f} tok/s" + (f", MFU {100 * row['mfu']:.1f}%" if row['mfu'] else '')
-                  if row['status'] == 'ok' else row['status']), flush=True)
+            progress.update()
+            print(f"[throughput] {mt} B={B} T={T}: " + (f"{row['ms_per_iter']:.2f} ms/iter (min {row['min_ms']:.2f}, "
+                  f"max {row['max_ms']:.2f} of {row['iters']}), {row['tokens_per_s']:,.0f} tok/s"
+                  + (f", MFU {100 * row['mfu']:.1f}%" if row['mfu'] else '')
+                  if row['status'] == 'ok' else row['status']) + f" | {progress.text()}", flush=True)
     add_vs_vanilla(rows, 'ms_per_iter', 'vs_vanilla')
     _print_vs_vanilla('throughput', rows, 'vs_vanilla', 'ms/iter')
-    cols = ['model', 'batch', 'context', 'tokens_per_iter', 'status', 'ms_per_iter', 'vs_vanilla', 'tokens_per_s',
-            'mfu', 'flops_per_token', 'compile', 'cuda_graphs']
+    cols = ['model', 'batch', 'context', 'tokens_per_iter', 'status', 'ms_per_iter', 'iters', 'min_ms', 'max_ms',
+            'vs_vanilla', 'tokens_per_s', 'mfu', 'flops_per_token', 'compile', 'cuda_graphs']
     write_csv(os.path.join(out, 'throughput.csv'), rows, cols)
     write_meta(out, 'throughput', device, dict(tiny=tiny, models=models, shapes=shapes, iters=iters, warmup=warmup,
                                                compile=compile, cuda_graphs=cuda_graphs, model_kw=model_kw),
-               peak_flops=peak, method=f"median ms of {iters} iterations after {warmup} warm-up ones; an iteration "
+               peak_flops=peak, method=f"median ms of {iters} iterations after {warmup} warm-up ones (min_ms, max_ms: "
+                                       f"their spread); an iteration "
                                        f"= fwd+bwd ({'bf16 autocast' if 'cuda' in device else 'fp32'}), grad clip "
                                        f"1.0, AdamW step; MFU = model.estimate_mfu(B, dt, peak_flops, T)")
     plot_throughput(rows, os.path.join(out, 'throughput.png'))
@@ -694,7 +930,8 @@ def selfcheck(out='results', device='auto', models=None):
 
 def run_all(out='results', tiny=None, device='auto', models=None, preset=None, runs_dir=None, compile='auto',
             model_kw=None, wandb_log=False, wandb_project='attention-bakeoff'):
-    """params, memory, latency, throughput, vs_nanogpt (when .nanogpt/ holds karpathy/nanoGPT), bakeoff,
+    """params, memory, latency, decode_throughput, throughput, vs_nanogpt (when .nanogpt/ holds karpathy/nanoGPT),
+    bakeoff,
     report (what train_runner's sweep calls at its end).
     tiny=None: small benchmark sizes when there is no CUDA. The models benchmarked are those of the
     sweep's run records when there are any (model_kw), else the modules' defaults (or TINY).
@@ -714,13 +951,16 @@ def run_all(out='results', tiny=None, device='auto', models=None, preset=None, r
     steps = [('params', lambda: params(out, tiny, device, models, model_kw=model_kw)),
              ('memory', lambda: memory(out, tiny, device, models, model_kw=model_kw)),
              ('latency', lambda: latency(out, tiny, device, models, model_kw=model_kw)),
+             ('decode_throughput', lambda: decode_throughput(out, tiny, device, models, model_kw=model_kw)),
              ('throughput', lambda: throughput(out, tiny, device, models, compile=compile, model_kw=model_kw)),
              ('vs_nanogpt', lambda: vs_nanogpt(out, tiny=tiny, device=device, iters=60 if tiny else 500)),
              ('bakeoff', lambda: bakeoff(out, preset, rdir)),
              ('report', lambda: report(out))]
-    status = {}
-    for name, fn in steps:
-        print(f"===== bench {name} =====", flush=True)
+    status, t_all = {}, time.time()
+    for k, (name, fn) in enumerate(steps, 1):
+        # each benchmark's lines end with its own progress and ETA; here: where the whole stands
+        print(f"===== bench {name} (step {k}/{len(steps)}, {fmt_time(time.time() - t_all)} elapsed) =====", flush=True)
+        t_step = time.time()
         if name == 'bakeoff' and rdir is None:
             status[name] = 'skipped: no run records'
             continue
@@ -735,6 +975,7 @@ def run_all(out='results', tiny=None, device='auto', models=None, preset=None, r
             traceback.print_exc()
             status[name] = f'failed: {type(e).__name__}: {e}'
             print(f"[bench] {name} {status[name]}")
+        print(f"[bench] {name}: {status[name].split(':')[0]} in {fmt_time(time.time() - t_step)}", flush=True)
     if wandb_log:
         _wandb_log(out, wandb_project, f'bench-{preset or os.path.basename(os.path.normpath(out))}')
     print(f"[bench] {json.dumps(status)}")
@@ -777,6 +1018,7 @@ def vs_nanogpt(out='results', nanogpt_dir=None, iters=500, skip=20, tiny=False, 
     nanoGPT is not part of this repository: clone it into nanogpt_dir (git-ignored) first."""
     import subprocess
     import tempfile
+    check_value('compile', compile, None, TRISTATE)  # bool('no') would be True
     device = resolve_device(device)
     nanogpt_dir = nanogpt_dir or NANOGPT_DIR
     script = os.path.join(nanogpt_dir, 'train.py')
@@ -914,10 +1156,88 @@ def scaling(out='results', tiny=False, device='auto', models='vanilla,delta', sh
     return rows
 
 
-COMMANDS = {**{f.__name__: f for f in (params, memory, latency, throughput, bakeoff, report, selfcheck, runs,
-                                        vs_nanogpt, profile, scaling)},
+COMMANDS = {**{f.__name__: f for f in (params, memory, latency, decode_throughput, throughput, bakeoff, report,
+                                        selfcheck, runs, vs_nanogpt, profile, scaling)},
             'all': _all_cli}
 all = run_all  # bench.all(...) as in the docs (shadows the builtin in this module only; bench never uses it)
+
+
+# the meaning of every sub-command's keys: 'key' for each sub-command that has it, 'command.key' where one
+# means something else by it. `python bench.py <sub-command> --help` and docs/configuration.md are made from
+# this table; a test checks that it covers every key of every sub-command.
+HELP = {
+    'out': "output folder: <out>/<name>.csv, <name>.meta.json and plots",
+    'tiny': "each module's TINY config and small sizes (CPU tests)",
+    'device': "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:N'",
+    'models': "comma-separated model types (None: every one in model.MODEL_TYPES whose module imports)",
+    'model_kw': "{model_type: GPTConfig kwargs} of the models measured (None: the modules' defaults, or TINY)",
+    'compile': "torch.compile: 'auto' (on for CUDA), True, False",
+    'cuda_graphs': "capture the training step in a CUDA graph: 'auto' (on for CUDA), True, False",
+    'preset': "the sweep preset whose run records to use (None: the only one there)",
+    'runs_dir': "folder of the run folders (None: <out>/runs, or <out>/runs/<preset>)",
+    'readme': "also replace the README's generated block with the table",
+    'shapes': "training shapes (B, T) (None: the sub-command's own list)",
+    'iters': "timed iterations (None: 20; tiny: 2)",
+    'memory.contexts': "contexts T (None: 256 -> 131072 in powers of two; tiny: 32, 64)",
+    'memory.batches': "batch sizes (None: 1, 4; tiny: 1, 2)",
+    'memory.warmup': "CUDA: one pass before the measured one (the first autotunes kernels, with extra buffers)",
+    'memory.repeats': "fwd+bwd passes timed after the measured one (their median); 0: memory only",
+    'latency.contexts': "prompt lengths (None: 128 -> 32768 in powers of two; tiny: 16, 32)",
+    'latency.n_decode': "tokens decoded per timing (None: 32; tiny: 4)",
+    'latency.trials': "timings per context, the first a warm-up (None: 5; tiny: 2)",
+    'latency.nocache': "also time vanilla's no-cache path (the whole context recomputed per token)",
+    'latency.cuda_graph': "'auto': also the CUDA-graph decode modes on CUDA; False: eager steps only",
+    'latency.compile_decode': "also time the torch.compile'd graphed decode step (compiled in the warm-up)",
+    'decode_throughput.contexts': "contexts the state or KV cache holds (None: 1024, 8192, 32768; tiny: 16, 32)",
+    'decode_throughput.batches': "the batch grid (None: 1, 8, 64, 256; tiny: 1, 2)",
+    'decode_throughput.n_tokens': "tokens decoded per timed run (None: 8; tiny: 2)",
+    'decode_throughput.repeats': "timed runs per shape after one untimed (None: 3; tiny: 1); their median",
+    'decode_throughput.max_batch': "where doubling the batch stops looking for the largest that fits (None: 2^17; tiny: 8)",
+    'throughput.warmup': "untimed iterations first (None: 10 compiled, 5 eager; tiny: 1)",
+    'profile.batch': "batch size of the training step (None: 64; tiny: 4)",
+    'profile.context': "context of the training step, or the decode modes' prompt (None: 256 / 1024; tiny: 32)",
+    'profile.steps': "steps timed and profiled (None: 10; tiny: 2)",
+    'profile.modes': "comma-separated: eager, compiled, train, decode, decode_compiled",
+    'profile.top': "kernels listed per table",
+    'runs.runs_dir': "folder searched (recursively) for finished runs",
+    'vs_nanogpt.nanogpt_dir': "karpathy/nanoGPT's checkout (None: .nanogpt/)",
+    'vs_nanogpt.iters': "training iterations of each",
+    'vs_nanogpt.skip': "first iterations left out of the median (compilation, autotuning)",
+    'scaling.models': "comma-separated model types",
+    'scaling.gpus': "processes (GPUs) of the DDP run, >= 2",
+    'scaling.iters': "training iterations of each run (None: 300; tiny: 20)",
+    'scaling.shapes': "per-process micro-batches (B, T) (None: (32, 256), (1, 8192); tiny: (8, 32))",
+    'all.tiny': "small sizes (None: when there is no CUDA)",
+    'all.wandb_log': "also log the tables and plots to Weights & Biases (needs wandb)",
+}
+# keys that take only these values (any string passes where the default is 'auto', and bool('no') is True)
+CHOICES = {'compile': TRISTATE, 'cuda_graphs': TRISTATE, 'tiny': (None, True, False), 'cuda_graph': ('auto', False)}
+
+
+def key_help(command, key):
+    return HELP.get(f'{command}.{key}', HELP.get(key))
+
+
+def command_help(command):
+    """`python bench.py <command> --help`: what it does (its docstring) and its keys with defaults and meanings."""
+    fn = COMMANDS[command]
+    target = run_all if command == 'all' else fn
+    rows = [(k, p.default, key_help(command, k)) for k, p in inspect.signature(fn).parameters.items()]
+    return '\n'.join([f"python bench.py {command} [--key=value ...]", '',
+                      inspect.cleandoc(target.__doc__ or ''), '', 'keys:', key_table(rows)])
+
+
+def check_args(command, kwargs):
+    """Each --key=value against its default: a bool key takes only booleans, a number key only numbers, the
+    tri-state keys only True/False/'auto' (a ConfigError names what fits)."""
+    params = inspect.signature(COMMANDS[command]).parameters
+    for k, v in kwargs.items():
+        default = params[k].default
+        if k in CHOICES:
+            check_value(k, v, default, CHOICES[k])
+        elif isinstance(default, (bool, int, float)) and not (v is None and default is None):
+            kwargs[k] = check_value(k, v, default)
+    return kwargs
 
 
 def main(argv=None):
@@ -926,6 +1246,9 @@ def main(argv=None):
         print(__doc__)
         print(f"usage: python bench.py <{'|'.join(COMMANDS)}> [--key=value ...]")
         return 2 if argv and argv[0] not in ('-h', '--help') else 0
+    if '-h' in argv[1:] or '--help' in argv[1:]:
+        print(command_help(argv[0]))
+        return 0
     fn = COMMANDS[argv[0]]
     valid = list(inspect.signature(fn).parameters)
     kwargs = {}
@@ -937,7 +1260,7 @@ def main(argv=None):
             raise SystemExit(f"unknown key {k!r} for {argv[0]}; valid keys: {', '.join(valid)}")
         kwargs[k] = parse_value(v)
     try:
-        rc = fn(**kwargs)
+        rc = fn(**check_args(argv[0], kwargs))
     except ValueError as e:  # bad input (an unknown model, preset...): the message names the valid choices
         raise SystemExit(f"error: {e}")
     return rc if isinstance(rc, int) else 0

@@ -39,8 +39,9 @@ import functools
 import importlib
 import inspect
 import math
+import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
@@ -117,19 +118,70 @@ def count_params(config, gpt_cls):
         return gpt_cls(config).get_num_params(non_embedding=False)
 
 
-def solve_d_ff(config, gpt_cls, multiple=8):
-    """The parameter-matching solver: the MLP width (a multiple of `multiple`) that brings this model's
-    *total* trainable parameters (embeddings included, tied head counted once) closest to the vanilla
-    GPT with the same n_layer, n_embd, vocab_size, block_size and bias. The mixer keeps the widths its
-    config gives it; only the MLP absorbs the difference, since params are linear in d_ff."""
-    from dataclasses import replace
+# parameter matching (d_ff=-1) must bring a model within this fraction of vanilla's total parameters
+MATCH_TOLERANCE = 0.03
+
+
+def match_d_ff(config, gpt_cls, multiple=8):
+    """(d_ff, total params, vanilla's total params): the MLP width (a multiple of `multiple`, at least
+    `multiple`) that brings this model's *total* trainable parameters (embeddings included, tied head
+    counted once) closest to the vanilla GPT with the same n_layer, n_embd, vocab_size, block_size and
+    bias. The mixer keeps the widths its config gives it; only the MLP absorbs the difference, since
+    params are linear in d_ff (so the total needs no second build)."""
     target = count_params(GPTConfig(n_layer=config.n_layer, n_embd=config.n_embd, vocab_size=config.vocab_size,
                                     block_size=config.block_size, bias=config.bias, n_head=1), GPT)
     base_ff = 4 * config.n_embd
     here = count_params(replace(config, d_ff=base_ff), gpt_cls)
     per_unit = config.n_layer * (2 * config.n_embd + (1 if config.bias else 0))  # params per unit of d_ff
-    d_ff = base_ff + (target - here) / per_unit
-    return max(multiple, int(round(d_ff / multiple)) * multiple)
+    d_ff = max(multiple, int(round((base_ff + (target - here) / per_unit) / multiple)) * multiple)
+    return d_ff, here + (d_ff - base_ff) * per_unit, target
+
+
+def _matches(config, gpt_cls, multiple, **change):
+    """Whether config with `change` builds and matches vanilla within MATCH_TOLERANCE."""
+    try:
+        _, total, target = match_d_ff(replace(config, **change), gpt_cls, multiple)
+    except ValueError:  # a width the mixer refuses (e.g. NSA's kernel rules)
+        return False
+    return abs(total - target) <= MATCH_TOLERANCE * target
+
+
+def widths_that_match(config, gpt_cls, multiple=8):
+    """Where a match misses (the mixer alone outweighs vanilla's attention + MLP, so d_ff is clamped at its
+    minimum): the nearest widths that would match, one change at a time: the largest n_head, the largest
+    head_dim (multiples of 8 and powers of two) and the smallest n_embd (multiples of 32) that do."""
+    found = []
+    for key in ('n_head', 'head_dim'):
+        cur = getattr(config, key, None)
+        if not isinstance(cur, int) or isinstance(cur, bool):
+            continue
+        cands = [v for v in range(cur - 1, 0, -1) if key == 'n_head' or v % 8 == 0 or v & (v - 1) == 0]
+        v = next((v for v in cands if _matches(config, gpt_cls, multiple, **{key: v})), None)
+        if v is not None:
+            found.append(f"{key}={v} or less")
+    e = next((e for e in range(32 * (config.n_embd // 32 + 1), 8 * config.n_embd + 1, 32)
+              if _matches(config, gpt_cls, multiple, n_embd=e)), None)
+    if e is not None:
+        found.append(f"n_embd={e} or more")
+    return found
+
+
+def solve_d_ff(config, gpt_cls, multiple=8):
+    """The parameter-matching solver (d_ff=-1): match_d_ff's width. A match that misses vanilla's total by
+    more than MATCH_TOLERANCE is an error naming the widths that would fit; an explicit d_ff (0 = 4 * n_embd,
+    or a width) turns matching off."""
+    d_ff, total, target = match_d_ff(config, gpt_cls, multiple)
+    if abs(total - target) > MATCH_TOLERANCE * target:
+        fits = widths_that_match(config, gpt_cls, multiple)
+        why = (f"d_ff at its minimum {d_ff}: the mixer's widths outweigh vanilla's attention and MLP"
+               if d_ff == multiple else f"d_ff={d_ff}")
+        raise ValueError(
+            f"parameter matching failed for {config.model_type}: {total:,} parameters, "
+            f"{100 * (total - target) / target:+.1f}% of vanilla's {target:,} at n_layer={config.n_layer}, n_embd="
+            f"{config.n_embd} (tolerance {MATCH_TOLERANCE:.0%}), with {why}. Widths that would match: "
+            f"{'; '.join(fits) if fits else 'none found by changing one of them'}; or give d_ff explicitly "
+            f"(e.g. d_ff={d_ff}) to train it unmatched")
+    return d_ff
 
 
 class DecodeState:
@@ -209,6 +261,21 @@ def compiled_static_step():
     return _COMPILED_STEP[0]
 
 
+_COMPILED_SAMPLER = []  # [compiled_sampler()], made on first use
+
+
+def compiled_sampler():
+    """sample_logits under torch.compile, one for the whole process (as compiled_static_step): what a compiled
+    GraphedDecodeStep with a sampler runs after the compiled step, its few elementwise kernels fused.
+    fallback_random: by default inductor replaces exponential_ with its own generator (seeded from the
+    default one: valid noise, but not the numbers an eager draw takes); with it, the compiled sampler calls
+    ATen's exponential_, so it draws what the eager sampler draws from the same RNG state (the same Philox
+    stream and offsets), and a compiled generation can be checked token for token against an eager one."""
+    if not _COMPILED_SAMPLER:
+        _COMPILED_SAMPLER.append(torch.compile(sample_logits, fullgraph=True, options={'fallback_random': True}))
+    return _COMPILED_SAMPLER[0]
+
+
 def _recompile_limit(n):
     """Dynamo's per-code-object recompile limit raised to at least n while a step compiles: every model
     type and configuration in a process adds compilations of the one static_step, and at the default
@@ -245,6 +312,157 @@ def weights_swapped(model, tensors):
             mod._parameters[attr] = p
 
 
+# ----------------------------------------------------------------------------- sampling on the device
+def sampling_params(temperature, top_k, vocab_size):
+    """(temperature, top_k) as sample_logits takes them: (None, None) for greedy decoding (temperature 0, or
+    top_k 1: a single candidate), top_k None where it would keep every token (k >= vocab_size)."""
+    if temperature < 0 or (top_k is not None and top_k < 1):
+        raise ValueError(f"need temperature >= 0 (0 = greedy) and top_k >= 1 or None; got {temperature}, {top_k}")
+    if temperature == 0 or top_k == 1:
+        return None, None
+    return float(temperature), (None if top_k is None or top_k >= vocab_size else int(top_k))
+
+
+def sample_logits(logits, temperature=None, top_k=None):
+    """The next tokens (B, 1) from logits (B, 1, V) (the last position's), drawn on the device without a host
+    sync: what a CUDA graph captures after the decoding step (GraphedDecodeStep with a TokenSampler) and
+    torch.compile fuses (compiled_sampler). temperature None: greedy, the argmax (the first of equal
+    maxima, as before). Otherwise a draw from softmax(logits / temperature) over the top_k largest logits
+    (ties with the k-th kept), renormalised, made as an exponential race:
+
+        token = argmax_i p_i / E_i,   E_1..E_V ~ Exp(1) independent.
+
+    Why it samples p exactly: E_i / p_i is exponential with rate p_i, and of independent exponentials with
+    rates p_1..p_V the i-th is the smallest with probability
+        P(E_i/p_i < E_j/p_j for all j != i) = int_0^inf p_i e^(-p_i t) prod_(j != i) e^(-p_j t) dt
+                                            = p_i / sum_j p_j = p_i;
+    the smallest E_i / p_i is the largest p_i / E_i. A masked token has p_i = 0, so p_i / E_i = 0 and it never
+    beats the most likely token (p >= 1/V, and ATen's exponential_ returns neither 0 nor more than ~23 in
+    fp32, so its score is positive). Unlike torch.multinomial there is no cumulative sum and no host round
+    trip, and every call consumes the same amount of the RNG stream (one exponential per logit), which is
+    what a CUDA graph replays.
+    temperature: a float or a 0-d tensor on the logits' device (TokenSampler passes a tensor: a graph or a
+    compiled step reads it from the device, so a new value neither recompiles nor recaptures)."""
+    logits = logits[:, -1, :]                                   # (B, V)
+    if temperature is None:
+        return logits.argmax(dim=-1, keepdim=True)              # (B, 1)
+    x = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(x, top_k, dim=-1).values[:, -1:]       # (B, 1): the k-th largest
+        # masked_fill, not x[x < kth] = -inf: a boolean-mask assignment finds the indices first (a host sync)
+        x = x.masked_fill(x < kth, float('-inf'))
+    probs = F.softmax(x, dim=-1)                                # (B, V), renormalised over the kept tokens
+    # E_i ~ Exp(1). The rate is passed: inductor's apply_gumbel_max_trick pass, which rewrites this argmax into
+    # the equivalent Gumbel-max form, unpacks (tensor, rate) from the call and fails on exponential_()
+    # (torch 2.13: "not enough values to unpack"), which failed the compilation
+    race = torch.empty_like(probs).exponential_(1.0)
+    return torch.argmax(probs / race, dim=-1, keepdim=True)    # (B, 1)
+
+
+class TokenSampler:
+    """Where the generated tokens go and how each is drawn: a preallocated (B, N) long buffer `seq` (the
+    prompt, then the new tokens) written at a device-side column, and sample_logits' temperature and top_k,
+    the temperature kept on the device. A decoding loop calls it with each step's logits (B, 1, V): nothing
+    syncs with the host, no torch.cat grows the output, and all its work can be captured in a CUDA graph
+    (GraphedDecodeStep takes a sampler: its replays then draw and write the tokens themselves). `tok`
+    (B, 1) holds the last tokens drawn: the next step's input. `n` is the host's count of the column the
+    next token goes to (its device copy `col` is what the kernels read)."""
+
+    def __init__(self, seq, start, temperature=1.0, top_k=None, vocab_size=None):
+        if seq.dim() != 2 or seq.dtype != torch.long or not 0 <= start <= seq.size(1):
+            raise ValueError(f"seq must be a (B, N) long tensor and 0 <= start <= N; got {seq.dtype} "
+                             f"{tuple(seq.shape)}, start {start}")
+        self.seq = seq
+        self.temperature, self.top_k = sampling_params(temperature, top_k, vocab_size or 1 << 62)
+        self.temp_t = None if self.temperature is None else \
+            torch.tensor(self.temperature, dtype=torch.float32, device=seq.device)
+        self.col = torch.tensor(start, dtype=torch.long, device=seq.device)
+        self.n = start
+        self.tok = seq.new_zeros(seq.size(0), 1)
+
+    def draw(self, logits, fn=sample_logits):
+        """The device work alone (what a graph captures): the next tokens into seq[:, col] and tok; col + 1."""
+        nxt = fn(logits, self.temp_t, self.top_k)                  # (B, 1)
+        self.seq.index_copy_(1, self.col.view(1), nxt)
+        self.tok.copy_(nxt)
+        self.col.add_(1)
+        return nxt
+
+    def check_room(self):
+        if self.n >= self.seq.size(1):
+            raise RuntimeError(f"the token buffer is full ({self.seq.size(1)} columns)")
+
+    def __call__(self, logits):
+        """Draw the next tokens from logits (B, 1, V), eagerly; returns tok (B, 1)."""
+        self.check_room()
+        self.draw(logits)
+        self.n += 1
+        return self.tok
+
+    def reset(self, start):
+        """Write the next token at column `start` again (a benchmark's repeated runs)."""
+        self.n = start
+        self.col.fill_(start)
+
+
+# compile='auto' (generate, sample.py): compiling the graphed step costs a fixed time once per process (and
+# per new shape), and saves a fixed time per step, so it pays past COMPILE_COST_S / COMPILE_SAVES_MS steps.
+# COMPILE_SAVES_MS: graph minus compiled graph, ms per token, batch 1, context 1024, from results/full/latency.csv
+# (H200, commit e72a655; decode_graph_ms_per_token - decode_compiled_ms_per_token: vanilla 0.302399 - 0.185371,
+# DeltaNet 0.581792 - 0.226315, Gated DeltaProduct 0.70045 - 0.268211, NSA 1.95326 - 0.494557).
+# COMPILE_COST_S: no committed file times a compilation alone. The nearest: `bench.py profile
+# --modes=decode_compiled --models=delta,delta_product`, which builds, compiles and profiles two compiled
+# steps at context 1024, ran 141 s on a fresh machine whose inductor cache had compiled nothing yet (after
+# DeltaNet's kernel tests in the same chain; results/h200/session5/e1/steps.txt, profile_decode
+# 1795899275 -> 1795899416, results/h200/README.md): about 70 s a model, process start, fla's kernels and
+# the profiled tokens included, so an upper bound; the same command for all four models and both decode
+# modes, after a latency run had compiled the same steps, took 67 s (d1-d3/steps.txt), under 17 s a
+# model. The cold figure is used: a fresh
+# process is what sample.py is, and overestimating the cost only forgoes a speed-up on generations near the
+# break-even, while underestimating it costs a minute. bench.py latency's compile_s column (the first
+# compiled capture of each model in its process) is the direct measurement to replace it with.
+COMPILE_COST_S = 70.0
+COMPILE_SAVES_MS = {'vanilla': 0.117, 'delta': 0.355, 'delta_product': 0.432, 'nsa': 1.459}
+
+
+def compile_pays(model_type, steps):
+    """(compile?, why): whether `steps` graphed decoding steps of this model save more than compiling their
+    step costs (COMPILE_COST_S against COMPILE_SAVES_MS a step; a model without a measured saving gets the
+    smallest one)."""
+    save = COMPILE_SAVES_MS.get(model_type, min(COMPILE_SAVES_MS.values()))
+    break_even = math.ceil(COMPILE_COST_S * 1e3 / save)
+    pays = steps >= break_even
+    return pays, (f"{steps:,} steps {'>=' if pays else '<'} {break_even:,}, where compiling pays for {model_type} "
+                  f"(~{COMPILE_COST_S:.0f} s to compile against {save} ms saved a step, H200)")
+
+
+class _Clock:
+    """generate()'s stats: seconds between laps, the device synchronised at each; does nothing without stats."""
+
+    def __init__(self, device, stats):
+        self.stats, self.cuda = stats, device.type == 'cuda'
+        self.t = self._now() if stats is not None else None
+
+    def _now(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def lap(self, key):
+        if self.stats is not None:
+            t = self._now()
+            self.stats[key], self.t = t - self.t, t
+
+    def done(self, mode, why, steps, batch):
+        if self.stats is None:
+            return
+        self.lap('decode_s')
+        self.stats.setdefault('setup_s', 0.0)
+        ms = 1e3 * self.stats['decode_s'] / steps if steps else None
+        self.stats.update(mode=mode, why=why, decode_steps=steps, ms_per_token=ms,
+                          tokens_per_s=batch * 1e3 / ms if ms else None)
+
+
 class GraphedDecodeStep:
     """One decoding step -- (B, 1) tokens in, (B, 1, V) logits out, the state advanced -- captured once
     in a CUDA graph and replayed, gpt-fast style: at batch 1 a step is dozens of small kernels per layer,
@@ -252,25 +470,51 @@ class GraphedDecodeStep:
     preallocated and the step indexes them through a device-side position (forward's static_pos), so
     every replay has the same shapes. Replays read and write the very state object, so eager calls (the
     prefill, a re-prefill of a slid window) can run in between. Building it leaves the state as it was
-    (the warm-up steps run on it, then it is restored). The step runs under the autocast context that is
-    active when it is built. Needs model.static_decode (every mixer here has it). compile=True captures
-    compiled_static_step() instead: the same step with its small kernels fused by torch.compile; if that
-    fails to compile, the constructor raises CaptureError (generate() then decodes eagerly)."""
+    (the warm-up steps run on it, then it is restored; restore=False skips the copy that takes, as big as
+    the state, for a benchmark that doesn't need the state's values). The step runs under the autocast
+    context that is active when it is built. Needs model.static_decode (every mixer here has it).
+    compile=True captures compiled_static_step() instead: the same step with its small kernels fused by
+    torch.compile; if that fails to compile, the constructor raises CaptureError (generate() then decodes
+    eagerly).
 
-    def __init__(self, model, state, warmup=2, compile=False):
+    sampler (a TokenSampler): the graph also draws the next tokens (sample_logits; compiled_sampler() with
+    compile=True), writes them into the sampler's buffer and its `tok`, which is the graph's input, and
+    advances the device-side position: a replay is a whole generation step and the host only launches it,
+    with no copy or fill in between. The draw uses the default CUDA generator's Philox stream, whose offset
+    each replay advances as an eager call would (CUDA graphs register that generator), so a graphed
+    generation draws the same noise as an eager one from the same seed.
+
+    dynamic=True marks the batch dimension and the dimensions that grow with the capacity as dynamic for
+    torch.compile, so that one compilation serves every batch size (above 1) and context: what a benchmark
+    sweeping them needs (without it, each of the first new sizes compiles once more)."""
+
+    # the device a graph runs on, and how it is captured: class attributes so that a CPU test can emulate the
+    # capture (a "replay" re-running the captured function) and check this class's bookkeeping without a GPU
+    device_type = 'cuda'
+    capture = staticmethod(capture_cuda_graph)
+
+    def __init__(self, model, state, warmup=2, compile=False, sampler=None, restore=True, dynamic=False):
         if not model.static_decode:
             raise ValueError(f"{type(model).__module__}: its mixer can't decode with static shapes (static_decode "
                              f"is False), so its steps can't be captured in a CUDA graph; decode eagerly")
         dev = next(model.parameters()).device
-        if dev.type != 'cuda':
+        if dev.type != self.device_type:
             raise ValueError(f"CUDA graphs need a model on a CUDA device, got {dev}")
-        self.model, self.state = model, state
+        batch = next(iter(state.layers[0].values())).size(0)
+        if sampler is not None and (sampler.seq.device != dev or sampler.tok.size(0) != batch):
+            raise ValueError(f"the sampler's buffer ({sampler.seq.device}, batch {sampler.tok.size(0)}) must be on "
+                             f"the model's device ({dev}) with the state's batch size ({batch})")
+        self.model, self.state, self.sampler, self._dynamic = model, state, sampler, dynamic
         # compile: the step under torch.compile (its small kernels fused), captured the same way
         self._fn = functools.partial(compiled_static_step(), model) if compile else model.static_step
-        batch = next(iter(state.layers[0].values())).size(0)
-        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self._sample_fn = compiled_sampler() if compile else sample_logits
+        # with a sampler the graph reads the sampler's last tokens, which each replay overwrites with the next
+        self.tok = sampler.tok if sampler is not None else torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.pos_t = torch.zeros((), dtype=torch.long, device=dev)
+        self._pos_dev = None  # with a sampler: the position pos_t holds after the last replay (None: unknown)
         self._check_room()
+        if dynamic:
+            self._mark_dynamic()
         # Under autocast the graph can't use autocast's weight cache (it would record the addresses of
         # copies that die with the context), so each replay would cast every Linear weight again: 25 of
         # vanilla's 145 ops per token. The casts are made once here instead, and the step reads the copies
@@ -281,14 +525,24 @@ class GraphedDecodeStep:
             if amp else nullcontext
         self._weights = cast_linear_weights(model, torch.get_autocast_dtype('cuda')) if amp else {}
         try:  # the warm-up steps write into the state: keep a copy (as big as the state)
-            saved, pos0 = [{k: t.clone() for k, t in layer.items()} for layer in state.layers], state.pos
+            saved = [{k: t.clone() for k, t in layer.items()} for layer in state.layers] if restore else []
         except torch.OutOfMemoryError as e:
             raise CaptureError(f"no memory for a copy of the decoding state ({first_line(e)})") from e
+        pos0 = state.pos
+        # (a sampler's tokens and column are a few bytes: always restored)
+        tok0, col0 = (sampler.tok.clone(), sampler.n) if sampler is not None else (None, None)
+
+        def undo():  # what a warm-up step changed besides the state's buffers
+            state.pos = pos0
+            self.pos_t.fill_(pos0)
+            if sampler is not None:
+                sampler.tok.copy_(tok0)
+                sampler.col.fill_(col0)
         self.pos_t.fill_(pos0)
         try:  # (compilation happens in the first warm-up step)
-            with torch.no_grad(), torch.cuda.device(dev), _recompile_limit(64) if compile else nullcontext():
-                self.graph, self.logits = capture_cuda_graph(self._step, warmup,
-                                                             after_warmup=lambda: setattr(state, 'pos', pos0))
+            with torch.no_grad(), torch.cuda.device(dev) if dev.type == 'cuda' else nullcontext(), \
+                    _recompile_limit(64) if compile else nullcontext():
+                self.graph, self.logits = self.capture(self._step, warmup, after_warmup=undo)
         except torch.OutOfMemoryError as e:  # e.g. in a warm-up step: eager steps may still fit
             raise CaptureError(f"out of memory while capturing ({first_line(e)})") from e
         except CaptureError:
@@ -298,14 +552,33 @@ class GraphedDecodeStep:
                 raise
             raise CaptureError(f"torch.compile of the step failed: {type(e).__name__}: {first_line(e)}") from e
         finally:  # also when the capture fails: the caller may go on decoding eagerly from this state
-            state.pos = pos0
+            undo()
             for layer, snap in zip(state.layers, saved):
                 for k, t in layer.items():
                     t.copy_(snap[k])
 
+    def _mark_dynamic(self):
+        """torch._dynamo.maybe_mark_dynamic on the batch dimension of the input and the state, and on the state
+        dimensions that grow with its capacity: those that differ between two states built on the meta
+        device (batch 2 capacity 64, batch 3 capacity 96). Sizes 0 and 1 stay specialised (dynamo's rule)."""
+        mark = torch._dynamo.maybe_mark_dynamic
+        mark(self.tok, 0)
+        a, b = (self.model.init_state(*bc, device='meta').layers for bc in ((2, 64), (3, 96)))
+        for la, lb, layer in zip(a, b, self.state.layers):
+            for k, t in layer.items():
+                for d, (x, y) in enumerate(zip(la[k].shape, lb[k].shape)):
+                    if x != y:
+                        mark(t, d)
+
     def _step(self):
         with self._amp(), weights_swapped(self.model, self._weights):
-            return self._fn(self.tok, self.state.layers, self.pos_t)
+            logits = self._fn(self.tok, self.state.layers, self.pos_t)
+        if self.sampler is not None:  # the draw, its writes and the next position: in the graph too
+            if self._dynamic:
+                torch._dynamo.maybe_mark_dynamic(logits, 0)
+            self.sampler.draw(logits, self._sample_fn)
+            self.pos_t.add_(1)
+        return logits
 
     def _check_room(self):
         st, cfg = self.state, self.model.config
@@ -314,15 +587,26 @@ class GraphedDecodeStep:
                                f"(block_size {cfg.block_size}, positions {cfg.pos_emb})")
 
     @torch.no_grad()
-    def __call__(self, tok):
-        """tok (B, 1) -> logits (B, 1, V), in a buffer the next call overwrites; the state advances by one."""
-        if tok.shape != self.tok.shape:
+    def __call__(self, tok=None):
+        """tok (B, 1) -> logits (B, 1, V), in a buffer the next call overwrites; the state advances by one.
+        With a sampler, tok may be left out (the step reads the sampler's last tokens), and the replay has
+        drawn the next tokens into the sampler (its seq and tok) when this returns."""
+        if tok is None and self.sampler is None:
+            raise ValueError("tok is needed: this step has no sampler to take its tokens from")
+        if tok is not None and tok.shape != self.tok.shape:
             raise ValueError(f"expected tokens of shape {tuple(self.tok.shape)}, got {tuple(tok.shape)}")
         self._check_room()
-        self.tok.copy_(tok)
-        self.pos_t.fill_(self.state.pos)
+        if self.sampler is not None:
+            self.sampler.check_room()
+        if tok is not None and tok is not self.tok:
+            self.tok.copy_(tok)
+        if self._pos_dev != self.state.pos:  # a sampled replay advances pos_t itself; else fill it each call
+            self.pos_t.fill_(self.state.pos)
         self.graph.replay()
         self.state.pos += 1
+        if self.sampler is not None:
+            self.sampler.n += 1
+            self._pos_dev = self.state.pos
         return self.logits
 
 
@@ -462,32 +746,47 @@ class Block(nn.Module):
         return x
 
 
+D_FF_HELP = ("MLP hidden width; 0: 4 * n_embd; -1: solved so total parameters match vanilla's within 3% "
+             "(an error names widths that would, where it can't); a width given turns matching off")
+
+
+def setting(default, meaning):
+    """A config field with its one-line meaning: `train_runner.py --help` and docs/configuration.md show it."""
+    return field(default=default, metadata={'help': meaning})
+
+
+def config_help(config_cls):
+    """{field: meaning} of a GPTConfig class (a subclass's own meaning wins where it redefines a field)."""
+    return {f.name: f.metadata.get('help', '') for f in fields(config_cls)}
+
+
 @dataclass
 class BaseConfig:
     """The skeleton's keys, shared by every model; each model file's GPTConfig adds its mixer's."""
-    model_type: str = 'vanilla'
-    block_size: int = 256     # training context length (and the learned position table's size)
-    vocab_size: int = 65      # shakespeare_char
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    d_ff: int = 0             # MLP hidden width; 0 -> 4 * n_embd; -1 -> solved to match vanilla's parameters (solve_d_ff)
-    dropout: float = 0.0
-    bias: bool = False        # bias in Linears and LayerNorms (nanoGPT's shakespeare_char uses False)
-    pos_emb: str = 'learned'  # 'learned' (absolute, GPT-2), 'none' (the mixer encodes position itself), or
-                              # 'rope' (rotary, applied by a mixer that has it: vanilla attention)
-    mlp: bool = True          # False: no MLP, the identity state mixer (Zoology's MQAR models); d_ff is not solved
-    embd_dropout: float = -1.0  # dropout on the embeddings; < 0 -> dropout
+    model_type: str = setting('vanilla', "the token mixer: " + ', '.join(MODEL_TYPES))
+    block_size: int = setting(256, "training context length (and the learned position table's size)")
+    vocab_size: int = setting(65, "vocabulary size (train_runner takes the dataset's or the task's)")
+    n_layer: int = setting(6, "transformer blocks")
+    n_head: int = setting(6, "attention heads (n_embd must be divisible by it unless head_dim is given)")
+    n_embd: int = setting(384, "residual stream width")
+    d_ff: int = setting(0, D_FF_HELP)
+    dropout: float = setting(0.0, "dropout on embeddings, residual branches and the MLP (and vanilla's attention "
+                                  "probabilities); train_runner's default: 0.2, nanoGPT's shakespeare_char")
+    bias: bool = setting(False, "bias in Linears and LayerNorms (nanoGPT's shakespeare_char uses False)")
+    pos_emb: str = setting('learned', "'learned' (absolute, GPT-2), 'none' (the mixer encodes position itself) "
+                                      "or 'rope' (rotary, applied by a mixer that has it: vanilla attention)")
+    mlp: bool = setting(True, "False: no MLP, the identity state mixer (Zoology's MQAR models); d_ff is not solved")
+    embd_dropout: float = setting(-1.0, "dropout on the embeddings; < 0: dropout")
 
 
 @dataclass
 class GPTConfig(BaseConfig):
     """Vanilla attention's config: the skeleton's keys plus the attention mixer's options."""
-    model_type: str = 'vanilla'
-    n_kv_head: int = 0        # K/V heads: 0 -> n_head (multi-head); fewer -> grouped-query attention
-    head_dim: int = 0         # per-head width: 0 -> n_embd // n_head
-    attn_dropout: float = -1.0  # dropout on the attention probabilities; < 0 -> dropout (nanoGPT)
-    rope_theta: float = 10000.0  # RoPE base, with pos_emb='rope'
+    model_type: str = setting('vanilla', "the token mixer: " + ', '.join(MODEL_TYPES))
+    n_kv_head: int = setting(0, "K/V heads: 0: n_head (multi-head); fewer: grouped-query attention")
+    head_dim: int = setting(0, "per-head width: 0: n_embd // n_head")
+    attn_dropout: float = setting(-1.0, "dropout on the attention probabilities; < 0: dropout (nanoGPT)")
+    rope_theta: float = setting(10000.0, "RoPE base, with pos_emb='rope'")
 
 
 # a tiny configuration of this model, for tests and smoke runs (each model file has one)
@@ -643,13 +942,23 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, cuda_graph='auto',
-                 compile=False):
-        """Sample max_new_tokens tokens after idx (B, T). temperature=0 is greedy.
+                 compile='auto', stats=None):
+        """Sample max_new_tokens tokens after idx (B, T) -> (B, T + max_new_tokens). temperature=0 (or
+        top_k=1) is greedy. Each token is drawn on the device (sample_logits: top-k, temperature and an
+        exponential race) into a preallocated buffer (TokenSampler), so the loop never waits for the device.
 
-        cuda_graph: with the cache on CUDA, replay one-token steps from a CUDA graph (GraphedDecodeStep);
-        'auto' = when the model supports it (static_decode), True = required, False = eager steps.
-        compile: the graphed step under torch.compile (fewer, fused kernels per token; the first use of a
-        model compiles for tens of seconds, so it pays for long generations).
+        cuda_graph: with the cache on CUDA, replay one-token steps from a CUDA graph (GraphedDecodeStep),
+        the draw inside the graph; 'auto' = when the model supports it (static_decode), True = required,
+        False = eager steps.
+        compile: the graphed step (and the draw) under torch.compile: fewer, fused kernels per token, but
+        the first use in a process compiles for tens of seconds. 'auto' = when the steps asked for pay for
+        that (compile_pays: the compilation's estimated cost against this model's measured saving per
+        step); True / False = always / never.
+        stats: a dict to fill with how the generation ran and what its parts took (it synchronises the
+        device at their boundaries: pass one to measure): mode ('compiled graph', 'graph', 'eager' or
+        'no cache'), why (the reason for that mode), prefill_s (the prompt's forward and the first new
+        token), setup_s (building the graph, any compilation included), decode_s and decode_steps (every
+        later token, one step each), ms_per_token (decode_s / decode_steps) and tokens_per_s (B tokens a step).
 
         Long prompts: a model with learned positions (max_context = block_size) conditions on the
         last block_size tokens only, nanoGPT's sliding window. With the cache, once the window is
@@ -659,58 +968,67 @@ class GPT(nn.Module):
         """
         if idx.dim() != 2 or idx.size(1) == 0:
             raise ValueError(f"idx must be (B, T) with T >= 1 prompt tokens, got shape {tuple(idx.shape)}")
-        if temperature < 0 or (top_k is not None and top_k < 1):
-            raise ValueError(f"need temperature >= 0 (0 = greedy) and top_k >= 1 or None; got {temperature}, {top_k}")
         if cuda_graph not in ('auto', True, False):
             raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
+        if compile not in ('auto', True, False):
+            raise ValueError(f"compile must be 'auto', True or False, got {compile!r}")
         if cuda_graph is True and not (idx.is_cuda and self.static_decode):
             raise ValueError(f"cuda_graph=True needs a model on a CUDA device whose steps are static "
                              f"(device {idx.device.type}, static_decode {self.static_decode}); use 'auto' or False")
-        if compile and not (use_cache and cuda_graph and idx.is_cuda and self.static_decode):
+        if compile is True and not (use_cache and cuda_graph and idx.is_cuda and self.static_decode):
             raise ValueError(f"compile=True compiles the CUDA-graph decoding step: it needs use_cache=True, "
                              f"cuda_graph 'auto' or True and a CUDA model with static steps (device "
                              f"{idx.device.type}, use_cache {use_cache}, cuda_graph {cuda_graph!r})")
+        B, T0 = idx.shape
+        seq = idx.new_empty(B, T0 + max_new_tokens)  # the prompt, then the new tokens as they are drawn
+        seq[:, :T0] = idx
+        sampler = TokenSampler(seq, T0, temperature, top_k, self.config.vocab_size)  # (checks both)
+        clock = _Clock(idx.device, stats)
         ctx = self.max_context
         crop = (lambda s: s) if ctx is None else (lambda s: s[:, -ctx:])
+        if max_new_tokens == 0:
+            return seq
         if not use_cache:
-            for _ in range(max_new_tokens):
-                logits, _ = self(crop(idx), last_only=True)
-                idx = torch.cat((idx, self._sample(logits[:, -1, :], temperature, top_k)), dim=1)
-            return idx
-        total = idx.size(1) + max_new_tokens
+            for i in range(max_new_tokens):
+                sampler(self(crop(seq[:, :T0 + i]), last_only=True)[0])
+                if i == 0:
+                    clock.lap('prefill_s')
+            clock.done('no cache', 'use_cache=False: a full forward per token', max_new_tokens - 1, B)
+            return seq
+        total = T0 + max_new_tokens
         dtype = torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type) else None
-        state = self.init_state(idx.size(0), total if ctx is None else min(total, ctx), dtype=dtype)
-        logits, _ = self(crop(idx), state=state, last_only=True)  # prefill
-        graphed = None
-        if cuda_graph and idx.is_cuda and self.static_decode and max_new_tokens > 1 and (ctx is None or state.pos < ctx):
-            try:  # (a window already full re-prefills every step: no graph)
-                graphed = GraphedDecodeStep(self, state, compile=compile)
+        state = self.init_state(B, total if ctx is None else min(total, ctx), dtype=dtype)
+        sampler(self(crop(idx), state=state, last_only=True)[0])  # prefill, and the first new token
+        clock.lap('prefill_s')
+        steps = max_new_tokens - 1
+        mode, why = 'eager', None
+        if not (cuda_graph and idx.is_cuda and self.static_decode):
+            why = ('cuda_graph=False' if not cuda_graph else 'no CUDA' if not idx.is_cuda
+                   else 'static_decode is False') + ': eager steps'
+        elif steps == 0 or (ctx is not None and state.pos >= ctx):
+            why = 'no step to graph' if steps == 0 else 'the window is full (every token re-prefills it)'
+        else:
+            use_compile, why = compile_pays(self.config.model_type, steps) if compile == 'auto' else \
+                (compile, f'compile={compile}')
+            try:
+                graphed = GraphedDecodeStep(self, state, compile=use_compile, sampler=sampler)
+                mode = 'compiled graph' if use_compile else 'graph'
             except CaptureError as e:
                 if cuda_graph is True:
                     raise
                 print(f"generate: CUDA-graph capture failed ({e}); decoding eagerly")
-        step = graphed or (lambda tok: self(tok, state=state, last_only=True)[0])
-        for i in range(max_new_tokens):
-            nxt = self._sample(logits[:, -1, :], temperature, top_k)
-            idx = torch.cat((idx, nxt), dim=1)
-            if i == max_new_tokens - 1:
-                break
+                why = f'capture failed ({first_line(e, 150)}): eager steps'
+        clock.lap('setup_s')
+        for i in range(1, max_new_tokens):
             if ctx is not None and state.pos >= ctx:  # window full: slide it and re-prefill
                 state.reset()
-                logits, _ = self(crop(idx), state=state, last_only=True)
+                sampler(self(crop(seq[:, :T0 + i]), state=state, last_only=True)[0])
+            elif mode != 'eager':
+                graphed()                 # one replay: the step, the draw, the writes
             else:
-                logits = step(nxt)
-        return idx
-
-    @staticmethod
-    def _sample(logits, temperature, top_k):
-        if temperature == 0:
-            return logits.argmax(dim=-1, keepdim=True)
-        logits = logits.float() / temperature
-        if top_k is not None:
-            v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-            logits[logits < v[:, [-1]]] = -float('Inf')
-        return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+                sampler(self(sampler.tok, state=state, last_only=True)[0])
+        clock.done(mode, why, steps, B)
+        return seq
 
     # ----------------------------------------------------------------------------- training
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):

@@ -31,6 +31,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import model
+from model import D_FF_HELP, setting
 
 L2NORM_EPS = 1e-6  # fla's l2norm (and so use_qk_l2norm_in_kernel): x / sqrt(sum(x^2) + eps)
 
@@ -345,7 +346,8 @@ class DeltaNetMixer(nn.Module):
             W S0, Q S0, K^T U (the state reads and write)              6 D^2
             inverting the unit-triangular (I + L) of a chunk           ~c^2 / 3   (c^3/3 per chunk)
         The token-by-token recurrence would be 6 D^2 (two reads and a rank-1 write of S).
-        Elementwise work (conv, norms, gates) is left out, as for attention."""
+        Elementwise work (conv, norms, gates) is left out, as for attention. tests/test_flops.py checks
+        this against torch's FLOP counter on the chunked reference."""
         c = min(self.chunk_size, T)
         D = self.head_dim
         return self.n_head * (10 * c * D + 6 * D * D + c * c // 3)
@@ -355,15 +357,15 @@ class DeltaNetMixer(nn.Module):
 
 @dataclass
 class GPTConfig(model.BaseConfig):
-    model_type: str = 'delta'
-    pos_emb: str = 'none'      # the short convs and the recurrence carry position information
-    d_ff: int = -1             # solved to match vanilla's total params
-    n_head: int = 6            # delta-rule heads
-    head_dim: int = 64         # key and value head dim (n_head * head_dim need not equal n_embd)
-    conv_size: int = 4         # kernel of the causal depthwise convs on q, k, v
-    chunk_size: int = 64       # chunk length of the PyTorch chunked reference (fla's kernel uses 64)
-    allow_neg_eigval: bool = False  # beta in (0, 2) instead of (0, 1): transitions can have eigenvalue -1
-    backend: str = 'auto'      # 'auto': fla kernels on CUDA, torch reference elsewhere; 'fla'; 'torch'
+    model_type: str = setting('delta', "the token mixer: DeltaNet")
+    pos_emb: str = setting('none', "'none': the short convs and the recurrence carry position information")
+    d_ff: int = setting(-1, D_FF_HELP)
+    n_head: int = setting(6, "delta-rule heads")
+    head_dim: int = setting(64, "key and value head dim (n_head * head_dim need not equal n_embd)")
+    conv_size: int = setting(4, "kernel of the causal depthwise convs on q, k, v")
+    chunk_size: int = setting(64, "chunk length of the PyTorch chunked reference (fla's kernel uses 64)")
+    allow_neg_eigval: bool = setting(False, "beta in (0, 2) instead of (0, 1): transitions can have eigenvalue -1")
+    backend: str = setting('auto', "'auto': fla kernels on CUDA, torch reference elsewhere; 'fla' (CUDA only); 'torch'")
 
 
 class GPT(model.GPT):

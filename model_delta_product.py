@@ -51,6 +51,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import model
+from model import D_FF_HELP, setting
 from model_delta import ShortConv, fused_conv_cache, fused_linear, fused_short_conv, l2norm  # l2norm: fla's q/k norm formula
 
 
@@ -373,18 +374,21 @@ class GatedDeltaProductMixer(nn.Module):
                 'conv': fused_conv_cache(self._convs, batch_size, device, dtype)}
 
     def flops_per_token(self, T, chunk_size=64):
-        """Forward FLOPs per token beyond the parameters' 2N: the chunked (WY) algorithm the kernel runs
-        over the interleaved sequence of n_h sub-steps per token, chunks of c = min(64, T*n_h) sub-steps,
-        a multiply-add = 2 FLOPs, intra-chunk squares counted in full (like vanilla's T x T). Per head:
-          per sub-step: K K^T row 2cDk; (I+A)^-1 by triangular solve ~c^2/3; W and U rows 2c(Dk+Dv);
-                        d = U - W S 2DkDv; state update K^T d 2DkDv
-          per token:    intra-chunk q.k and (qk)d 2c(Dk+Dv); inter-chunk S^T q 2DkDv.
-        Roughly linear in T once T*n_h >= 64 (a recurrent model: no growing attention). The conv,
-        gates and norms are O(width) and left out, like vanilla's softmax."""
+        """Forward FLOPs per token beyond the parameters' 2N: what fla's chunked kernel runs, a multiply-add
+        = 2 FLOPs, intra-chunk squares counted in full (like vanilla's T x T). The WY part works on the
+        interleaved sequence of n_h sub-steps per token, in chunks of c = min(64, T*n_h) sub-steps; the
+        output part on chunks of ct = min(64, T) tokens, each token's query against the n_h keys of every
+        token of its chunk (fla/ops/gated_delta_product/chunk_deltaproduct_o.py). Per head:
+          per sub-step: K K^T row 2cDk; (I+A)^-1, inverted explicitly (solve_tril) ~c^2/3; W and U rows
+                        by matmul with it 2c(Dk+Dv); d = U - W S 2DkDv; state update K^T d 2DkDv
+          per token:    intra-chunk q.k and (qk)d, n_h keys per token 2 n_h ct (Dk+Dv); S^T q 2DkDv.
+        Roughly linear in T once T >= 64 (a recurrent model: no growing attention). The conv,
+        gates and norms are O(width) and left out, like vanilla's softmax. tests/test_flops.py checks
+        this against torch's FLOP counter on the reference."""
         H, Dk, Dv, n = self.n_head, self.head_k_dim, self.head_v_dim, self.num_householder
-        c = min(chunk_size, T * n)
+        c, ct = min(chunk_size, T * n), min(chunk_size, T)
         per_sub = 2 * c * Dk + c * c // 3 + 2 * c * (Dk + Dv) + 4 * Dk * Dv
-        per_tok = 2 * c * (Dk + Dv) + 2 * Dk * Dv
+        per_tok = 2 * n * ct * (Dk + Dv) + 2 * Dk * Dv
         return H * (n * per_sub + per_tok)
 
 
@@ -392,15 +396,15 @@ class GatedDeltaProductMixer(nn.Module):
 
 @dataclass
 class GPTConfig(model.BaseConfig):
-    model_type: str = 'delta_product'
-    pos_emb: str = 'none'          # the convs and the recurrence carry position
-    d_ff: int = -1                 # solved to match vanilla's total params
-    head_dim: int = 64             # key (and query) dim per head; n_head heads (fla's 256 ignores n_embd)
-    expand_v: float = 1.0          # value head dim = head_dim * expand_v
-    num_householder: int = 2       # n_h: Householder steps (keys/values/betas) per token
-    allow_neg_eigval: bool = False  # beta in (0, 2) instead of (0, 1): transitions can have eigenvalue -1
-    conv_size: int = 4             # kernel of the short causal convs on q, k, v
-    backend: str = 'auto'          # 'auto': fla kernels on CUDA, torch reference elsewhere; 'fla'; 'torch'
+    model_type: str = setting('delta_product', "the token mixer: Gated DeltaProduct")
+    pos_emb: str = setting('none', "'none': the convs and the recurrence carry position")
+    d_ff: int = setting(-1, D_FF_HELP)
+    head_dim: int = setting(64, "key (and query) dim per head; n_head heads (fla's 256 ignores n_embd)")
+    expand_v: float = setting(1.0, "value head dim = head_dim * expand_v")
+    num_householder: int = setting(2, "n_h: Householder steps (keys/values/betas) per token")
+    allow_neg_eigval: bool = setting(False, "beta in (0, 2) instead of (0, 1): transitions can have eigenvalue -1")
+    conv_size: int = setting(4, "kernel of the short causal convs on q, k, v")
+    backend: str = setting('auto', "'auto': fla kernels on CUDA, torch reference elsewhere; 'fla' (CUDA only); 'torch'")
 
 
 class GPT(model.GPT):

@@ -81,6 +81,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import model
+from model import D_FF_HELP, setting
 
 
 
@@ -395,11 +396,12 @@ class NSAMixer(nn.Module):
                          recomputes q . k_cmp rather than storing them)     2 D NC
             selection    QK^T + AV over min(S bs, T) tokens                 4 D min(S bs, T)
             window       QK^T + AV over min(w, T) tokens                    4 D min(w, T)
-        plus mean-pooling k and v (2 D per token per KV head). Sorting and gates are left out."""
+        Matmul FLOPs only, like the other mixers: mean pooling, sorting and gates are left out.
+        tests/test_flops.py checks this against torch's FLOP counter on the decoding reference."""
         D, bs = self.head_dim, self.block_size
         NC = T // bs
         per_head = 6 * D * NC + 4 * D * min(self.block_counts * bs, T) + 4 * D * min(self.window_size, T)
-        return self.n_head * per_head + 2 * D * self.n_kv_head
+        return self.n_head * per_head
 
 
 # ----------------------------------------------------------------------------- GPT
@@ -422,6 +424,12 @@ def check_nsa_config(c):
     if c.nsa_block_size < 1 or c.nsa_block_counts < 1 or c.nsa_window_size < 0:
         raise ValueError(f"need nsa_block_size >= 1, nsa_block_counts >= 1, nsa_window_size >= 0; got "
                          f"{c.nsa_block_size}, {c.nsa_block_counts}, {c.nsa_window_size}")
+    if c.nsa_block_size > c.block_size:
+        # no complete block fits in the context: the compression branch has nothing to attend to and the
+        # selection branch nothing to select, so both contribute 0 and the model is a sliding window only
+        raise ValueError(f"nsa_block_size ({c.nsa_block_size}) > block_size ({c.block_size}): no complete block fits "
+                         f"in the context, so NSA's compression and selection branches would never see one; use "
+                         f"nsa_block_size <= {c.block_size} (or a longer block_size)")
     if c.backend == 'torch':
         return
     kern = "for fla's parallel_nsa (backend 'auto'/'fla'; backend='torch' lifts this)"
@@ -446,17 +454,17 @@ def check_nsa_config(c):
 
 @dataclass
 class GPTConfig(model.BaseConfig):
-    model_type: str = 'nsa'
-    pos_emb: str = 'none'          # RoPE inside the mixer carries position information
-    d_ff: int = -1                 # solved to match vanilla's total params
-    n_head: int = 16               # query heads
-    n_kv_head: int = 1             # KV heads (GQA); fla needs n_head / n_kv_head a power of two >= 16
-    head_dim: int = 32             # per-head dim of q, k, v (n_head * head_dim need not equal n_embd)
-    nsa_block_size: int = 32       # tokens per compression / selection block
-    nsa_block_counts: int = 4      # blocks selected per query (incl. the forced first/previous/current)
-    nsa_window_size: int = 64      # sliding-window branch: the last w tokens (0: no window branch)
-    rope_theta: float = 10000.0    # RoPE base
-    backend: str = 'auto'          # 'auto': fla kernels on CUDA, torch reference elsewhere; 'fla'; 'torch'
+    model_type: str = setting('nsa', "the token mixer: NSA (Native Sparse Attention)")
+    pos_emb: str = setting('none', "'none': RoPE inside the mixer carries position information")
+    d_ff: int = setting(-1, D_FF_HELP)
+    n_head: int = setting(16, "query heads")
+    n_kv_head: int = setting(1, "KV heads (GQA); fla needs n_head / n_kv_head a power of two >= 16")
+    head_dim: int = setting(32, "per-head dim of q, k, v (n_head * head_dim need not equal n_embd)")
+    nsa_block_size: int = setting(32, "tokens per compression / selection block (at most block_size)")
+    nsa_block_counts: int = setting(4, "blocks selected per query (incl. the forced first/previous/current)")
+    nsa_window_size: int = setting(64, "sliding-window branch: the last w tokens (0: no window branch)")
+    rope_theta: float = setting(10000.0, "RoPE base")
+    backend: str = setting('auto', "'auto': fla kernels on CUDA, torch reference elsewhere; 'fla' (CUDA only); 'torch'")
 
     def __post_init__(self):
         check_nsa_config(self)
@@ -568,10 +576,11 @@ def selfcheck(device='cuda', tol=1e-2):
     (b) the full path, each choosing its own blocks. bf16 rounding flips near-ties of the top-k on a
         few rows (random inputs make the compression softmax nearly flat; measured on an H200: 0.3% of
         rows at T=1000, fp32 importance gaps <= 5e-6 * G), and a flipped row's selected-branch output
-        changes wholesale (plain full-path error ~2%). So (b) passes when the kernel equals the
-        reference given the kernel's own choice (everything but the top-k decision), the rows whose
-        choice agrees match, and the kernel's choice is the bf16-emulated one; the plain full-path
-        errors and the share of differing rows are in the detail."""
+        changes wholesale (plain full-path error ~2%). So (b) passes when
+        the kernel equals the reference given the kernel's own choice (everything but the top-k
+        decision), the rows whose choice agrees match, and the kernel's choice is the bf16-emulated one.
+        Its max_rel_rms is nonetheless the plain full-path worst (the honest figure); the detail says
+        why it is larger and gives the figures the pass rests on."""
     results = []
     cfg = dict(B=2, T=1000, HQ=16, H=1, D=32, block_size=32, block_counts=4, window_size=64)
     desc = ' '.join(f"{k}={v}" for k, v in cfg.items())
@@ -582,14 +591,20 @@ def selfcheck(device='cuda', tol=1e-2):
                         max_rel_rms=errs[worst], detail=f"{desc}; worst {worst}; {fmt(errs)}"))
     errs, info = compare_kernel(**cfg, given_indices=False, device=device)
     same = info['same_sel']
-    worst = max(same, key=same.get)
+    worst, worst_same = max(errs, key=errs.get), max(same, key=same.get)
+    # headline: the plain full-path error, the kernel's output against the fp32 reference's as they are
+    # (its worst is on the rows whose near-tied choice bf16 flipped); passes on what must match exactly
     results.append(dict(
         name="parallel_nsa(bf16) full path (own compression + top-k) vs fp32 ref",
-        ok=same[worst] < tol and info['o_agree'] < tol and info['emu_diff'] < 1e-3,
-        max_rel_rms=max(same[worst], info['o_agree']),
-        detail=f"{desc}; choice differs on {100 * info['sel_diff']:.2f}% of rows (from the bf16-emulated "
-               f"choice on {100 * info['emu_diff']:.3f}%); vs ref given the kernel's "
-               f"choice: {fmt(same)}; o on agreeing rows {info['o_agree']:.2e}; plain full path: {fmt(errs)}"))
+        ok=same[worst_same] < tol and info['o_agree'] < tol and info['emu_diff'] < 1e-3,
+        max_rel_rms=errs[worst],
+        detail=f"{desc}; plain full path worst {worst} {errs[worst]:.2e} because the choice of blocks differs on "
+               f"{100 * info['sel_diff']:.2f}% of rows (near-tied blocks whose order bf16 rounding flips: the "
+               f"kernel's choice differs from the bf16-emulated one on {100 * info['emu_diff']:.3f}%), and such "
+               f"a row's selected output changes wholesale; passes on: vs ref given the kernel's choice worst "
+               f"{worst_same} {same[worst_same]:.2e}, o on agreeing rows {info['o_agree']:.2e} (tol {tol:g}), "
+               f"emulated-choice mismatch < 0.1%; plain full path: {fmt(errs)}; given the kernel's choice: "
+               f"{fmt(same)}"))
     return results
 
 

@@ -18,6 +18,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 DECODE_COL = {'compiled graph': 'decode_compiled_ms_per_token', 'graph': 'decode_graph_ms_per_token',
                'eager': 'decode_eager_ms_per_token'}                     # latency's decode modes
+GENERATE_COL = {'compiled graph': 'generate_compiled_ms_per_token', 'graph': 'generate_graph_ms_per_token',
+                'eager': 'generate_eager_ms_per_token'}                  # generate() end to end, per mode
 
 
 def pyplot():
@@ -41,6 +43,13 @@ def color_of(mt):
 
 def plot_memory(rows, path, device_total_bytes=None):
     plt = pyplot()
+    if _peak_needs_cuda(rows):  # no peak-memory counter (CPU): no memory-wall panel
+        fig, ax2 = plt.subplots(figsize=(7, 4.5))
+        fig.text(0.01, 0.01, 'peak training memory and the OOM wall: needs CUDA', fontsize=8, color='0.35')
+        _plot_state_bytes(ax2, rows)
+        fig.tight_layout(rect=(0, 0.04, 1, 1))
+        savefig(fig, path)
+        return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     measured = False
     for mt in dict.fromkeys(r['model'] for r in rows):
@@ -67,6 +76,12 @@ def plot_memory(rows, path, device_total_bytes=None):
     ax1.set_xscale('log', base=2)
     if measured:
         ax1.legend(fontsize=7)
+    _plot_state_bytes(ax2, rows)
+    fig.tight_layout()
+    savefig(fig, path)
+
+
+def _plot_state_bytes(ax2, rows):
     for mt in dict.fromkeys(r['model'] for r in rows):
         pts = sorted({(int(r['context']), int(r['state_bytes'])) for r in rows if r['model'] == mt})
         ax2.plot(*zip(*pts), marker='o', ms=3, color=color_of(mt), label=mt)
@@ -74,8 +89,12 @@ def plot_memory(rows, path, device_total_bytes=None):
             title='decoding state (KV cache vs recurrent state)')
     ax2.set_xscale('log', base=2)
     ax2.legend(fontsize=7)
-    fig.tight_layout()
-    savefig(fig, path)
+
+
+def _peak_needs_cuda(rows):
+    """memory.csv rows of a device without a peak-memory counter: nothing measured, no OOM wall."""
+    return (any(r['status'].startswith('ok (peak not measured') for r in rows)
+            and not any(r['status'] in ('ok', 'OOM') for r in rows))
 
 
 def add_vs_vanilla(rows, value, col):
@@ -117,6 +136,11 @@ def plot_latency(rows, path):
                    and _num(r, col) != _num(r, 'decode_ms_per_token')]
             if pts:
                 ax2.plot(*zip(*pts), style, marker='.', ms=3, color=color_of(mt), label=f'{mt} ({what})')
+        gen = [(int(r['context']), _num(r, 'generate_ms_per_token')) for r in rs
+               if _num(r, 'generate_ms_per_token') is not None]
+        if gen:
+            ax2.plot(*zip(*gen), '--', marker='s', ms=3, color=color_of(mt),
+                     label=f'{mt} (generate(), sampling included)')
         nc = [(int(r['context']), _num(r, 'nocache_ms_per_token')) for r in rs
               if _num(r, 'nocache_ms_per_token') is not None]
         if nc:
@@ -133,33 +157,109 @@ def plot_latency(rows, path):
     savefig(fig, path)
 
 
+def plot_decode_throughput(rows, path):
+    """decode_throughput.png: tokens/s against batch, a line per model, a panel per context; a star marks the
+    largest batch that ran, an x the batch that ran out of memory."""
+    plt = pyplot()
+    contexts = sorted({int(r['context']) for r in rows})
+    fig, axes = plt.subplots(1, max(1, len(contexts)), figsize=(5 * max(1, len(contexts)), 4.2), squeeze=False,
+                             sharey=True)
+    for ax, L in zip(axes[0], contexts):
+        for mt in dict.fromkeys(r['model'] for r in rows):
+            rs = sorted((r for r in rows if r['model'] == mt and int(r['context']) == L), key=lambda r: int(r['batch']))
+            ok = [r for r in rs if r['status'] == 'ok']
+            if ok:
+                ax.plot([int(r['batch']) for r in ok], [_num(r, 'tokens_per_s') for r in ok], marker='o', ms=3,
+                        color=color_of(mt), label=mt)
+            for r in ok:
+                if r.get('largest_fitting') in (True, 'True'):
+                    ax.plot([int(r['batch'])], [_num(r, 'tokens_per_s')], '*', ms=11, color=color_of(mt))
+            for r in rs:
+                if r['status'] == 'OOM' and ok:
+                    ax.plot([int(r['batch'])], [_num(ok[-1], 'tokens_per_s')], 'x', ms=8, mew=2, color=color_of(mt))
+        ax.set(xscale='log', yscale='log', xlabel='batch (sequences decoded together)', title=f'context {L:,}')
+        ax.set_xscale('log', base=2)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel('decoded tokens / s (all sequences)')
+    fig.suptitle('decode throughput (star: largest batch that ran; x: out of memory)', fontsize=10)
+    fig.tight_layout()
+    savefig(fig, path)
+
+
+def overtakes(rows):
+    """Lines saying, for each context and each model other than vanilla, where its decoding tokens/s overtakes
+    vanilla's (the batches where it is higher, same context and batch), and how the two compare at the
+    largest batch each could run; from decode_throughput rows (CSV strings or numbers)."""
+    ok = [r for r in rows if r['status'] == 'ok']
+    tps = {(r['model'], int(r['context']), int(r['batch'])): _num(r, 'tokens_per_s') for r in ok}
+    largest = {(r['model'], int(r['context'])): int(r['batch']) for r in ok
+               if r.get('largest_fitting') in (True, 'True')}
+    lines = []
+    for L in sorted({int(r['context']) for r in ok}):
+        for mt in dict.fromkeys(r['model'] for r in ok):
+            if mt == 'vanilla':
+                continue
+            both = sorted(B for (m, c, B) in tps if m == mt and c == L and ('vanilla', L, B) in tps)
+            if not both:
+                continue
+            faster = [B for B in both if tps[(mt, L, B)] > tps[('vanilla', L, B)]]
+            if not faster:
+                where = f"slower than vanilla at every batch both ran ({', '.join(map(str, both))})"
+            elif faster == [B for B in both if B >= faster[0]]:
+                where = (f"overtakes vanilla from batch {faster[0]} on ({tps[(mt, L, faster[0])]:,.0f} against "
+                         f"{tps[('vanilla', L, faster[0])]:,.0f} tokens/s there)" if faster[0] > both[0] else
+                         f"faster than vanilla at every batch both ran ({', '.join(map(str, both))})")
+            else:
+                where = f"faster than vanilla at batch {', '.join(map(str, faster))} of {', '.join(map(str, both))}"
+            line = f"- context {L:,}: {mt} is {where}" if not where.startswith('overtakes') else \
+                f"- context {L:,}: {mt} {where}"
+            bm, bv = largest.get((mt, L)), largest.get(('vanilla', L))
+            if bm and bv:
+                a, b = tps[(mt, L, bm)], tps[('vanilla', L, bv)]
+                line += (f"; at the largest batch each ran ({mt} {bm:,}, vanilla {bv:,}): {a:,.0f} against "
+                         f"{b:,.0f} tokens/s ({a / b:.2f}x)")
+            lines.append(line + '.')
+    return lines
+
+
 def plot_throughput(rows, path):
     plt = pyplot()
     shapes = list(dict.fromkeys((int(r['batch']), int(r['context'])) for r in rows))
     mts = list(dict.fromkeys(r['model'] for r in rows))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    # MFU needs the device's peak FLOP/s, known (or measured) for CUDA devices only: no panel without it
+    has_mfu = any(_num(r, 'mfu') for r in rows if r['status'] == 'ok')
+    fig, axes = plt.subplots(1, 2 if has_mfu else 1, figsize=(12, 4.5) if has_mfu else (7, 4.5), squeeze=False)
+    ax1, ax2 = axes[0][0], axes[0][1] if has_mfu else None
     w = 0.8 / max(1, len(mts))
+    spread = any(_num(r, 'min_ms') for r in rows)  # files since the spread is measured: min-max as error bars
     for i, mt in enumerate(mts):
-        tps, mfu = [], []
+        tps, mfu, err = [], [], [[], []]
         for B, T in shapes:
             r = next((r for r in rows if r['model'] == mt and (int(r['batch']), int(r['context'])) == (B, T)
                       and r['status'] == 'ok'), None)
             tps.append(_num(r, 'tokens_per_s') if r else 0)
             mfu.append(100 * _num(r, 'mfu') if r and _num(r, 'mfu') is not None else 0)
+            ok = r is not None and _num(r, 'min_ms') and _num(r, 'max_ms')
+            err[0].append(tps[-1] - B * T * 1e3 / _num(r, 'max_ms') if ok else 0)
+            err[1].append(B * T * 1e3 / _num(r, 'min_ms') - tps[-1] if ok else 0)
         x = [j + i * w for j in range(len(shapes))]
-        ax1.bar(x, tps, w, color=color_of(mt), label=mt)
-        ax2.bar(x, mfu, w, color=color_of(mt), label=mt)
-    if not any(_num(r, 'mfu') for r in rows if r['status'] == 'ok'):
-        ax2.text(0.5, 0.5, 'MFU not available\n(no peak FLOP/s known for this device)', ha='center',
-                 va='center', transform=ax2.transAxes)
+        ax1.bar(x, tps, w, color=color_of(mt), label=mt, **(dict(yerr=err, capsize=2) if spread else {}))
+        if ax2 is not None:
+            ax2.bar(x, mfu, w, color=color_of(mt), label=mt)
+    if not has_mfu:
+        fig.text(0.01, 0.01, 'MFU (model FLOPs utilisation): needs CUDA (a known peak FLOP/s)', fontsize=8,
+                 color='0.35')
     labels = [f'B={B}\nT={T}' for B, T in shapes]
     for ax, yl in ((ax1, 'training tokens / s'), (ax2, 'MFU (%)')):
+        if ax is None:
+            continue
         ax.set_xticks([j + 0.4 - w / 2 for j in range(len(shapes))], labels)
         ax.set(ylabel=yl)
         ax.legend(fontsize=7)
-    ax1.set_title('training throughput (missing bar = OOM / error)')
-    ax2.set_title('model FLOPs utilisation')
-    fig.tight_layout()
+    ax1.set_title('training throughput (missing bar = OOM / error' + ('; bars: min-max)' if spread else ')'))
+    if ax2 is not None:
+        ax2.set_title('model FLOPs utilisation')
+    fig.tight_layout(rect=(0, 0 if has_mfu else 0.04, 1, 1))
     savefig(fig, path)
 
 
@@ -247,8 +347,10 @@ def _oom_thresholds(out):
     path = os.path.join(out, 'memory.csv')
     if not os.path.exists(path):
         return {}
-    res = {}
-    for r in read_csv(path):
+    res, rows = {}, read_csv(path)
+    if _peak_needs_cuda(rows):  # the bake-off's columns (B=1, B=4) say why they are empty
+        return {mt: {1: 'needs CUDA', 4: 'needs CUDA'} for mt in dict.fromkeys(r['model'] for r in rows)}
+    for r in rows:
         s = res.setdefault(r['model'], {}).setdefault(int(r['batch']), {'oom': None, 'max_ok': None, 'err': None})
         T = int(r['context'])
         if r['status'] == 'OOM' and (s['oom'] is None or T < s['oom']):
@@ -286,8 +388,8 @@ def _source_meta(out, name):
 
 
 def bakeoff(out='results', preset=None, runs_dir=None):
-    """Tables and plots from the sweep's run records (results/runs/<preset>/<run>/). Deterministic: the
-    files depend only on the records (and on <out>/memory.csv and latency.csv when present)."""
+    """Tables and plots from the sweep's run records (<out>/runs/<run>/, the sweep's results/<preset>/runs/).
+    Deterministic: the files depend only on the records (and on <out>/memory.csv and latency.csv when present)."""
     runs_dir, preset = resolve_runs_dir(out, preset, runs_dir)
     runs, skipped = load_runs(runs_dir)
     for s in skipped:
@@ -443,6 +545,14 @@ def _pivot(rows, row_key, col_key, cell):
     return out, ['_'] + cks
 
 
+def _load_meta(out, name):
+    p = os.path.join(out, f'{name}.meta.json')
+    if not os.path.exists(p):
+        return {}
+    with open(p) as f:
+        return json.load(f)
+
+
 def _meta_lines(out, name):
     p = os.path.join(out, f'{name}.meta.json')
     if not os.path.exists(p):
@@ -550,6 +660,10 @@ def report(out='results', readme=False):
         table, cols = _pivot(rows, lambda r: r['context'], lambda r: f"{r['model']} B={r['batch']}", cell)
         lines = ["Peak training memory, fwd+bwd (GiB; OOM = out of memory; skipped = past the OOM; n/m = not "
                  "measured):", "", _md_table(table, cols, ['context'] + cols[1:]), "", *err_lines]
+        if _peak_needs_cuda(rows):  # a table of "not measured" cells says less than one line
+            lines = ["Peak training memory, fwd+bwd, and the OOM wall: needs CUDA (read from "
+                     "torch.cuda.max_memory_allocated; on this device the fwd+bwd still ran at every context).", "",
+                     *err_lines]
         timed = [r for r in rows if r.get('fwdbwd_ms')]
         if timed:
             table, cols = _pivot(timed, lambda r: r['context'], lambda r: f"{r['model']} B={r['batch']}",
@@ -577,6 +691,39 @@ def report(out='results', readme=False):
             return lambda r: f"{float(r[k]):.3f}" if r['status'] == 'ok' and r.get(k) else (
                 '-' if r['status'] == 'ok' else err_cell(r['status']))
         modes = list(dict.fromkeys(_decode_mode(r) for r in rows if r['status'] == 'ok'))
+        lines = []
+        gen = [r for r in rows if r['status'] == 'ok' and r.get('generate_ms_per_token')]
+        if gen:  # (files written before generate() was timed have no such column: nothing rendered)
+            sampling = _load_meta(out, 'latency').get('generate_sampling') or {}
+            gmodes = ' / '.join(dict.fromkeys(r['generate_mode'] for r in gen))
+            table, cols = _pivot(gen, lambda r: r['context'], lambda r: r['model'],
+                                 lambda r: f"{float(r['generate_ms_per_token']):.3f} "
+                                           f"({float(r['generate_vs_step']):.2f}x)")
+            lines += [f"**Generation as users run it**: `generate()` ms per token after the prefill, sampling included "
+                      f"(temperature {sampling.get('temperature', 0.8)}, top_k {sampling.get('top_k', 200)}: "
+                      f"sample.py's "
+                      f"defaults), in the fastest mode measured ({gmodes}); in parentheses: over the step alone "
+                      f"(the next table's decode ms/token, same run):", "",
+                      _md_table(table, cols, ['context'] + cols[1:]), ""]
+            other = [md for md in GENERATE_COL if md not in {r['generate_mode'] for r in gen}
+                     and any(r.get(GENERATE_COL[md]) for r in gen)]
+            for md in other:
+                table, cols = _pivot([r for r in gen if r.get(GENERATE_COL[md])], lambda r: r['context'],
+                                     lambda r: r['model'], lambda r: f"{float(r[GENERATE_COL[md]]):.3f}")
+                what = {'graph': "not compiled (what generate() and sample.py run below the break-even of "
+                                 "compiling, model.compile_pays)", 'compiled graph': 'compiled',
+                        'eager': 'eager steps'}[md]
+                lines += [f"`generate()` ms per token, CUDA graph {what}, same run:" if md != 'eager' else
+                          "`generate()` ms per token, eager steps, same run:", "",
+                          _md_table(table, cols, ['context'] + cols[1:]), ""]
+            built = [r for r in gen if r.get('compiled_build_s')]
+            if built:
+                first = {}
+                for r in built:
+                    first.setdefault(r['model'], r)
+                lines += ["Building the compiled graphed step, first context of each model in the process "
+                          "(compilation included): " + ', '.join(f"{mt} {float(r['compiled_build_s']):.1f} s"
+                                                                   for mt, r in first.items()) + ".", ""]
         tables = [('Prefill time (ms) vs prompt length', 'prefill_ms'),
                   ('Decode time per token (ms) with the cache/state, in the fastest mode measured at each context ('
                    + '; '.join(f"{mt}: " + ' / '.join(dict.fromkeys(_decode_mode(r) for r in rows if r['model'] == mt
@@ -589,7 +736,6 @@ def report(out='results', readme=False):
             ok = [r for r in rows if r['status'] == 'ok']
             tables += [(f"Decode ms/token, {titles[md]}, same run", col) for md, col in DECODE_COL.items()
                        if any(r.get(col) for r in ok) and {_decode_mode(r) for r in ok} != {md}]
-        lines = []
         for title, key in tables:
             table, cols = _pivot(rows, lambda r: r['context'], lambda r: r['model'], ms(key))
             lines += [f"{title}:", "", _md_table(table, cols, ['context'] + cols[1:]), ""]
@@ -615,6 +761,36 @@ def report(out='results', readme=False):
                       "where its ratio is below 1x; the cache pays once the context is long, and with the graphs.)", ""]
         return lines + [img('latency.png', 'latency vs context'), "", _meta_lines(out, 'latency')]
 
+    def decode_throughput_body(rows):
+        err_cell, err_lines = errors_of(rows)
+        grid = sorted({int(r['batch']) for r in rows if r.get('source') == 'grid'})
+
+        def cell(r):
+            if r['status'] != 'ok':
+                return err_cell(r['status']).split(' (')[0]
+            return f"{float(r['tokens_per_s']):,.0f}" + (
+                f" ({float(r['vs_vanilla']):.2f}x)" if r.get('vs_vanilla') else '')
+        table, cols = _pivot([r for r in rows if r.get('source') == 'grid'],
+                             lambda r: f"{r['model']} @ {int(r['context']):,}", lambda r: f"B={r['batch']}", cell)
+        largest = {(r['model'], r['context']): r for r in rows if r.get('largest_fitting') in (True, 'True')}
+        for t in table:
+            mt, _, L = t['_'].partition(' @ ')
+            r = largest.get((mt, L.replace(',', '')))
+            t['largest'] = f"{int(r['batch']):,}: {float(r['tokens_per_s']):,.0f} ({r['limit']})" if r else '-'
+        spreads = [float(r['spread_pct']) for r in rows if r.get('spread_pct')]
+        meta = _load_meta(out, 'decode_throughput')
+        s = meta.get('settings') or {}
+        return ([f"Decoded tokens/s (all sequences together; in parentheses: over vanilla's at the same batch and "
+                 f"context, same run), batch {', '.join(map(str, grid))}, and the largest batch that ran (found by "
+                 f"doubling; what stopped it):", "",
+                 _md_table(table, cols + ['largest'], ['model @ context'] + cols[1:] + ['largest batch: tokens/s']), "",
+                 *err_lines, "Where the other models overtake vanilla (computed from decode_throughput.csv):", "",
+                 *(overtakes(rows) or ['- no batch where two models both ran']), "",
+                 f"Each figure: the median of {s.get('repeats', '?')} runs of {s.get('n_tokens', '?')} steps; the "
+                 f"spread (slowest - fastest run) / median is at most {max(spreads, default=float('nan')):.1f}% over "
+                 f"this file's shapes.", "",
+                 img('decode_throughput.png', 'decode throughput vs batch'), "", _meta_lines(out, 'decode_throughput')])
+
     def vs_nanogpt_body(rows):
         return [_md_table(rows, ['impl', 'iters', 'median_ms', 'p10_ms', 'p90_ms', 'ratio_vs_nanogpt'],
                           ['implementation', 'timed iterations', 'median ms/iter', 'p10', 'p90', 'vs nanoGPT']), "",
@@ -626,13 +802,18 @@ def report(out='results', readme=False):
         for r in rows:
             ok = r['status'] == 'ok'
             r['ms'] = f"{float(r['ms_per_iter']):.2f}" if ok else err_cell(r['status'])
+            if ok and r.get('min_ms'):  # the spread, in files since it is measured
+                r['ms'] += f" ({float(r['min_ms']):.2f}-{float(r['max_ms']):.2f}, n={r['iters']})"
             r['x_van'] = f"{float(r['vs_vanilla']):.2f}x" if ok and r.get('vs_vanilla') else '-'
             r['tps'] = f"{float(r['tokens_per_s']):,.0f}" if ok else '-'
-            r['mfu_pct'] = f"{100 * float(r['mfu']):.1f}" if ok and r['mfu'] else '-'
+            # no MFU for an ok row: no peak FLOP/s, which is known (or measured) for CUDA devices only
+            r['mfu_pct'] = (f"{100 * float(r['mfu']):.1f}" if r['mfu'] else 'needs CUDA') if ok else '-'
+        spread = ["ms/iter: the median of n iterations, in parentheses min-max."] if any(
+            r.get('min_ms') for r in rows) else []
         return [_md_table(rows, ['model', 'batch', 'context', 'ms', 'x_van', 'tps', 'mfu_pct', 'compile', 'cuda_graphs'],
                           ['model', 'B', 'T', 'ms/iter', 'x vanilla (same run)', 'tokens/s', 'MFU %', 'torch.compile',
                            'CUDA graph']), "",
-                *err_lines,
+                *err_lines, *spread, *([""] if spread else []),
                 "MFU counts attention over the full T x T score matrix, as nanoGPT and PaLM do; a causal kernel "
                 "does about half of that work, so at long context vanilla's MFU reads up to 2x high.", "",
                 img('throughput.png', 'training throughput'), "", _meta_lines(out, 'throughput')]
@@ -656,9 +837,12 @@ def report(out='results', readme=False):
             " Self-checks need CUDA.")
     section('Parameters', 'params.csv', 'python bench.py params', params_body)
     section('Bake-off (sweep results)', 'bakeoff.csv', 'python bench.py bakeoff --preset=<preset>', bakeoff_body,
-            " (needs the sweep's run records in results/runs/<preset>/).")
+            " (needs the sweep's run records in results/<preset>/runs/).")
     section('Memory', 'memory.csv', 'python bench.py memory', memory_body)
     section('Generation latency (batch 1)', 'latency.csv', 'python bench.py latency', latency_body)
+    if have('decode_throughput.csv'):  # (a section of its own only where measured: older result folders lack it)
+        section('Decode throughput at batch', 'decode_throughput.csv', 'python bench.py decode_throughput',
+                decode_throughput_body)
     section('Training speed against nanoGPT (same shape, same run)', 'vs_nanogpt.csv',
             'python bench.py vs_nanogpt (karpathy/nanoGPT cloned into .nanogpt/)', vs_nanogpt_body)
     section('Training throughput', 'throughput.csv', 'python bench.py throughput', throughput_body)
@@ -707,7 +891,7 @@ RUNS_MARK = ('<!-- runs-table:start -->', '<!-- runs-table:end -->')
 BAKEOFF_MARK = ('<!-- bakeoff-table:start -->', '<!-- bakeoff-table:end -->')
 
 
-def runs(runs_dir='results/h200', readme=False):
+def runs(runs_dir='results/full/runs', readme=False):
     """A markdown table of every finished run (summary.json + config.json) below runs_dir. With readme=True
     it replaces the README block between the runs-table markers, so the README quotes only these files."""
     rows = []

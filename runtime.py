@@ -22,6 +22,7 @@ import torch
 import model as model_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+DATA_DIR = os.path.join(HERE, 'data')  # data/<dataset>/: prepare.py, train.bin, val.bin, [meta.pkl], manifest.json
 
 
 class ConfigError(ValueError):
@@ -35,6 +36,74 @@ def parse_value(s):
         return ast.literal_eval(s)
     except (ValueError, SyntaxError):
         return s  # a bare string such as --model_type=delta
+
+
+# the values of a tri-state key such as compile or cuda_graphs
+TRISTATE = (True, False, 'auto')
+
+
+def show_value(v):
+    """A value as it is typed on the command line: bare where that reads back the same, else its repr."""
+    if isinstance(v, str) and v and v.isprintable() and not any(c in v for c in ' \'"') and parse_value(v) == v:
+        return v
+    return repr(v)
+
+
+def check_value(key, value, default, choices=None):
+    """value, coerced to the default's type where that is lossless; a ConfigError otherwise.
+    choices: the only values that may pass (True and False match only the bools): a tri-state key must get
+    one of them, since any string passes a type check against its 'auto' default and bool('no') is True."""
+    if choices is not None:
+        if any(value is c if isinstance(c, bool) or c is None else
+               (type(value) is type(c) and value == c) for c in choices):
+            return value
+        raise ConfigError(f"{key} must be one of {', '.join(map(show_value, choices))}; got {value!r}")
+    if default is None or isinstance(value, type(default)) and not (isinstance(value, bool) and
+                                                                     not isinstance(default, bool)):
+        return value
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, list) and isinstance(value, tuple):  # the command line's --key=1,2 is a tuple
+        return list(value)
+    name = type(default).__name__
+    raise ConfigError(f"{key} must be {'an' if name[0] in 'aeiou' else 'a'} {name} (default {default!r}), got {value!r}")
+
+
+def check_minimum(cfg, minimum):
+    """ConfigError for the first key of cfg below its minimum ({key: lowest valid value})."""
+    for k, lo in minimum.items():
+        if k in cfg and cfg[k] is not None and cfg[k] < lo:
+            raise ConfigError(f"{k} must be >= {lo}, got {cfg[k]!r}")
+
+
+def key_table(rows, markdown=False):
+    """rows of (key, default, meaning) as `--help` lines ('--key=default  meaning'), or as a markdown table."""
+    if markdown:
+        esc = lambda s: str(s).replace('|', '\\|').replace('<', '&lt;')  # no cell may read as HTML
+        return '\n'.join(['| key | default | meaning |', '|---|---|---|'] +
+                         [f"| `{k}` | `{esc(show_value(d))}` | {esc(h)} |" for k, d, h in rows])
+    cells = [(f"--{k}={show_value(d)}", h) for k, d, h in rows]
+    width = min(40, max((len(c) for c, _ in cells), default=0))
+    return '\n'.join(f"  {c:<{width}}  {h}" if len(c) <= width else f"  {c}\n  {'':<{width}}  {h}" for c, h in cells)
+
+
+def user_error(e, extra=()):
+    """The one line to show for an error of the user's making, or None for any other (a bug: it keeps its
+    traceback). The user's: a bad config or option (ConfigError: the message names the valid choices), a
+    path that does not exist or can't be used (a config file, a checkpoint to resume, an out_dir), a dataset
+    problem (data/<dataset>/prepare.py's DatasetError), memory (the model or batch does not fit), a full
+    disk, and the classes in `extra` (train_runner: a diverging run). A plain ValueError is not among them:
+    the config checks raise ConfigError, so a ValueError that reaches the command line is a bug."""
+    if isinstance(e, (ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+                      *extra)) or type(e).__name__ == 'DatasetError':
+        return str(e)
+    if isinstance(e, OSError) and e.errno == 28:  # ENOSPC
+        return f"no space left on the device: {e}"
+    if isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and (
+            "can't allocate memory" in str(e) or 'out of memory' in str(e).lower())):
+        return (f"out of memory ({model_lib.first_line(e, 200)}): the model or batch does not fit; reduce "
+                f"batch_size (raise gradient_accumulation_steps to keep the global batch), block_size or the model")
+    return None
 
 
 def pick_device(device='auto'):
@@ -109,28 +178,153 @@ def peak_flops(device):
     return _peak_cache[name]
 
 
+class DatasetError(ValueError):
+    """A prepared dataset folder that can't be used as it is (changed since prepare.py wrote it, or unreadable).
+    A ValueError, so the command lines print it as one line, as they print prepare.py's own DatasetError."""
+
+
+GPT2_VOCAB = 50257  # tiktoken's 'gpt2' encoding; a dataset without meta.pkl is in these tokens
+
+
+def _rerun(dataset):
+    if os.path.exists(os.path.join(DATA_DIR, dataset, 'prepare.py')):
+        return f"rerun `python data/{dataset}/prepare.py`"
+    return f"rerun whatever prepared data/{dataset} (it has no prepare.py)"
+
+
+def load_meta(path, dataset):
+    """meta.pkl's dict. A corrupt, truncated or empty file is a DatasetError that names it."""
+    import pickle
+    try:
+        with open(path, 'rb') as f:
+            meta = pickle.load(f)
+    except Exception as e:  # garbage unpickles into any of a dozen exception types
+        raise DatasetError(f"{path} is unreadable ({type(e).__name__}: {e}); {_rerun(dataset)}") from None
+    if not isinstance(meta, dict) or 'vocab_size' not in meta:
+        raise DatasetError(f"{path} holds no vocabulary (a dict with vocab_size); {_rerun(dataset)}")
+    return meta
+
+
+def _manifest(data_dir, dataset):
+    """prepare.py's record of what it wrote ({'files': {name: {'bytes', 'sha256'}}, ...}), or None if absent."""
+    path = os.path.join(data_dir, 'manifest.json')
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        assert isinstance(manifest['files'], dict)
+        return manifest
+    except Exception as e:
+        raise DatasetError(f"{path} is unreadable ({type(e).__name__}: {e}); {_rerun(dataset)}") from None
+
+
+def _check_file(data_dir, dataset, name, record):
+    """The file as prepare.py wrote it: same size, same sha256 (2 MB hash in ~10 ms: cheap enough every load)."""
+    import hashlib
+    path = os.path.join(data_dir, name)
+    if not os.path.exists(path):
+        raise DatasetError(f"{path} is missing but manifest.json lists it; {_rerun(dataset)}")
+    size = os.path.getsize(path)
+    if size != record['bytes']:
+        raise DatasetError(f"{path} has {size:,} bytes, manifest.json records {record['bytes']:,} (truncated or "
+                           f"changed since prepare.py wrote it); {_rerun(dataset)}")
+    with open(path, 'rb') as f:
+        if hashlib.sha256(f.read()).hexdigest() != record['sha256']:
+            raise DatasetError(f"{path} differs from what prepare.py wrote (sha256 mismatch with manifest.json); "
+                               f"{_rerun(dataset)}")
+
+
+def dataset_meta(dataset):
+    """meta.pkl's dict, or None for a dataset without one (GPT-2 BPE). With a manifest, meta.pkl belongs to the
+    dataset exactly when the manifest lists it, and is checked against it."""
+    data_dir = os.path.join(DATA_DIR, dataset)
+    path = os.path.join(data_dir, 'meta.pkl')
+    manifest = _manifest(data_dir, dataset)
+    if manifest is not None:
+        if 'meta.pkl' not in manifest['files']:
+            return None
+        _check_file(data_dir, dataset, 'meta.pkl', manifest['files']['meta.pkl'])
+    return load_meta(path, dataset) if os.path.exists(path) else None
+
+
 def load_dataset(dataset, device):
-    """Both splits as int64 tensors on `device` (tiny-shakespeare is 1M tokens: 8 MB), prepared if missing."""
-    data_dir = os.path.join(HERE, 'data', dataset)
-    paths = [os.path.join(data_dir, f) for f in ('train.bin', 'val.bin', 'meta.pkl')]
-    if not all(os.path.exists(p) for p in paths):
-        prep = os.path.join(data_dir, 'prepare.py')
-        if not os.path.exists(prep):
-            have = sorted(d for d in os.listdir(os.path.join(HERE, 'data')) if not d.startswith('_'))
-            raise FileNotFoundError(f"dataset {dataset!r} not found in {data_dir} and has no prepare.py; "
-                                    f"available datasets: {', '.join(have)}")
+    """Both splits as int64 tensors on `device` (tiny-shakespeare is 1M tokens: 8 MB) and meta.pkl's dict (None
+    for a dataset without one: GPT-2 BPE). A folder counts as prepared when its manifest.json and every file
+    it lists exist; otherwise prepare.py runs (again: a folder from a prepare.py that wrote no manifest is
+    prepared anew, so that what trains is checked). Every file must match the manifest (size and sha256): a
+    truncated or changed file is a DatasetError that says to rerun prepare.py, never a silently smaller dataset."""
+    data_dir = os.path.join(DATA_DIR, dataset)
+    prep = os.path.join(data_dir, 'prepare.py')
+    manifest = _manifest(data_dir, dataset) if os.path.isdir(data_dir) else None
+    prepared = manifest is not None and all(os.path.exists(os.path.join(data_dir, f)) for f in manifest['files'])
+    bins = [os.path.join(data_dir, f) for f in ('train.bin', 'val.bin')]
+    if not prepared and os.path.exists(prep):
         import importlib.util
         spec = importlib.util.spec_from_file_location(f'prepare_{dataset}', prep)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
-        print(f"preparing dataset {dataset!r} ...")
-        mod.prepare(out_dir=data_dir)
-    import pickle
-    with open(paths[2], 'rb') as f:
-        meta = pickle.load(f)
+        unrecorded = manifest is None and all(map(os.path.exists, bins))
+        print(f"{data_dir} has no manifest.json (prepared by an earlier prepare.py): preparing it again"
+              if unrecorded else f"preparing dataset {dataset!r} ...")
+        try:
+            mod.prepare(out_dir=data_dir)
+        except getattr(mod, 'DatasetError', ()) as e:  # prepare.py's clear-message errors (offline, checksum)
+            raise DatasetError(f"{data_dir} has no manifest.json to check its files against, and preparing it "
+                               f"again failed: {e}" if unrecorded else str(e)) from None
+        manifest = _manifest(data_dir, dataset)
+    elif not prepared and not all(map(os.path.exists, bins)):
+        have = sorted(d for d in os.listdir(DATA_DIR) if not d.startswith('_'))
+        raise FileNotFoundError(f"dataset {dataset!r} not found in {data_dir} and has no prepare.py; "
+                                f"available datasets: {', '.join(have)}")
+    if manifest is None:  # a folder of .bin files without a prepare.py (e.g. nanoGPT's own): nothing to check with
+        print(f"note: {data_dir} has no manifest.json; its files are not checked")
+    else:
+        for name in ('train.bin', 'val.bin'):
+            if name not in manifest['files']:
+                raise DatasetError(f"{data_dir}/manifest.json does not list {name}; {_rerun(dataset)}")
+            _check_file(data_dir, dataset, name, manifest['files'][name])
+    meta = dataset_meta(dataset)
     splits = {s: torch.from_numpy(np.fromfile(p, dtype=np.uint16).astype(np.int64)).to(device)
-              for s, p in (('train', paths[0]), ('val', paths[1]))}
+              for s, p in zip(('train', 'val'), bins)}
     return splits, meta
+
+
+def check_block_size(splits, block_size, dataset):
+    """Every training and evaluation window is block_size + 1 consecutive tokens (the inputs, and the targets
+    shifted by one), so a split of M tokens holds windows for block_size <= M - 1."""
+    for split, d in splits.items():
+        if len(d) < block_size + 1:
+            raise ConfigError(f"block_size {block_size} exceeds the {len(d):,} tokens of {split} (data/{dataset}/"
+                              f"{split}.bin): a window takes block_size + 1 tokens, so block_size can be at most "
+                              f"{max(len(d) - 1, 0):,} here")
+
+
+def codec(dataset, vocab_size):
+    """(encode, decode) between text and a dataset's token ids: meta.pkl's characters, or GPT-2 BPE through
+    tiktoken when the dataset has no meta.pkl (as nanoGPT's sample.py does). vocab_size is the model's."""
+    meta = dataset_meta(dataset)
+    if meta is None:
+        if vocab_size < GPT2_VOCAB:
+            raise DatasetError(f"data/{dataset} has no meta.pkl, and a model with vocab_size {vocab_size} is not "
+                               f"GPT-2 BPE ({GPT2_VOCAB} tokens); {_rerun(dataset)}")
+        import tiktoken
+        enc = tiktoken.get_encoding('gpt2')
+
+        def decode(ids):
+            # ids of the padded vocabulary (50257..50303) are no GPT-2 token: a trained model never picks them,
+            # an untrained one may, so they show as U+FFFD rather than fail
+            b = b''.join(enc.decode_single_token_bytes(i) if i < enc.n_vocab else '\ufffd'.encode() for i in ids)
+            return b.decode('utf-8', errors='replace')
+        return (lambda s: enc.encode(s, allowed_special={'<|endoftext|>'})), decode
+    stoi, itos = meta['stoi'], meta['itos']
+
+    def encode(s):
+        unknown = sorted(set(s) - set(stoi))
+        if unknown:
+            raise ConfigError(f"prompt has characters outside the vocabulary: {unknown!r}")
+        return [stoi[c] for c in s]
+    return encode, lambda ids: ''.join(itos[int(i)] for i in ids)
 
 
 def atomic_torch_save(obj, path):
@@ -153,11 +347,56 @@ def fmt_time(s):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+class Progress:
+    """Progress through `count` units of work, with an ETA from the rate so far (weights: a unit's relative
+    cost, e.g. its tokens). text() is "k/n, elapsed, eta" for the lines a caller prints anyway. bar=True shows
+    progress of a phase that prints nothing else (an evaluation): a tqdm bar on a terminal; elsewhere (a log
+    file, a pipe) a plain line every `every` seconds, so a log gets lines, not carriage returns, and a short
+    phase stays silent."""
+
+    def __init__(self, count, desc='', weights=None, bar=False, every=30.0):
+        self.count, self.desc, self.every = count, desc, every
+        self.total = float(sum(weights)) if weights else float(count)
+        self.n, self.done, self.t0 = 0, 0.0, time.time()
+        self.last, self.bar = self.t0, None
+        self.plain = bar and not sys.stderr.isatty()
+        if bar and not self.plain:
+            from tqdm import tqdm
+            self.bar = tqdm(total=count, desc=desc, leave=False, delay=2.0, file=sys.stderr)
+
+    def update(self, weight=1.0):
+        self.n, self.done = self.n + 1, self.done + weight
+        if self.bar is not None:
+            self.bar.update(1)
+        elif self.plain and time.time() - self.last >= self.every and self.n < self.count:
+            self.last = time.time()
+            print(f"{self.desc}: {self.text()}", flush=True)
+
+    def skip(self, weight=1.0):
+        """A unit that cost (next to) nothing: counted, and its weight taken out of the work left."""
+        self.total -= weight
+        self.update(0.0)
+
+    def eta(self):
+        return (time.time() - self.t0) * (self.total - self.done) / self.done if self.done else None
+
+    def text(self):
+        eta = self.eta()
+        return (f"{self.n}/{self.count}, {fmt_time(time.time() - self.t0)} elapsed"
+                + (f", eta {fmt_time(eta)}" if eta is not None else ''))
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
 def execution_modes(gpt_cls, device_type, compile='auto', cuda_graphs='auto', ddp=False):
     """(use torch.compile, use CUDA graphs) for a model class on a device type, 'auto' = on for CUDA.
     Off, with the reason printed, where they can't work: compile for a model that declares a
     compile_problem, graphs under DDP. cuda_graphs=True without CUDA is an error. train() and bench's
     timings both decide here."""
+    check_value('compile', compile, None, TRISTATE)  # bool('no') would be True
+    check_value('cuda_graphs', cuda_graphs, None, TRISTATE)
     use_compile = (device_type == 'cuda') if compile == 'auto' else bool(compile)
     if use_compile and getattr(gpt_cls, 'compile_problem', None):
         print(f"torch.compile: off for {gpt_cls.__module__}: {gpt_cls.compile_problem}; running eagerly")

@@ -26,36 +26,54 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from runtime import ConfigError, load_dataset
+from runtime import ConfigError, Progress, check_block_size, load_dataset
 
 IGNORE = -100  # the target of a position that has none (model.GPT.forward's cross_entropy ignores it)
 
-TASK_KEYS = {
+# each task's keys: name=(default, meaning); `train_runner.py --task=X --help` and docs/configuration.md
+# are made from this table
+TABLE = {
     'lm': {},
     'mqar': dict(
-        seq_len=512,            # L: tokens per example (the model's block_size follows it; see check_config)
-        num_kv_pairs=64,        # kv: key-value pairs per example (and queries)
-        vocab=8192,             # V: keys from [1, V/2), values from [V/2, V); the model's vocab_size follows it
-        power_a=0.01,           # query slot i (1, 2, ... after the pairs) drawn with p(i) ~ a * i^(a - 1)
-        n_train=100_000,        # training examples
-        n_test=3_000,           # test examples (another seed)
-        data_seed=0,            # the examples' seed (the training seed `seed` shuffles them and inits the model)
-        epochs=64,              # 0: train for max_iters steps instead
-        early_stop_acc=0.99,    # stop once test accuracy exceeds this (0: never)
+        seq_len=(512, "L: tokens per example (the model's block_size follows it with block_size=0)"),
+        num_kv_pairs=(64, "key-value pairs per example (and as many queries); 4 x num_kv_pairs <= seq_len"),
+        vocab=(8192, "V: keys from [1, V/2), values from [V/2, V); the model's vocab_size follows it"),
+        power_a=(0.01, "query slot i (1, 2, ... after the pairs) drawn with p(i) ~ a * i^(a - 1); > 0"),
+        n_train=(100_000, "training examples"),
+        n_test=(3_000, "test examples (another seed)"),
+        data_seed=(0, "the examples' seed (the training seed `seed` shuffles them and inits the model)"),
+        epochs=(64, "passes over the training examples; 0: train for max_iters steps instead"),
+        early_stop_acc=(0.99, "stop once test accuracy exceeds this (0: never)"),
     ),
     'word_problem': dict(
-        group='S3',             # Z2 (parity), S3, A5, S5
-        train_len=128,          # T of the training sequences
-        test_lens=[128, 256, 512],  # test lengths (fresh samples at each); accuracy at train_len stops early
-        n_train=100_000,
-        n_test=1_000,           # test sequences per length
-        data_seed=0,
-        epochs=100,
-        early_stop_acc=0.0,     # DeltaProduct's runs train every epoch
+        group=('S3', "the group: " + ', '.join(('Z2 (parity)', 'S3', 'A5', 'S5'))),
+        train_len=(128, "T of the training sequences"),
+        test_lens=([128, 256, 512], "test lengths (fresh samples at each; --test_lens=256,512); the accuracy at "
+                                    "train_len stops early"),
+        n_train=(100_000, "training sequences"),
+        n_test=(1_000, "test sequences per length"),
+        data_seed=(0, "the sequences' seed (the training seed `seed` shuffles them and inits the model)"),
+        epochs=(100, "passes over the training sequences; 0: train for max_iters steps instead"),
+        early_stop_acc=(0.0, "stop once test accuracy at train_len exceeds this (0: never; DeltaProduct's runs "
+                             "train every epoch)"),
     ),
 }
-# keys whose value may also be one of these types (CLI: --test_lens=256,512 parses to a tuple)
-EXTRA_TYPES = {'test_lens': (tuple, int, str)}
+TASK_KEYS = {t: {k: d for k, (d, _) in keys.items()} for t, keys in TABLE.items()}
+HELP = {k: h for keys in TABLE.values() for k, (_, h) in keys.items()}
+# keys that take only these values (train_runner's CHOICES), and the lowest valid value of numeric keys
+# (train_runner's MINIMUM; checked before check_config derives anything from them)
+CHOICES = {'task': tuple(TABLE), 'group': ('Z2', 'S3', 'A5', 'S5')}
+MINIMUM = dict(num_kv_pairs=1, n_train=1, n_test=1, data_seed=0, epochs=0, train_len=1, early_stop_acc=0.0)
+
+
+# the training and model keys' defaults an examples task changes (tasks.check_config resolves them):
+# block_size 0 (the longest sequence), max_iters 0 (the length comes from epochs), eval_interval 0 (every epoch)
+EXAMPLES_DEFAULTS = dict(block_size=0, max_iters=0, eval_interval=0)
+
+
+def defaults(task):
+    """The task's defaults of training and model keys (applied after theirs, before a config file's)."""
+    return {} if task == 'lm' else dict(EXAMPLES_DEFAULTS)
 
 
 def task_keys(task):
@@ -83,35 +101,24 @@ def check_config(cfg):
     Examples tasks: block_size 0 -> the longest sequence; max_iters from epochs; eval_interval 0 -> one epoch."""
     task = cfg['task']
     task_keys(task)
-    if task == 'lm':
-        if cfg['block_size'] < 1:
-            raise ConfigError(f"block_size must be >= 1 for task 'lm' (the window length), got {cfg['block_size']}")
+    if task == 'lm':  # block_size: train_runner's MINIMUM
         return cfg
-    for k in ('n_train', 'n_test'):
-        if cfg[k] < 1:
-            raise ConfigError(f"{k} must be >= 1, got {cfg[k]}")
     if task == 'mqar':
         L, kv, V = cfg['seq_len'], cfg['num_kv_pairs'], cfg['vocab']
         if L < 2 or L % 2:
             raise ConfigError(f"seq_len must be even (key-value pairs, then 2-token query slots), got {L}")
         if V <= L:
             raise ConfigError(f"vocab must be > seq_len (Zoology's protocol), got vocab {V}, seq_len {L}")
-        if kv < 1 or 4 * kv > L:
+        if 4 * kv > L:
             raise ConfigError(f"num_kv_pairs must be in 1 .. seq_len/4 = {L // 4} (4 kv <= L: room for a query "
                               f"of every key), got {kv}")
         if not cfg['power_a'] > 0:
             raise ConfigError(f"power_a must be > 0, got {cfg['power_a']}")
     else:
-        if cfg['group'] not in GROUPS:
-            raise ConfigError(f"unknown group {cfg['group']!r}; valid choices: {', '.join(GROUPS)}")
-        lens = cfg['test_lens']
-        lens = [int(s) for s in lens.split(',') if s.strip()] if isinstance(lens, str) else \
-            list(lens) if isinstance(lens, (list, tuple)) else [lens]
+        lens = cfg['test_lens']  # a list (train_runner's check_value makes the command line's tuple one)
         if not lens or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in lens):
             raise ConfigError(f"test_lens must be positive ints (e.g. [128, 256, 512]), got {cfg['test_lens']!r}")
         cfg['test_lens'] = sorted(set(lens))
-        if cfg['train_len'] < 1:
-            raise ConfigError(f"train_len must be >= 1, got {cfg['train_len']}")
     if not 0 <= cfg['early_stop_acc'] <= 1:
         raise ConfigError(f"early_stop_acc must be in [0, 1] (0: no early stopping), got {cfg['early_stop_acc']}")
     need = max_len(cfg)
@@ -124,8 +131,6 @@ def check_config(cfg):
     if spe < 1:
         raise ConfigError(f"n_train ({cfg['n_train']}) is less than one step's examples (batch_size x "
                           f"gradient_accumulation_steps = {cfg['batch_size'] * cfg['gradient_accumulation_steps']})")
-    if cfg['epochs'] < 0:
-        raise ConfigError(f"epochs must be >= 0 (0: train for max_iters steps), got {cfg['epochs']}")
     if cfg['epochs'] > 0:
         if cfg['max_iters'] not in (0, cfg['epochs'] * spe):
             raise ConfigError(f"give epochs or max_iters, not both: epochs={cfg['epochs']} is "
@@ -136,6 +141,12 @@ def check_config(cfg):
     if cfg['eval_interval'] == 0:
         cfg['eval_interval'] = spe
     return cfg
+
+
+def vocab_size(cfg):
+    """The model's vocab_size for an examples task's config (None for lm: the dataset's, known once loaded)."""
+    return {'mqar': lambda: cfg['vocab'], 'word_problem': lambda: len(group_table(cfg['group']))}.get(
+        cfg['task'], lambda: None)()
 
 
 def make_task(cfg, device, eval_bs):
@@ -160,28 +171,34 @@ class LMTask:
 
     def __init__(self, cfg, device, eval_bs):
         self.data, self.meta = load_dataset(cfg['dataset'], device)
-        self.vocab_size = self.meta['vocab_size']
+        # no meta.pkl: GPT-2 BPE, its 50257 tokens padded to 50304, a multiple of 64, as nanoGPT pads
+        self.vocab_size = self.meta['vocab_size'] if self.meta else 50304
         self.block_size = self.train_len = cfg['block_size']
+        check_block_size(self.data, self.block_size, cfg['dataset'])
         g = torch.Generator().manual_seed(12345)  # same evaluation windows for every run, model and seed
-        self.eval_ix = {s: [torch.randint(len(d) - self.block_size - 1, (eval_bs,), generator=g)
+        # a window starts at 0 .. len - block_size - 1 (it takes block_size + 1 tokens): randint's high is exclusive
+        self.eval_ix = {s: [torch.randint(len(d) - self.block_size, (eval_bs,), generator=g)
                             for _ in range(cfg['eval_iters'])] for s, d in self.data.items()}
         self.early_stop_acc = 0.0
 
     def train_batch(self, batch_size, gen, index):
         """A batch of random windows drawn with gen (index, the batch's number in the run, is unused)."""
         d = self.data['train']
-        return get_batch(d, torch.randint(len(d) - self.block_size - 1, (batch_size,), generator=gen), self.block_size)
+        return get_batch(d, torch.randint(len(d) - self.block_size, (batch_size,), generator=gen), self.block_size)
 
     @torch.no_grad()
-    def evaluate(self, model, autocast):
+    def evaluate(self, model, autocast, desc=''):
         out = {}
+        progress = Progress(sum(map(len, self.eval_ix.values())), desc, bar=True)  # minutes on CPU
         for split, ixs in self.eval_ix.items():
             losses = torch.zeros(len(ixs))
             for i, ix in enumerate(ixs):
                 X, Y = get_batch(self.data[split], ix, self.block_size)
                 with autocast:
                     losses[i] = model(X, Y)[1].item()
+                progress.update()
             out[split] = losses.mean().item()
+        progress.close()
         return out
 
 
@@ -238,7 +255,7 @@ class ExamplesTask:
             acc_sum += (correct / mask.sum(1).clamp_min(1)).double().sum()
         return (loss_sum / n_targets).item(), (acc_sum / len(x_all)).item()
 
-    def evaluate(self, model, autocast):
+    def evaluate(self, model, autocast, desc=''):
         """{'train': loss, 'val': test loss, 'train_acc', 'test_acc', ...}: the train figures over the first
         n_test training examples; 'val' / 'test_acc' on the first test set (early stopping reads it)."""
         n = min(self.cfg['n_test'], len(self.train[0]))
@@ -334,7 +351,7 @@ class MQARTask(ExamplesTask):
         s_train, s_test = mqar_seeds(cfg['data_seed'])
         self.train = self._to_device(*_mqar_cached(cfg['n_train'], *args, s_train, cfg['power_a']))
         self.tests = {'test': self._to_device(*_mqar_cached(cfg['n_test'], *args, s_test, cfg['power_a']))}
-        self.vocab_size = cfg['vocab']
+        self.vocab_size = vocab_size(cfg)
         self.train_len = cfg['seq_len']
 
 
@@ -402,5 +419,5 @@ class WordProblemTask(ExamplesTask):
         # the training length first: 'val' and early stopping read it
         lens = [cfg['train_len']] + [n for n in cfg['test_lens'] if n != cfg['train_len']]
         self.tests = {str(n): self._to_device(*word_problems(cfg['n_test'], n, G, (s, 1, n))) for n in lens}
-        self.vocab_size = len(group_table(G))
+        self.vocab_size = vocab_size(cfg)
         self.train_len = cfg['train_len']

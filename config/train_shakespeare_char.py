@@ -21,7 +21,7 @@ dropout = 0.2
 
 learning_rate = 1e-3     # the best of [5e-4, 1e-3, 3e-3] is chosen per model by the sweep
 max_iters = 3000
-lr_decay_iters = 3000    # make equal to max_iters usually
+# lr_decay_iters is left at 0: the decay ends at max_iters, also when an override changes it
 min_lr = 0.0             # 0 -> learning_rate / 10 (nanoGPT's 1e-4 at lr 1e-3), so LR overrides scale it too
 beta2 = 0.99             # a bit bigger because the number of tokens per iter is small
 warmup_iters = 100

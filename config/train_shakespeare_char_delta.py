@@ -6,4 +6,3 @@ out_dir = 'out-shakespeare-char-delta'
 model_type = 'delta'
 learning_rate = 1e-3
 max_iters = 3000
-lr_decay_iters = 3000

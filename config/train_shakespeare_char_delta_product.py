@@ -8,4 +8,3 @@ num_householder = 2
 allow_neg_eigval = False
 learning_rate = 1e-3
 max_iters = 3000
-lr_decay_iters = 3000

@@ -14,7 +14,7 @@ n_embd = 384
 dropout = 0.2
 learning_rate = 1e-3
 max_iters = 5000
-lr_decay_iters = 5000
+# lr_decay_iters is left at 0: the decay ends at max_iters, also when an override changes it
 min_lr = 1e-4
 beta2 = 0.99
 warmup_iters = 100

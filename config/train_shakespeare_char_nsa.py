@@ -12,4 +12,3 @@ nsa_block_counts = 4
 nsa_window_size = 64
 learning_rate = 1e-3
 max_iters = 3000
-lr_decay_iters = 3000

@@ -24,6 +24,7 @@ SIZES = dict(
     memory=dict(contexts=[16, 32], batches=[1, 4]),
     latency=dict(contexts=[8, 16], n_decode=2, trials=1),
     throughput=dict(shapes=[(2, 16)], iters=1, warmup=1),
+    decode_throughput=dict(contexts=[16], batches=[1, 2], max_batch=4, n_tokens=2, repeats=2),
 )
 BAKEOFF_FILES = ['bakeoff.csv', 'bakeoff_lr.csv', 'bakeoff_ppl_vs_flops.csv', 'bakeoff.meta.json',
                  'bakeoff_val_loss.png', 'bakeoff_ppl_vs_flops.png']
@@ -82,6 +83,7 @@ def results(tmp_path_factory):
     rows = dict(params=bench.params(out, tiny=True),
                 memory=bench.memory(out, tiny=True, **SIZES['memory']),
                 latency=bench.latency(out, tiny=True, **SIZES['latency']),
+                decode_throughput=bench.decode_throughput(out, tiny=True, **SIZES['decode_throughput']),
                 throughput=bench.throughput(out, tiny=True, **SIZES['throughput']),
                 bakeoff=bench.bakeoff(out))
     bench.report(out)
@@ -92,7 +94,7 @@ def test_models_available():
     assert 'vanilla' in [mt for mt, _ in bench.available_models()]
 
 
-@pytest.mark.parametrize('name', ['params', 'memory', 'latency', 'throughput'])
+@pytest.mark.parametrize('name', ['params', 'memory', 'latency', 'decode_throughput', 'throughput'])
 def test_benchmark_files(results, name):
     out, rows = results
     for ext in ('.csv', '.meta.json', '.png'):
@@ -184,8 +186,77 @@ def test_latency_rows(results):
         # no CUDA here: eager steps only, and they are the headline
         assert r['decode_mode'] == 'eager' and r['decode_eager_ms_per_token'] == r['decode_ms_per_token']
         assert not r['decode_graph_ms_per_token'] and not r['decode_compiled_ms_per_token']
+        # generate() end to end beside the step: eager on CPU, its ratio to the step in the same row
+        assert r['generate_mode'] == 'eager' and float(r['generate_ms_per_token']) > 0
+        assert r['generate_eager_ms_per_token'] == r['generate_ms_per_token']
+        assert float(r['generate_vs_step']) == pytest.approx(
+            float(r['generate_ms_per_token']) / float(r['decode_ms_per_token']), rel=1e-4)
+    md = open(os.path.join(out, 'REPORT.md')).read()
+    assert '**Generation as users run it**' in md and "sample.py's defaults" in md
     with pytest.raises(ValueError, match="cuda_graph must be 'auto' or False"):
         bench.latency(out=out, tiny=True, device='cpu', cuda_graph=True)
+
+
+def test_generate_sampling_is_sample_py_default():
+    import sample
+    assert bench.GENERATE_SAMPLING == {k: sample.DEFAULTS[k] for k in ('temperature', 'top_k')}
+
+
+def test_decode_throughput_rows(results):
+    """The tiny grid (contexts 16, batches 1 and 2) for every model, then doubling to max_batch 4: the
+    largest batch marked, tokens/s = batch x steps / the median run, each against vanilla's; the report
+    says where the others overtake vanilla."""
+    out, _ = results
+    table = read(os.path.join(out, 'decode_throughput.csv'))
+    models = [mt for mt, _ in bench.available_models()]
+    assert [(r['model'], r['batch'], r['source']) for r in table] == \
+        [(mt, b, src) for mt in models for b, src in (('1', 'grid'), ('2', 'grid'), ('4', 'doubling'))]
+    van = {r['batch']: float(r['tokens_per_s']) for r in table if r['model'] == 'vanilla'}
+    for r in table:
+        assert r['status'] == 'ok' and r['mode'] == 'eager'
+        assert float(r['tokens_per_s_min']) <= float(r['tokens_per_s']) <= float(r['tokens_per_s_max'])
+        assert float(r['tokens_per_s']) == pytest.approx(int(r['batch']) * 2 / float(r['ms_per_step']) * 1e3 / 2,
+                                                         rel=1e-4)
+        assert float(r['vs_vanilla']) == pytest.approx(float(r['tokens_per_s']) / van[r['batch']], rel=1e-4)
+        assert (r['largest_fitting'] == 'True') == (r['batch'] == '4')
+    assert {r['limit'] for r in table if r['largest_fitting']} == {'max_batch 4 reached'}
+    md = open(os.path.join(out, 'REPORT.md')).read()
+    assert '## Decode throughput at batch' in md and '](decode_throughput.png)' in md
+    assert 'Where the other models overtake vanilla' in md and '- context 16: delta ' in md
+
+
+def test_decode_throughput_doubles_to_the_memory_wall(tmp_path, monkeypatch):
+    """Out of memory ends a (model, context) series: the grid batches past it are skipped, doubling then
+    searches between the largest batch that ran and the first that did not, and the largest is marked with
+    what stopped it. With times where DeltaNet's step costs little more at a larger batch and vanilla's grows
+    with batch x context, the report finds the batch where DeltaNet overtakes vanilla."""
+    def fake(m, B, L, n, repeats, device, mode):
+        mt = m.config.model_type
+        if B * L > {'vanilla': 24 * 16, 'delta': 10 ** 9}[mt]:
+            raise torch.cuda.OutOfMemoryError('CUDA out of memory (simulated)')
+        ms = (1 + 0.03 * B * L) if mt == 'vanilla' else (2 + 0.05 * B)
+        return [ms * n, ms * n * 1.1][:repeats]
+    monkeypatch.setattr(bench, 'time_batched_decode', fake)
+    rows = bench.decode_throughput(str(tmp_path), tiny=True, device='cpu', models='vanilla,delta', contexts=[16],
+                                   batches=[1, 8, 64], max_batch=256, n_tokens=2, repeats=2)
+    st = {(r['model'], r['batch']): (r['status'], r['source']) for r in rows}
+    assert st[('vanilla', 64)] == ('OOM', 'grid') and st[('vanilla', 16)] == ('ok', 'doubling')
+    assert st[('vanilla', 32)] == ('OOM', 'doubling') and ('vanilla', 128) not in st
+    assert [r['batch'] for r in rows if r.get('largest_fitting')] == [16, 256]
+    assert [r['limit'] for r in rows if r.get('largest_fitting')] == ['OOM at batch 32', 'max_batch 256 reached']
+    lines = report.overtakes(read(os.path.join(tmp_path, 'decode_throughput.csv')))
+    assert len(lines) == 1 and lines[0].startswith('- context 16: delta overtakes vanilla from batch 8 on'), lines
+    assert 'at the largest batch each ran (delta 256, vanilla 16)' in lines[0]
+    # a grid batch out of memory skips the larger grid batches
+    monkeypatch.setattr(bench, 'time_batched_decode', lambda m, B, *a: (_ for _ in ()).throw(
+        torch.cuda.OutOfMemoryError('CUDA out of memory')) if B >= 8 else [1.0, 1.0])
+    rows = bench.decode_throughput(str(tmp_path), tiny=True, device='cpu', models='vanilla', contexts=[16],
+                                   batches=[1, 8, 64], max_batch=256, n_tokens=2, repeats=2)
+    assert [(r['batch'], r['status']) for r in rows] == [(1, 'ok'), (8, 'OOM'), (64, 'skipped (OOM at 8)'),
+                                                       (2, 'ok'), (4, 'ok')]
+    assert rows[-1]['largest_fitting'] and rows[-1]['limit'] == 'OOM at batch 8'
+    with pytest.raises(ValueError, match='needs CUDA'):
+        bench.decode_throughput(str(tmp_path), tiny=True, device='cpu', compile=True)
 
 
 def test_latency_keeps_the_fastest_decode_mode_and_notes_a_failed_graph():
@@ -248,8 +319,8 @@ def test_bakeoff_values(results):
     assert table['vanilla']['best_val_loss_std'] == f'{math.sqrt(0.005 ** 2 * 2):.4f}'
     assert table['vanilla']['val_ppl_mean'] == f'{(math.exp(1.3) + math.exp(1.31)) / 2:.4f}'
     assert table['vanilla']['n_seeds'] == '2'
-    # the tiny memory run: no OOM up to 32 on CUDA; peak memory not measured on CPU
-    assert table['vanilla']['oom_context_b1'] == ('>32' if torch.cuda.is_available() else '-')
+    # the tiny memory run: no OOM up to 32 on CUDA; on CPU (no peak-memory counter) the column says so
+    assert table['vanilla']['oom_context_b1'] == ('>32' if torch.cuda.is_available() else 'needs CUDA')
     lr = read(os.path.join(out, 'bakeoff_lr.csv'))
     assert len(lr) == 4 and sum(r['best'] == 'True' for r in lr) == 2
     curve = read(os.path.join(out, 'bakeoff_ppl_vs_flops.csv'))

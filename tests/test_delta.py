@@ -12,6 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import model  # noqa: E402
 import model_delta as md  # noqa: E402
+from helpers import mixer_grad_errors, unit_scale_mixers_  # noqa: E402
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -205,13 +206,6 @@ def tiny(seed=0, dtype=torch.float32, **kw):
 def test_param_count_full_config():
     n = model.build_model('delta').get_num_params(False)
     assert abs(n / 10_745_088 - 1) < 0.03, n
-
-
-def test_flops_per_token():
-    m = model.build_model('delta', **md.TINY)
-    f = m.transformer.h[0].mixer.flops_per_token(256)
-    assert isinstance(f, int) and f > 0
-    assert m.transformer.h[0].mixer.flops_per_token(8) < f  # short contexts use short chunks
 
 
 @pytest.mark.parametrize('prompt_len', [1, 63, 256])
@@ -409,24 +403,33 @@ def test_decode_continuation_cuda_fla():
 @cuda
 @pytest.mark.cuda
 def test_model_fwd_bwd_fla_vs_torch():
-    """The same weights through the fla path (fp32 model: the mixer feeds the kernel bf16) and the
-    torch path (fp32 throughout): loss and every gradient agree up to the kernel's bf16 rounding."""
+    """The same weights through the fla path (fp32 model: the mixer feeds the kernel bf16) and the torch
+    path (fp32 throughout), with the mixers at unit scale (tests/helpers.py; at GPT-2's init a mixer barely
+    moves the residual stream and its gradients are tiny): the loss, and each mixer parameter's gradient
+    within MIXER_TOL = 3e-2 relative RMS. That is the kernel's own 1e-2 (on identical bf16 inputs), plus
+    the rounding of its inputs to bf16, which the torch path doesn't do, through two layers; a weight in
+    the wrong role or a wrong gate is an O(1) error."""
+    MIXER_TOL = 3e-2
     torch.manual_seed(0)
-    m_fla = md.GPT(md.GPTConfig(**md.TINY, backend='fla')).cuda()
+    m_fla = unit_scale_mixers_(md.GPT(md.GPTConfig(**md.TINY, backend='fla'))).cuda()
     m_ref = md.GPT(md.GPTConfig(**md.TINY, backend='torch')).cuda()
     m_ref.load_state_dict(m_fla.state_dict())
     idx = torch.randint(0, 65, (4, 512), device='cuda')
     tgt = torch.randint(0, 65, (4, 512), device='cuda')
     _, loss_fla = m_fla(idx, targets=tgt)
     loss_fla.backward()
-    _, loss_ref = m_ref(idx, targets=tgt)
-    loss_ref.backward()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # a true fp32 reference
+    try:
+        _, loss_ref = m_ref(idx, targets=tgt)
+        loss_ref.backward()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     assert abs(loss_fla.item() / loss_ref.item() - 1) < 1e-2
-    g_fla = torch.cat([p.grad.flatten() for p in m_fla.parameters()])
-    g_ref = torch.cat([p.grad.flatten() for p in m_ref.parameters()])
-    assert md.rel_rms(g_fla, g_ref) < 3e-2
-    for (n, p), q in zip(m_fla.named_parameters(), m_ref.parameters()):
-        assert md.rel_rms(p.grad, q.grad) < 1e-1, n
+    errs = mixer_grad_errors(m_fla, m_ref, md.rel_rms)
+    assert len(errs) == 2 * len(list(m_fla.transformer.h[0].mixer.parameters()))
+    assert all(e < MIXER_TOL for e in errs.values()), errs
+    assert all(torch.isfinite(p.grad).all() for p in m_fla.parameters())
     # and a bf16-autocast training step on the fla path runs with finite gradients
     m_fla.zero_grad()
     with torch.autocast('cuda', dtype=torch.bfloat16):

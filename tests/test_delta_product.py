@@ -11,6 +11,7 @@ from torch.nn import functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model  # noqa: E402
 import model_delta_product as dp  # noqa: E402
+from helpers import mixer_grad_errors, unit_scale_mixers_  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
@@ -205,7 +206,6 @@ def test_build_model_and_flags():
     assert isinstance(mixer, dp.GatedDeltaProductMixer)
     assert mixer.A_log._no_weight_decay and mixer.dt_bias._no_weight_decay
     assert torch.isfinite(mixer.A_log).all() and (mixer.A_log.exp() >= 1).all()
-    assert mixer.flops_per_token(256) > 0
     with pytest.raises(ValueError, match='backend'):
         dp.GPT(dp.GPTConfig(**{**dp.TINY, 'backend': 'cuda'}))
     with pytest.raises(ValueError, match='expand_v'):
@@ -277,7 +277,7 @@ def test_causality():
 
 # model-level CUDA tests use the kernel tests' head shapes (4 heads of 64), so that fla's first-call
 # autotuning (minutes on a fresh machine) is paid once
-GPU_SHAPES = dict(n_head=4, head_dim=64)
+GPU_SHAPES = dict(n_head=4, head_dim=64, d_ff=128)  # the kernel's head size; d_ff given: too wide to match at n_embd 64
 
 def kernel_vs_ref(T, neg_eigval=False, B=2, H=4, D=64, n=2):
     """fla bf16 (the mixer's call: q/k l2norm in the kernel) vs the fp32 chunked reference on the same
@@ -327,18 +327,29 @@ def test_selfcheck_passes():
 
 @pytest.mark.cuda
 @needs_cuda
+@pytest.mark.xfail(strict=True, reason=(
+    "measured on the H200 at f8b25d4 (results/cuda-tests/f8b25d4/tests_gdp.log): a mixer parameter's gradient is "
+    "over MIXER_TOL at unit-scale weights (the fla-layer equivalence test passes); not yet diagnosed"))
 def test_cuda_mixer_fla_matches_torch_backend():
-    """The whole model under bf16 autocast: fla backend vs torch backend, loss and gradients."""
+    """The whole model under bf16 autocast, fla backend vs torch backend, with the mixers at unit scale
+    (tests/helpers.py: at GPT-2's init the mixers barely move the residual stream, and the embedding and MLP
+    gradients would hide theirs): the loss, and each mixer parameter's gradient within MIXER_TOL = 2e-2
+    relative RMS. Both sides round the same activations to bf16 (autocast), so what differs is the kernel's
+    own arithmetic (1e-2 in the kernel tests), through two layers."""
+    MIXER_TOL = 2e-2
     idx = torch.randint(0, 65, (4, 200), generator=torch.Generator().manual_seed(0)).cuda()
-    out = {}
+    models, losses = {}, {}
     for backend in ('fla', 'torch'):
-        m = tiny_model(torch.float32, backend=backend, **GPU_SHAPES).cuda().train()
+        m = unit_scale_mixers_(tiny_model(torch.float32, backend=backend, **GPU_SHAPES)).cuda().train()
         with torch.autocast('cuda', dtype=torch.bfloat16):
             _, loss = m(idx, idx)
         loss.backward()
-        out[backend] = (loss.item(), torch.cat([p.grad.flatten() for p in m.parameters()]))
-    assert abs(out['fla'][0] - out['torch'][0]) < 1e-2 * abs(out['torch'][0])
-    assert rel_rms(out['fla'][1], out['torch'][1]) < 0.03
+        models[backend], losses[backend] = m, loss.item()
+    assert abs(losses['fla'] - losses['torch']) < 1e-2 * abs(losses['torch'])
+    errs = mixer_grad_errors(models['fla'], models['torch'], rel_rms)
+    assert len(errs) == 2 * len(list(models['fla'].transformer.h[0].mixer.parameters()))
+    over = {n: round(e, 4) for n, e in errs.items() if not e < MIXER_TOL}
+    assert not over, f"over {MIXER_TOL}: {over}; all: {errs}"
 
 
 @pytest.mark.cuda

@@ -1,6 +1,9 @@
 """Properties every model must have, whatever its mixer: the decoding cache computes the same function
 as the full forward, batch rows don't interact, the future doesn't leak, and parameters are matched."""
 import functools
+import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -26,6 +29,25 @@ def test_parameter_matching(model_type):
     if model_type == 'vanilla':
         assert n == VANILLA_PARAMS  # nanoGPT's shakespeare_char model, 10.745M with learned positions
     assert abs(n - VANILLA_PARAMS) / VANILLA_PARAMS < 0.03, f"{model_type}: {n:,} params"
+
+
+@pytest.mark.parametrize('model_type,more', [('delta', 34.1), ('delta_product', 133.2)])
+def test_a_missed_match_is_an_error_naming_widths_that_fit(model_type, more):
+    """At n_embd=96 the mixers' default widths outweigh vanilla's attention + MLP: d_ff clamps at 8 and the
+    model had +34% / +133% of vanilla's parameters without a word. Now it is an error naming widths that
+    would match; each of them does (within 3%), and an explicit d_ff builds the unmatched model."""
+    import re
+    with pytest.raises(ValueError, match=rf"parameter matching failed for {model_type}.*\+{more}% of vanilla's") as e:
+        model_lib.build_model(model_type, n_embd=96)
+    msg = str(e.value)
+    fits = re.findall(r'(n_head|head_dim)=(\d+) or less', msg) + re.findall(r'(n_embd)=(\d+) or more', msg)
+    assert {k for k, _ in fits} == {'n_head', 'head_dim', 'n_embd'}, msg
+    for k, v in fits:
+        kw = {'n_embd': 96, k: int(v)}
+        n = model_lib.build_model(model_type, **kw).get_num_params(non_embedding=False)
+        target = model_lib.build_model('vanilla', n_embd=kw['n_embd'], n_head=1).get_num_params(non_embedding=False)
+        assert abs(n - target) / target <= model_lib.MATCH_TOLERANCE, (kw, n, target)
+    assert model_lib.build_model(model_type, n_embd=96, d_ff=8).config.d_ff == 8  # matching off: no error
 
 
 @pytest.mark.parametrize('model_type', MODEL_TYPES)
@@ -146,6 +168,152 @@ def test_generate_rejects_bad_arguments():
         m.generate(torch.zeros(1, 1, dtype=torch.long), 3, top_k=0)
 
 
+# ----------------------------------------------------------------------------- sampling
+
+
+def lively(m):
+    """Weights of unit gain (std 1/sqrt(fan_in)), so that a random model's greedy continuation is not one
+    token repeated (GPT-2's 0.02 init makes the logits nearly flat)."""
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, p.shape[-1] ** -0.5)
+    return m
+
+
+def previous_greedy_generate(m, prompt, n):
+    """generate(temperature=0) as it was before the draw moved onto the device: the cache, the window
+    slide, eager argmax and a torch.cat per token (the reference the new path must equal token for token)."""
+    ctx = m.max_context
+    crop = (lambda s: s) if ctx is None else (lambda s: s[:, -ctx:])
+    total = prompt.size(1) + n
+    state = m.init_state(prompt.size(0), total if ctx is None else min(total, ctx))
+    logits, _ = m(crop(prompt), state=state, last_only=True)
+    idx = prompt
+    for i in range(n):
+        nxt = logits[:, -1, :].argmax(dim=-1, keepdim=True)
+        idx = torch.cat((idx, nxt), dim=1)
+        if i == n - 1:
+            break
+        if ctx is not None and state.pos >= ctx:
+            state.reset()
+            logits, _ = m(crop(idx), state=state, last_only=True)
+        else:
+            logits, _ = m(nxt, state=state, last_only=True)
+    return idx
+
+
+# a one-token prompt for every model; for vanilla also 70 > block_size 64 (its window slides at every token)
+@pytest.mark.parametrize('model_type,plen', [(mt, 1) for mt in MODEL_TYPES] + [('vanilla', 70)])
+def test_greedy_generation_equals_the_previous_path(model_type, plen):
+    """Greedy decoding through the sampler (the preallocated buffer, the device-side column, argmax in
+    sample_logits) gives the tokens the previous loop gave, for temperature 0 and for top_k=1."""
+    m = lively(tiny(model_type))
+    torch.manual_seed(1)
+    prompt = torch.randint(0, 65, (2, plen))
+    want = previous_greedy_generate(m, prompt, 20)
+    assert torch.equal(m.generate(prompt, 20, temperature=0), want)
+    assert torch.equal(m.generate(prompt, 20, temperature=0.7, top_k=1), want)
+    assert len(set(want[:, plen:].flatten().tolist())) > 2  # not a degenerate constant continuation
+
+
+def chi2_sf_even_dof(x, dof):
+    """P(chi^2_dof > x) for an even dof, in closed form: exp(-x/2) sum_{i < dof/2} (x/2)^i / i!."""
+    assert dof % 2 == 0
+    return math.exp(-x / 2) * sum((x / 2) ** i / math.factorial(i) for i in range(dof // 2))
+
+
+# a fixed small vocabulary: the kept top-5 are tokens 7, 0, 1, 2, 3
+DIST_LOGITS = [2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, 3.0, -2.0, 0.2]
+DIST_T, DIST_K, DIST_N = 0.8, 5, 40_000
+
+
+def check_top_k_distribution(draw, device):
+    """Draw DIST_N tokens with draw(logits (N, 1, V), temperature tensor, top_k) and test them against the
+    renormalised softmax(logits / T) over the top 5: a chi-square test over the 5 kept tokens (dof 4), passed
+    at p > 1e-3; no other token may appear. The same counts tested against the untempered softmax (T = 1) must
+    fail it: N is large enough for the test to see a wrong temperature."""
+    logits = torch.tensor(DIST_LOGITS)
+    kept = torch.topk(logits, DIST_K).indices.sort().values
+    assert kept.tolist() == [0, 1, 2, 3, 7]
+    torch.manual_seed(1234)
+    x = logits.to(device).expand(DIST_N, 1, -1).contiguous()
+    tokens = draw(x, torch.tensor(DIST_T, device=device), DIST_K).flatten().cpu()
+    assert tokens.shape == (DIST_N,)
+    counts = torch.bincount(tokens, minlength=len(DIST_LOGITS)).double()
+    assert counts[[i for i in range(len(DIST_LOGITS)) if i not in kept]].sum() == 0, counts
+    pvals = []
+    for T in (DIST_T, 1.0):
+        p = torch.softmax(logits[kept].double() / T, dim=0)
+        expected = DIST_N * p
+        stat = ((counts[kept] - expected) ** 2 / expected).sum().item()
+        pvals.append(chi2_sf_even_dof(stat, DIST_K - 1))
+    assert pvals[0] > 1e-3, f"chi-square p = {pvals[0]:.2e} against the renormalised top-k softmax ({counts})"
+    assert pvals[1] < 1e-3, f"the test can't tell T = {DIST_T} from T = 1 (p = {pvals[1]:.2e})"
+
+
+def test_top_k_sampling_distribution():
+    """sample_logits (the sampler every step runs, eager here) draws from the renormalised top-k softmax."""
+    check_top_k_distribution(model_lib.sample_logits, 'cpu')
+
+
+@pytest.mark.skipif(not shutil.which(os.environ.get('CXX', 'g++')), reason="inductor's CPU backend needs a C++ compiler")
+@torch.no_grad()
+def test_compiled_sampler_draws_what_the_eager_sampler_draws():
+    """compiled_sampler() (inductor, here on the CPU) takes the eager sampler's numbers from the same RNG state
+    and leaves the generator where the eager one does: what lets the CUDA tests compare compiled and eager
+    generations token for token. Without fallback_random inductor draws from a generator of its own, and
+    without an explicit rate in exponential_ its Gumbel-max pass fails the compilation: both failed here."""
+    x = torch.randn(256, 1, 65, generator=torch.Generator().manual_seed(0))
+    temperature = torch.tensor(0.8)
+    torch._dynamo.reset()
+    for top_k in (20, None):
+        out = []
+        for fn in (model_lib.sample_logits, model_lib.compiled_sampler()):
+            torch.manual_seed(5)
+            out.append((fn(x, temperature, top_k), torch.rand(3)))
+        assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1]), top_k
+    assert torch.equal(model_lib.compiled_sampler()(x, None, None), x[:, -1].argmax(-1, keepdim=True))
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize('model_type', MODEL_TYPES)
+def test_seeded_sampling_is_reproducible(model_type):
+    """The same seed gives the same tokens, another seed other tokens; and cached decoding draws what
+    uncached decoding draws (the same logits, in float64, and the same RNG stream: one draw per token)."""
+    m = lively(tiny(model_type))
+    prompt = torch.randint(0, 65, (2, 9), generator=torch.Generator().manual_seed(3))
+    runs = {}
+    for seed, cache in ((5, True), (5, True), (6, True), (5, False)):
+        torch.manual_seed(seed)
+        runs.setdefault((seed, cache), []).append(m.generate(prompt, 16, temperature=0.9, top_k=20, use_cache=cache))
+    a, b = runs[(5, True)]
+    assert torch.equal(a, b)
+    assert not torch.equal(a, runs[(6, True)][0])
+    assert torch.equal(a, runs[(5, False)][0])
+    assert len(set(a[:, 9:].flatten().tolist())) > 5  # a real sample, not a greedy-like constant
+
+
+def test_generate_stats_and_the_compile_decision():
+    """generate(stats=...) says how it ran; compile='auto' compiles only when the steps pay for it."""
+    m = tiny('vanilla')
+    st = {}
+    y = m.generate(torch.zeros(1, 3, dtype=torch.long), 6, temperature=0.8, top_k=10, stats=st)
+    assert y.shape == (1, 9)
+    assert st['mode'] == 'eager' and st['why'].startswith('no CUDA') and st['decode_steps'] == 5
+    assert st['prefill_s'] > 0 and st['decode_s'] > 0 and st['ms_per_token'] == pytest.approx(1e3 * st['decode_s'] / 5)
+    pays, why = model_lib.compile_pays('delta', 10_000)
+    assert not pays and '10,000 steps < ' in why
+    n = math.ceil(model_lib.COMPILE_COST_S * 1e3 / model_lib.COMPILE_SAVES_MS['nsa'])
+    assert model_lib.compile_pays('nsa', n)[0] and not model_lib.compile_pays('nsa', n - 1)[0]
+    with pytest.raises(ValueError, match="compile must be 'auto', True or False"):
+        m.generate(torch.zeros(1, 3, dtype=torch.long), 2, compile='yes')
+    with pytest.raises(RuntimeError, match='token buffer is full'):
+        sampler = model_lib.TokenSampler(torch.zeros(1, 2, dtype=torch.long), 2)
+        sampler(torch.zeros(1, 1, 65))
+
+
 # ----------------------------------------------------------------------------- static (CUDA-graph) decoding
 
 STATIC = [mt for mt in MODEL_TYPES if model_lib.build_model(mt, **model_lib.get_model_module(mt).TINY).static_decode]
@@ -206,14 +374,24 @@ def test_static_step_stays_on_the_device(model_type, monkeypatch):
     monkeypatch.setattr(torch, 'autocast', lambda device_type, *a, **k: real_autocast(
         'cpu' if device_type == 'meta' else device_type, *a, **k))
     for dev in ('cpu', 'meta'):
-        m = tiny(model_type).to(dev).eval()
-        st = m.init_state(2, m.config.block_size)
-        m(torch.zeros(2, 5, dtype=torch.long, device=dev), state=st)  # prefill
-        tok, pos = torch.zeros(2, 1, dtype=torch.long, device=dev), torch.tensor(st.pos, device=dev)
-        with torch.no_grad(), Ops(dev) as ops:
-            m(tok, state=st, last_only=True, static_pos=pos)
-        assert not ops.bad, f"the static step would not capture ({dev} run): {sorted(set(ops.bad))}"
-        assert ops.seen > 20  # the recorder saw the step
+        for sampling in (None, (0.8, 5), (0, None)):  # the step alone; with a top-k draw; with a greedy one
+            m = tiny(model_type).to(dev).eval()
+            st = m.init_state(2, m.config.block_size)
+            m(torch.zeros(2, 5, dtype=torch.long, device=dev), state=st)  # prefill
+            tok, pos = torch.zeros(2, 1, dtype=torch.long, device=dev), torch.tensor(st.pos, device=dev)
+            sampler = model_lib.TokenSampler(torch.zeros(2, 12, dtype=torch.long, device=dev), 6, *sampling,
+                                             vocab_size=65) if sampling else None
+            with torch.no_grad(), Ops(dev) as ops:
+                logits, _ = m(tok, state=st, last_only=True, static_pos=pos)
+                if sampler is not None:  # what GraphedDecodeStep captures after the step
+                    sampler.draw(logits)
+                    pos.add_(1)
+            assert not ops.bad, f"the static step would not capture ({dev} run, sampling {sampling}): " \
+                                f"{sorted(set(ops.bad))}"
+            assert ops.seen > 20  # the recorder saw the step
+            if sampler is not None and dev == 'cpu':  # and the draw was made and written where it belongs
+                assert sampler.col.item() == 7 and torch.equal(sampler.seq[:, 6:7], sampler.tok)
+                assert 0 <= sampler.tok.min() and sampler.tok.max() < 65
 
 
 @pytest.mark.parametrize('model_type', STATIC)
@@ -333,6 +511,60 @@ def test_static_decoding_is_refused_where_it_cant_work(monkeypatch):
         van.generate(torch.zeros(1, 3, dtype=torch.long), 4, temperature=0, compile=True)
 
 
+class EmulatedGraphStep(model_lib.GraphedDecodeStep):
+    """GraphedDecodeStep on the CPU with the CUDA graph emulated: the capture runs the step once more (a real
+    one runs nothing: the constructor's undo and state copy cover both) and a replay runs it again into the
+    captured output. What it checks is the class's own bookkeeping around the graph."""
+    device_type = 'cpu'
+
+    class Replayer:
+        def __init__(self, fn, out):
+            self.fn, self.out = fn, out
+
+        def replay(self):
+            self.out.copy_(self.fn())
+
+    @staticmethod
+    def capture(fn, warmup, after_warmup=None):
+        rng = torch.get_rng_state()  # as capture_cuda_graph restores the CUDA generator's
+        for _ in range(warmup):
+            fn()
+            after_warmup()
+        out = fn()
+        torch.set_rng_state(rng)
+        return EmulatedGraphStep.Replayer(fn, out), out
+
+
+@pytest.mark.parametrize('model_type', STATIC)
+def test_graphed_sampling_bookkeeping_on_cpu(model_type):
+    """A sampled GraphedDecodeStep (the replays draw into the sampler, advance its column and the device-side
+    position themselves), graph emulated on the CPU: the tokens of eager generate() from the same seed, also
+    with an eager step run between two replays (the position is then filled again), and the warm-up steps
+    leave no trace (state, sampler, RNG)."""
+    m = lively(tiny(model_type))
+    prompt = torch.randint(0, 65, (2, 9), generator=torch.Generator().manual_seed(4))
+    n = 14
+    torch.manual_seed(11)
+    want = m.generate(prompt, n, temperature=0.9, top_k=20)
+    torch.manual_seed(11)
+    seq = torch.zeros(2, 9 + n, dtype=torch.long)
+    seq[:, :9] = prompt
+    sampler = model_lib.TokenSampler(seq, 9, 0.9, 20, vocab_size=65)
+    state = m.init_state(2, 9 + n)
+    with torch.no_grad():
+        sampler(m(prompt, state=state, last_only=True)[0])
+        step = EmulatedGraphStep(m, state, sampler=sampler)
+        assert (state.pos, sampler.n, sampler.col.item()) == (9, 10, 10)
+        for i in range(1, n):
+            if i == 6:  # an eager step in between: the replays after it must read the new position
+                sampler(m(sampler.tok, state=state, last_only=True)[0])
+            else:
+                step()
+            assert state.pos == 9 + i and sampler.n == sampler.col.item() == 10 + i
+            assert step.pos_t.item() == state.pos or i == 6
+    assert torch.equal(seq, want)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize('compile', [False, True])
 @pytest.mark.parametrize('model_type', MODEL_TYPES)
@@ -352,6 +584,84 @@ def test_cuda_graph_generation_equals_eager_generation(model_type, compile):
     # graphed where static_decode, and required there: 'auto' would fall back to eager steps and pass anyway
     got = m.generate(prompt, n, temperature=0, cuda_graph=True if m.static_decode else 'auto', compile=compile)
     assert torch.equal(got, want)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('compile', [False, True])
+@pytest.mark.parametrize('model_type', MODEL_TYPES)
+def test_cuda_graph_sampling_equals_eager_sampling(model_type, compile):
+    """Top-k sampling drawn inside the CUDA graph (and inside the compiled one) gives the tokens eager steps
+    give from the same seed: the same sampler on the same RNG stream (a replay advances the default
+    generator's Philox offset as an eager draw does; inductor calls ATen's exponential_). The model and shapes
+    of the greedy test above (fp32; the window of vanilla slides), so the compiled step is reused."""
+    mod = model_lib.get_model_module(model_type)
+    torch.manual_seed(0)
+    m = model_lib.build_model(model_type, **mod.TINY).cuda().eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, p.shape[-1] ** -0.5)
+    prompt = torch.randint(0, 65, (2, 40), device='cuda')
+    n = m.config.block_size
+    kw = dict(temperature=0.8, top_k=20)
+    torch.manual_seed(7)
+    want = m.generate(prompt, n, cuda_graph=False, **kw)
+    torch.manual_seed(7)
+    st = {}
+    got = m.generate(prompt, n, cuda_graph=True, compile=compile, stats=st, **kw)
+    assert st['mode'] == ('compiled graph' if compile else 'graph'), st
+    assert torch.equal(got, want)
+    torch.manual_seed(8)
+    assert not torch.equal(m.generate(prompt, n, cuda_graph=True, compile=compile, **kw), want)
+    assert len(set(want[:, 40:].flatten().tolist())) > 5
+
+
+@pytest.mark.cuda
+def test_top_k_sampling_distribution_cuda():
+    """The distribution test on the GPU, for each way the draw runs there: eager, compiled
+    (compiled_sampler), and replayed from a CUDA graph, whose replays must each draw new noise."""
+    check_top_k_distribution(model_lib.sample_logits, 'cuda')
+    check_top_k_distribution(model_lib.compiled_sampler(), 'cuda')
+
+    def graphed(x, temperature, top_k, rows=4000):
+        xs = x[:rows].clone()
+        graph, out = model_lib.capture_cuda_graph(lambda: model_lib.sample_logits(xs, temperature, top_k), warmup=1)
+        draws = []
+        for _ in range(x.size(0) // rows):
+            graph.replay()
+            draws.append(out.clone())
+        assert not torch.equal(draws[0], draws[1])  # the offset advanced between replays
+        return torch.cat(draws)
+    check_top_k_distribution(graphed, 'cuda')
+
+
+@pytest.mark.cuda
+def test_dynamic_compiled_sampled_steps_match_eager_steps():
+    """What bench.py decode_throughput runs: GraphedDecodeStep(compile=True, dynamic=True, restore=False)
+    with a greedy sampler, at several batch sizes and capacities from one compilation (the batch dimension
+    and the KV capacity marked dynamic): its tokens equal eager steps' at each shape (fp32, so near-ties
+    don't flip; restore=False leaves the warm-up steps' writes in the cache, at the slot the first real
+    step writes again)."""
+    torch.manual_seed(0)
+    m = model_lib.build_model('vanilla', **{**model_lib.TINY, 'block_size': 128}).cuda().eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, p.shape[-1] ** -0.5)
+    for B, cap in ((2, 48), (3, 48), (5, 96)):
+        prompt = torch.randint(0, 65, (B, 8), device='cuda')
+        with torch.no_grad():
+            want = m.generate(prompt, 12, temperature=0, cuda_graph=False)
+            state = m.init_state(B, cap)
+            m(prompt, state=state)
+            sampler = model_lib.TokenSampler(torch.zeros(B, 12, dtype=torch.long, device='cuda'), 0, 0)
+            sampler.tok.copy_(want[:, 8:9])
+            sampler.seq[:, 0] = want[:, 8]
+            sampler.reset(1)
+            step = model_lib.GraphedDecodeStep(m, state, compile=True, sampler=sampler, restore=False, dynamic=True)
+            for _ in range(11):
+                step()
+        assert torch.equal(sampler.seq, want[:, 8:]), (B, cap)
 
 
 @pytest.mark.cuda

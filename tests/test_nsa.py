@@ -11,6 +11,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model  # noqa: E402
 import model_nsa as M  # noqa: E402
+from helpers import mixer_grad_errors, unit_scale_mixers_  # noqa: E402
 
 
 
@@ -355,6 +356,15 @@ def test_group_rule_error_names_valid_choices():
         model.build_model('nsa', block_counts=4)
 
 
+@pytest.mark.parametrize('backend', ['torch', 'auto'])
+def test_blocks_longer_than_the_context_are_refused(backend):
+    """With nsa_block_size > block_size no block is ever complete: compression and selection would be dead
+    (always 0) and the model a sliding window only."""
+    with pytest.raises(ValueError, match=r"nsa_block_size \(64\) > block_size \(32\): no complete block"):
+        M.GPTConfig(block_size=32, nsa_block_size=64, backend=backend)
+    M.GPTConfig(block_size=32, nsa_block_size=32, backend=backend)  # one block fits: allowed
+
+
 def test_fla_backend_needs_cuda():
     m = M.GPT(M.GPTConfig(**{**M.TINY, 'backend': 'fla'}))
     with pytest.raises(RuntimeError, match="needs CUDA"):
@@ -365,15 +375,6 @@ def test_default_params_match_vanilla():
     n = model.count_params(M.GPTConfig(), M.GPT)
     assert abs(n / 10_745_088 - 1) < 0.03, n
     assert abs(n / model.count_params(model.GPTConfig(), model.GPT) - 1) < 0.03
-
-
-def test_flops_per_token():
-    mix = M.GPT(M.GPTConfig(**M.TINY)).transformer.h[0].mixer
-    D, bs, S, w = 16, 16, 4, 24
-    T = 256
-    want = 16 * (6 * D * (T // bs) + 4 * D * S * bs + 4 * D * w) + 2 * D
-    assert mix.flops_per_token(T) == want
-    assert mix.flops_per_token(8) == 16 * (4 * D * 8 + 4 * D * 8) + 2 * D  # short context: branches cap at T
 
 
 # ----------------------------------------------------------------------------- CUDA (fla kernels)
@@ -417,41 +418,78 @@ def test_selfcheck():
         assert r['ok'], r
 
 
-@pytest.mark.cuda
-@needs_cuda
-def test_generate_cached_equals_uncached_cuda():
-    """On CUDA the prefill and the uncached forwards run the bf16 kernels, the decoding steps the
-    torch cache path: the greedy tokens must agree wherever the top-2 logits are not a near tie."""
-    torch.manual_seed(0)
-    m = M.GPT(M.GPTConfig(**M.TINY)).cuda().eval()
-    idx = torch.randint(0, 65, (2, 100), device='cuda')
-    with torch.autocast('cuda', dtype=torch.bfloat16):
-        out = m.generate(idx, 40, temperature=0, use_cache=True)
-        logits, _ = m(out[:, :-1])  # uncached, teacher-forced on the cached path's tokens
-    logits = logits[:, 99:].float()
-    top2 = logits.topk(2, dim=-1).values
-    agree = logits.argmax(-1) == out[:, 100:]
-    near_tie = (top2[..., 0] - top2[..., 1]) < 5e-2
-    assert (agree | near_tie).all(), (agree.float().mean().item())
+def unit_scale_tiny(backend='auto', seed=0):
+    """TINY NSA with the mixers at unit scale (tests/helpers.py) and q_proj doubled, so that the compression
+    softmax over mean-pooled keys (which average towards 0) is peaked and the choice of blocks matters."""
+    torch.manual_seed(seed)
+    m = unit_scale_mixers_(M.GPT(M.GPTConfig(**{**M.TINY, 'backend': backend})))
+    with torch.no_grad():
+        for blk in m.transformer.h:
+            blk.mixer.q_proj.weight.mul_(2)
+    return m
 
 
 @pytest.mark.cuda
 @needs_cuda
-def test_train_step_cuda_matches_torch_backend():
-    """The model on the kernels (bf16 autocast) vs the same weights on the torch reference (fp32):
-    same loss, finite gradients everywhere, and gradient directions that agree."""
-    torch.manual_seed(0)
-    m = M.GPT(M.GPTConfig(**M.TINY)).cuda()
-    ref = M.GPT(M.GPTConfig(**{**M.TINY, 'backend': 'torch'})).cuda()
+def test_cached_decoding_cuda_matches_full_forward():
+    """On CUDA a prefill runs the bf16 kernels and writes the caches, the decoding steps run the torch cache
+    path: teacher-forced on one sequence, the steps' logits equal the uncached forward's (the kernels over
+    the whole sequence) within 2e-2 relative RMS (bf16 kernels against fp32 steps, two layers), unit-scale
+    mixers. 60 tokens: below 64 no block is a free choice (blocks of 16, the 3 forced ones and one more
+    fill the 4 slots), so no near-tie of the top-k can flip; the window (24) and the compressed blocks
+    completed in the prefill and in the steps are all read. The steps' own top-k choice is checked exactly
+    on CPU (test_decode_steps_match_full) and against the kernel's on CUDA in the training test below."""
+    m = unit_scale_tiny().cuda().eval()
+    idx = torch.randint(0, 65, (2, 60), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
+        full, _ = m(idx)
+        state = m.init_state(2, 60, dtype=torch.bfloat16)
+        parts = [m(idx[:, :30], state=state)[0]]
+        parts += [m(idx[:, t:t + 1], state=state)[0] for t in range(30, 60)]
+    got = torch.cat(parts, 1).float()
+    assert M.rel_rms(got[:, 30:], full[:, 30:].float()) < 2e-2  # the steps
+    assert M.rel_rms(got[:, :30], full[:, :30].float()) < 2e-2  # the prefill (the kernels at another T)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_train_step_cuda_matches_torch_backend(monkeypatch):
+    """A training step on the kernels against the same weights on the torch reference, both under bf16
+    autocast (the same activations rounded to bf16), with unit-scale mixers: the loss, and each mixer
+    parameter's gradient within MIXER_TOL = 2e-2 relative RMS (the kernel's own 1e-2, through two layers).
+    The top-k decision is compared, not excused: the blocks the kernels choose in each layer (fla's own
+    top-k on the q, k, v the mixer hands it) differ from the reference's own choice on few rows (< 2%: bf16
+    rounding of near-ties, see test_kernel_full_path), and the reference is then given the kernels' choice,
+    so that everything else is compared at full strength. A wrong block rule, window or gate fails."""
+    MIXER_TOL = 2e-2
+    m = unit_scale_tiny('auto').cuda()
+    ref = unit_scale_tiny('torch').cuda()
     ref.load_state_dict(m.state_dict())
-    idx = torch.randint(0, 65, (4, 128), device='cuda')
-    with torch.autocast('cuda', dtype=torch.bfloat16):
-        _, loss = m(idx[:, :-1], idx[:, 1:])
-    loss.backward()
-    _, loss_ref = ref(idx[:, :-1], idx[:, 1:])
-    loss_ref.backward()
-    assert abs(loss.item() - loss_ref.item()) < 1e-2 * loss_ref.item()
-    for (n, p), pr in zip(m.named_parameters(), ref.parameters()):
-        assert torch.isfinite(p.grad).all(), n
-        cos = torch.nn.functional.cosine_similarity(p.grad.flatten().double(), pr.grad.flatten().double(), dim=0)
-        assert cos > 0.95, (n, cos.item())
+    chosen, own = [], []
+    real_nsa_fla, real_select = M.nsa_fla, M.select_blocks
+
+    def spy(q, k, v, *gates, block_size, block_counts, window_size, scale, block_indices=None):
+        chosen.append(M.fla_block_indices(q.detach(), k.detach(), v.detach(), block_size, block_counts,
+                                          scale).long()[..., :block_counts])
+        return real_nsa_fla(q, k, v, *gates, block_size=block_size, block_counts=block_counts,
+                            window_size=window_size, scale=scale, block_indices=block_indices)
+
+    def given(*a, **kw):  # the reference's own choice recorded, the kernels' one used, layer by layer
+        own.append(real_select(*a, **kw))
+        return chosen[len(own) - 1]
+    monkeypatch.setattr(M, 'nsa_fla', spy)
+    monkeypatch.setattr(M, 'select_blocks', given)
+    idx = torch.randint(0, 65, (4, 128), generator=torch.Generator().manual_seed(1)).cuda()
+    losses = []
+    for model_ in (m, ref):
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            _, loss = model_(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        losses.append(loss.item())
+    assert len(chosen) == len(own) == 2  # one choice per layer on each side
+    differs = [M.selection_diff(a, b).float().mean().item() for a, b in zip(chosen, own)]
+    assert max(differs) < 0.02, differs
+    assert abs(losses[0] - losses[1]) < 1e-2 * losses[1], losses
+    errs = mixer_grad_errors(m, ref, M.rel_rms)
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+    assert all(e < MIXER_TOL for e in errs.values()), (errs, differs)

@@ -189,12 +189,17 @@ def test_task_keys_are_checked():
            ({'epochs': 2, 'max_iters': 10}, 'epochs or max_iters, not both'),
            ({'epochs': 0, 'max_iters': 0}, 'give the run'), ({'block_size': 256}, 'shorter than'),
            ({'n_train': 100}, 'less than one step'), ({'early_stop_acc': 2.0}, 'early_stop_acc'),
-           ({'seq_len': 'long'}, 'must be a int')]
+           ({'seq_len': 'long'}, 'seq_len must be an int'), ({'n_train': 0}, 'n_train must be >= 1'),
+           ({'epochs': -1}, 'epochs must be >= 0'), ({'num_kv_pairs': 0}, 'num_kv_pairs must be >= 1')]
     for kw, msg in bad:
         with pytest.raises(ConfigError, match=msg):
             train_runner.resolve_config('config/mqar.py', kw)
-    with pytest.raises(ConfigError, match='valid choices: Z2, S3, A5, S5'):
+    with pytest.raises(ConfigError, match="group must be one of Z2, S3, A5, S5; got 'Z3'"):
         train_runner.resolve_config('config/state_tracking.py', {'group': 'Z3'})
+    with pytest.raises(ConfigError, match="test_lens must be a list"):
+        train_runner.resolve_config('config/state_tracking.py', {'test_lens': '64'})
+    with pytest.raises(ConfigError, match="train_len must be >= 1"):
+        train_runner.resolve_config('config/state_tracking.py', {'train_len': 0})
     with pytest.raises(ConfigError, match='test_lens must be positive ints'):
         train_runner.resolve_config('config/state_tracking.py', {'test_lens': [128, -1]})
 
@@ -210,7 +215,10 @@ def test_examples_task_derived_keys():
     _, o = train_runner.parse_cli(['--test_lens=512,256', '--group=Z2'])
     c = train_runner.resolve_config('config/state_tracking.py', o)
     assert c['test_lens'] == [256, 512] and c['block_size'] == 512 and c['group'] == 'Z2'
-    assert train_runner.resolve_config('config/state_tracking.py', {'test_lens': '64'})['test_lens'] == [64]
+    assert train_runner.resolve_config('config/state_tracking.py', {'test_lens': (64,)})['test_lens'] == [64]
+    # an examples task alone: block_size, max_iters and eval_interval default to what it derives
+    c = train_runner.resolve_config(None, {'task': 'mqar'})
+    assert c['block_size'] == 512 and c['max_iters'] == 64 * (100_000 // 64) and c['eval_interval'] == 100_000 // 64
 
 
 def test_per_model_entries_apply_and_are_checked(tmp_path):

@@ -339,22 +339,28 @@ def test_cuda_graph_step_equals_eager_step(model_type):
         assert err < 1e-2, (n, err)
 
 
+NSA_GRAPH_GAP = pytest.mark.xfail(strict=True, reason=(
+    "measured on the H200 at 13f0f7f (results/cuda-tests/13f0f7f/): with every block selected, eager and graphed "
+    "NSA training still part by 0.0102 in train loss (3.0661 vs 3.0559 at the first logged step; 2.5729 vs 2.5713 "
+    "at the last), over the 1e-2 bound; the cause is not established, and the one-step test above passes"))
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize('model_type', ['vanilla', 'delta', 'delta_product',
-                                        pytest.param('nsa', marks=pytest.mark.xfail(
-                                            reason="measured on the H200: NSA's eager and graphed 30-step "
-                                                   "trajectories part (train loss 0.0018 apart at step 10, 0.032 "
-                                                   "at 20): its top-k block selection is discrete, so rounding-level "
-                                                   "differences flip blocks; the one-step test above checks NSA's "
-                                                   "capture", strict=False))])
-def test_cuda_graph_training_matches_eager(prepared, tmp_path, model_type):
+@pytest.mark.parametrize('model_type,extra', [('vanilla', {}), ('delta', {}), ('delta_product', {}),
+                                              pytest.param('nsa', {'nsa_block_counts': 8}, marks=NSA_GRAPH_GAP)],
+                         ids=['vanilla', 'delta', 'delta_product', 'nsa_all_blocks'])
+def test_cuda_graph_training_matches_eager(prepared, tmp_path, model_type, extra):
     """The captured forward+backward (train_runner.GraphedStep), replayed with 2 accumulated micro-steps,
     trains like the eager loop: the same losses after 30 iterations (bf16 autocast: same kernels, so the
-    difference is tiny; 1e-2 would flag a replay that read stale inputs or didn't accumulate)."""
-    eager = train_runner.train(None, {**GPU_RUN, 'model_type': model_type, 'out_dir': str(tmp_path / 'eager'),
-                                      'cuda_graphs': False})
-    graph = train_runner.train(None, {**GPU_RUN, 'model_type': model_type, 'out_dir': str(tmp_path / 'graph'),
-                                      'cuda_graphs': True})
+    difference is tiny; 1e-2 would flag a replay that read stale inputs or didn't accumulate).
+    NSA selects 8 blocks of 32 here, every block of the 256-token context, so its top-k has no choice to
+    make: with the default 4, its eager and graphed trajectories part (measured on the H200: train loss
+    0.0018 apart at step 10, 0.032 at 20). Selecting every block did not close the gap (NSA_GRAPH_GAP), so
+    the near-tied block choice is not its only cause; the case stays a strict expected failure until the cause
+    is found, and a loose tolerance would hide one. The one-step test above checks NSA's capture."""
+    run = {**GPU_RUN, **extra, 'model_type': model_type}
+    eager = train_runner.train(None, {**run, 'out_dir': str(tmp_path / 'eager'), 'cuda_graphs': False})
+    graph = train_runner.train(None, {**run, 'out_dir': str(tmp_path / 'graph'), 'cuda_graphs': True})
     assert graph['cuda_graphs'] is True and eager['cuda_graphs'] is False  # captured, no silent fallback
     a, b = read_metrics(tmp_path / 'eager'), read_metrics(tmp_path / 'graph')
     la = [r['loss'] for r in a if r['kind'] == 'train']

@@ -1,8 +1,9 @@
 """
 Prepare tiny-shakespeare for character-level language modelling (as nanoGPT does).
 
-Writes train.bin and val.bin (uint16 token ids, first 90% / last 10% of the text) and meta.pkl
-(vocab_size, itos, stoi) next to this file.
+Writes train.bin and val.bin (uint16 token ids, first 90% / last 10% of the text), meta.pkl
+(vocab_size, itos, stoi) and manifest.json (each file's size and sha256, checked whenever the data is loaded)
+next to this file.
 
 The text comes from, in order:
   1. --input PATH (or prepare(input_path=...)),
@@ -17,6 +18,7 @@ silently different dataset.
 
 import argparse
 import hashlib
+import json
 import os
 import pickle
 import sys
@@ -31,6 +33,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 class DatasetError(RuntimeError):
     """The dataset can't be prepared (no network and no local copy, or a checksum mismatch)."""
+
+
+class DownloadError(DatasetError):
+    """No local copy, and the download failed (offline?). `reason` is the network's error."""
+
+    def __init__(self, message, reason):
+        super().__init__(message)
+        self.reason = reason
 
 
 def _sha256(data):
@@ -62,10 +72,11 @@ def load_text(input_path=None):
         with urllib.request.urlopen(URL, timeout=30) as r:
             data = r.read()
     except OSError as e:
-        raise DatasetError(
+        raise DownloadError(
             f"could not download tiny-shakespeare ({e}). Offline? Pass a local copy of the char-rnn "
             f"tinyshakespeare input.txt (sha256 {SHA256}) with "
-            f"`python data/shakespeare_char/prepare.py --input PATH` or set TINYSHAKESPEARE_PATH=PATH.") from None
+            f"`python data/shakespeare_char/prepare.py --input PATH` or set TINYSHAKESPEARE_PATH=PATH.",
+            str(e)) from None
     if _sha256(data) != SHA256:
         raise DatasetError(f"downloaded file has sha256 {_sha256(data)}, expected {SHA256}; not saved")
     with open(cached, 'wb') as f:
@@ -73,8 +84,30 @@ def load_text(input_path=None):
     return data.decode('utf-8')
 
 
+def write_prepared(out_dir, files, **info):
+    """Write {name: bytes} into out_dir, then manifest.json with each file's size and sha256 (and `info`).
+    Loading checks every file against the manifest, so a truncated or changed .bin is an error, never a
+    silently smaller dataset. Each file goes to a temp name and is renamed: a killed prepare leaves no
+    half-written file. The manifest goes last and is removed first: a folder with a manifest was written whole."""
+    os.makedirs(out_dir, exist_ok=True)
+    manifest = os.path.join(out_dir, 'manifest.json')
+    if os.path.exists(manifest):
+        os.remove(manifest)
+    record = {'files': {}, **info}
+    for name, data in files.items():
+        tmp = os.path.join(out_dir, f'{name}.tmp{os.getpid()}')
+        with open(tmp, 'wb') as f:
+            f.write(data)
+        os.replace(tmp, os.path.join(out_dir, name))
+        record['files'][name] = {'bytes': len(data), 'sha256': _sha256(data)}
+    tmp = f'{manifest}.tmp{os.getpid()}'
+    with open(tmp, 'w') as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, manifest)
+
+
 def prepare(input_path=None, out_dir=HERE):
-    """Tokenise and write train.bin / val.bin / meta.pkl into out_dir. Returns a small summary dict."""
+    """Tokenise and write train.bin / val.bin / meta.pkl / manifest.json into out_dir. Returns a small summary."""
     text = load_text(input_path)
     chars = sorted(set(text))
     stoi = {ch: i for i, ch in enumerate(chars)}
@@ -82,14 +115,9 @@ def prepare(input_path=None, out_dir=HERE):
     n = len(text)
     train_ids = np.array([stoi[c] for c in text[:int(n * 0.9)]], dtype=np.uint16)
     val_ids = np.array([stoi[c] for c in text[int(n * 0.9):]], dtype=np.uint16)
-    os.makedirs(out_dir, exist_ok=True)
-    # write to temp names, then rename: a killed prepare never leaves a truncated .bin behind
-    for name, arr in (('train.bin', train_ids), ('val.bin', val_ids)):
-        arr.tofile(os.path.join(out_dir, name + '.tmp'))
-        os.replace(os.path.join(out_dir, name + '.tmp'), os.path.join(out_dir, name))
-    with open(os.path.join(out_dir, 'meta.pkl.tmp'), 'wb') as f:
-        pickle.dump({'vocab_size': len(chars), 'itos': itos, 'stoi': stoi}, f)
-    os.replace(os.path.join(out_dir, 'meta.pkl.tmp'), os.path.join(out_dir, 'meta.pkl'))
+    meta = pickle.dumps({'vocab_size': len(chars), 'itos': itos, 'stoi': stoi})
+    write_prepared(out_dir, {'train.bin': train_ids.tobytes(), 'val.bin': val_ids.tobytes(), 'meta.pkl': meta},
+                   tokenizer='char', vocab_size=len(chars), input_sha256=SHA256)
     summary = {'chars': n, 'vocab_size': len(chars), 'train_tokens': len(train_ids), 'val_tokens': len(val_ids)}
     print(f"length of dataset in characters: {n:,}; vocab size: {len(chars)}; "
           f"train has {len(train_ids):,} tokens; val has {len(val_ids):,} tokens")

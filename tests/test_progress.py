@@ -1,0 +1,93 @@
+"""Progress and ETAs, and the sweep's console log: a run's ETA counts the evaluations to come, the sweep
+estimates each run from its own model's speed, and everything a sweep prints lands in <results_dir>/sweep.log."""
+import os
+import sys
+
+import pytest
+import torch
+
+import train_runner
+
+TINY = dict(n_layer=2, n_head=4, n_embd=64, block_size=64, batch_size=16, dropout=0.0, device='cpu',
+            compile=False, eval_batch_size=32, warmup_iters=2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_a_runs_eta_counts_the_evaluations_to_come():
+    # after 10 of 20 iterations at 0.1 s, evals at 10 and 20 still to come, 3 s each so far
+    assert train_runner.run_eta(0.1, 10, 20, 10, eval_s=6.0, n_evals=2) == pytest.approx(1.0 + 2 * 3.0)
+    assert train_runner.run_eta(0.1, 11, 20, 10, eval_s=6.0, n_evals=2) == pytest.approx(0.9 + 3.0)
+    assert train_runner.run_eta(0.1, 21, 25, 10, eval_s=6.0, n_evals=2) == pytest.approx(0.4 + 3.0)  # the last
+    assert train_runner.run_eta(0.1, 5, 20, 10, eval_s=0.0, n_evals=0) == pytest.approx(1.5)  # none timed yet
+
+
+def test_the_sweep_estimates_each_run_from_its_own_models_speed():
+    eta = train_runner._SweepEta()
+    eta.probe.update(vanilla=10.0, nsa=50.0)
+    assert eta.left(['vanilla', 'nsa']) == 60.0  # the probes, before any run finished
+    eta.add('vanilla', 20.0)  # the runs take twice what the probes said: so will nsa's
+    assert eta.run('vanilla') == 20.0 and eta.run('nsa') == 100.0
+    assert eta.left(['vanilla', 'nsa', 'nsa']) == 220.0  # not 3 x the mean of the finished runs (60)
+    eta.add('nsa', 80.0)
+    assert eta.run('nsa') == 80.0  # measured beats scaled
+    assert train_runner._SweepEta().left(['vanilla']) is None  # nothing known: no number
+
+
+def test_the_probe_estimates_a_run_with_heavy_evaluations(prepared, tmp_path):
+    # evaluation takes two thirds of this run (9 evals of 2 x 8 batches against 40 small steps): the estimate
+    # must count it (without it, the estimate would be a third of the time)
+    import time
+    run = {**TINY, 'model_type': 'vanilla', 'max_iters': 40, 'eval_interval': 5, 'eval_iters': 8,
+           'log_interval': 10, 'out_dir': str(tmp_path / 'run')}
+    est = train_runner._probe(run)
+    t0 = time.time()
+    train_runner.train(None, run)
+    actual = time.time() - t0
+    assert 0.5 < est / actual < 2.0, (est, actual)
+
+
+def test_a_sweep_writes_everything_it_prints_to_sweep_log(prepared, tmp_path, monkeypatch, capsys):
+    real_train = train_runner.train
+
+    def train(config_file, overrides):
+        sys.stderr.write('bar 1/2\rbar 2/2\n')  # a progress bar redrawing its line, on stderr
+        sys.stderr.write('a warning\n')
+        return real_train(config_file, overrides)
+    monkeypatch.setattr(train_runner, 'train', train)
+    opts = dict(models='vanilla', lrs='1e-3', bench=False, results_dir=str(tmp_path), max_iters=2, eval_iters=1,
+                device='cpu')
+    train_runner.sweep(dict(opts))
+    assert not isinstance(sys.stdout, train_runner._Tee) and not isinstance(sys.stderr, train_runner._Tee)
+    log = (tmp_path / 'sweep.log').read_text()
+    assert log.startswith('===== ') and 'train_runner.sweep(' in log.splitlines()[0]
+    for line in ('reproduction: preset', '=== run 1/1: vanilla', 'step 2: train loss', 'done: best val loss',
+                 'a warning', 'reproduction finished'):
+        assert line in log, line
+    assert '\nbar 2/2\n' in log and 'bar 1/2' not in log and '\r' not in log  # the bar's last state only
+    assert 'reproduction finished' in capsys.readouterr().out  # the console still gets it all
+
+    monkeypatch.setattr(train_runner, 'train', lambda *a: (_ for _ in ()).throw(RuntimeError('broken run')))
+    with pytest.raises(RuntimeError):
+        train_runner.sweep({**opts, 'max_iters': 3})  # a changed config: trains again, and fails
+    log = (tmp_path / 'sweep.log').read_text()
+    assert log.count('\n===== ') == 1  # appended: the second sweep's header
+    assert log.rstrip().endswith('RuntimeError: broken run')  # how it ended, traceback included
+
+
+def test_the_evaluation_shows_progress_in_a_log(prepared, tmp_path, monkeypatch, capsys):
+    # not a terminal (a log file, a pipe): plain lines, here one per batch (every=0), with the phase's ETA
+    import functools
+    import runtime
+    monkeypatch.setattr(train_runner, 'Progress', functools.partial(runtime.Progress, every=0.0))
+    train_runner.train(None, {**TINY, 'model_type': 'vanilla', 'max_iters': 2, 'eval_interval': 2, 'eval_iters': 2,
+                              'log_interval': 1, 'out_dir': str(tmp_path)})
+    out = capsys.readouterr().out
+    assert 'eval at iter 0: 1/4, ' in out and 'eval at iter 2: 3/4, ' in out and ', eta ' in out
+    assert '\r' not in out
