@@ -85,7 +85,8 @@ def test_the_evaluation_shows_progress_in_a_log(prepared, tmp_path, monkeypatch,
     # not a terminal (a log file, a pipe): plain lines, here one per batch (every=0), with the phase's ETA
     import functools
     import runtime
-    monkeypatch.setattr(train_runner, 'Progress', functools.partial(runtime.Progress, every=0.0))
+    import tasks  # the LM task runs the evaluation, with its progress
+    monkeypatch.setattr(tasks, 'Progress', functools.partial(runtime.Progress, every=0.0))
     train_runner.train(None, {**TINY, 'model_type': 'vanilla', 'max_iters': 2, 'eval_interval': 2, 'eval_iters': 2,
                               'log_interval': 1, 'out_dir': str(tmp_path)})
     out = capsys.readouterr().out
