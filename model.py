@@ -406,34 +406,26 @@ class TokenSampler:
 
 
 # compile='auto' (generate, sample.py): compiling the graphed step costs a fixed time once per process (and
-# per new shape), and saves a fixed time per step, so it pays past COMPILE_COST_S / COMPILE_SAVES_MS steps.
-# COMPILE_SAVES_MS: graph minus compiled graph, ms per token, batch 1, context 1024, from results/full/latency.csv
-# (H200, commit e72a655; decode_graph_ms_per_token - decode_compiled_ms_per_token: vanilla 0.302399 - 0.185371,
-# DeltaNet 0.581792 - 0.226315, Gated DeltaProduct 0.70045 - 0.268211, NSA 1.95326 - 0.494557).
-# COMPILE_COST_S: no committed file times a compilation alone. The nearest: `bench.py profile
-# --modes=decode_compiled --models=delta,delta_product`, which builds, compiles and profiles two compiled
-# steps at context 1024, ran 141 s on a fresh machine whose inductor cache had compiled nothing yet (after
-# DeltaNet's kernel tests in the same chain; results/h200/session5/e1/steps.txt, profile_decode
-# 1795899275 -> 1795899416, results/h200/README.md): about 70 s a model, process start, fla's kernels and
-# the profiled tokens included, so an upper bound; the same command for all four models and both decode
-# modes, after a latency run had compiled the same steps, took 67 s (d1-d3/steps.txt), under 17 s a
-# model. The cold figure is used: a fresh
-# process is what sample.py is, and overestimating the cost only forgoes a speed-up on generations near the
-# break-even, while underestimating it costs a minute. bench.py latency's compile_s column (the first
-# compiled capture of each model in its process) is the direct measurement to replace it with.
-COMPILE_COST_S = 70.0
-COMPILE_SAVES_MS = {'vanilla': 0.117, 'delta': 0.355, 'delta_product': 0.432, 'nsa': 1.459}
+# per new shape), and saves a fixed time per token, so it pays past COMPILE_COST_S / COMPILE_SAVES_MS tokens.
+# Both from results/full/latency.csv (H200; tests/test_model_options.py checks these figures against it):
+# COMPILE_COST_S = compiled_build_s of the model's first context there (a fresh process's first compilation,
+# the cold one sample.py pays); COMPILE_SAVES_MS = generate_graph_ms_per_token - generate_compiled_ms_per_token
+# at context 1024 (generate() with sample.py's sampling, batch 1).
+COMPILE_COST_S = {'vanilla': 12.2199, 'delta': 9.25818, 'delta_product': 11.5592, 'nsa': 29.9518}
+COMPILE_SAVES_MS = {'vanilla': 0.313192 - 0.190473, 'delta': 0.596136 - 0.232847,
+                    'delta_product': 0.724938 - 0.274814, 'nsa': 1.98819 - 0.513558}
 
 
 def compile_pays(model_type, steps):
     """(compile?, why): whether `steps` graphed decoding steps of this model save more than compiling their
-    step costs (COMPILE_COST_S against COMPILE_SAVES_MS a step; a model without a measured saving gets the
-    smallest one)."""
+    step costs (COMPILE_COST_S against COMPILE_SAVES_MS a step; a model without measured figures, such as a new
+    mechanism, gets the least favourable ones: the largest cost against the smallest saving)."""
     save = COMPILE_SAVES_MS.get(model_type, min(COMPILE_SAVES_MS.values()))
-    break_even = math.ceil(COMPILE_COST_S * 1e3 / save)
+    cost = COMPILE_COST_S.get(model_type, max(COMPILE_COST_S.values()))
+    break_even = math.ceil(cost * 1e3 / save)
     pays = steps >= break_even
     return pays, (f"{steps:,} steps {'>=' if pays else '<'} {break_even:,}, where compiling pays for {model_type} "
-                  f"(~{COMPILE_COST_S:.0f} s to compile against {save} ms saved a step, H200)")
+                  f"(~{cost:.0f} s to compile against {save:.3f} ms saved a step, H200)")
 
 
 class _Clock:

@@ -325,31 +325,52 @@ def test_selfcheck_passes():
     assert results and all(r['ok'] for r in results), results
 
 
+def _fp32_step(m, idx):
+    """Loss and gradients of a GPT in fp32, TF32 off: the reference the bf16 runs are measured against."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        _, loss = m(idx, idx)
+        loss.backward()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return loss.item()
+
+
 @pytest.mark.cuda
 @needs_cuda
-@pytest.mark.xfail(strict=True, reason=(
-    "measured on the H200 at f8b25d4 (results/cuda-tests/f8b25d4/tests_gdp.log): a mixer parameter's gradient is "
-    "over MIXER_TOL at unit-scale weights (the fla-layer equivalence test passes); not yet diagnosed"))
-def test_cuda_mixer_fla_matches_torch_backend():
-    """The whole model under bf16 autocast, fla backend vs torch backend, with the mixers at unit scale
-    (tests/helpers.py: at GPT-2's init the mixers barely move the residual stream, and the embedding and MLP
-    gradients would hide theirs): the loss, and each mixer parameter's gradient within MIXER_TOL = 2e-2
-    relative RMS. Both sides round the same activations to bf16 (autocast), so what differs is the kernel's
-    own arithmetic (1e-2 in the kernel tests), through two layers."""
-    MIXER_TOL = 2e-2
+@pytest.mark.parametrize('neg_eigval', [False, True], ids=['beta_0_1', 'neg_eigval'])
+def test_cuda_mixer_fla_matches_torch_backend(neg_eigval):
+    """The whole model, its mixers at unit scale (tests/helpers.py: at GPT-2's init the mixers barely move the
+    residual stream, and the embedding and MLP gradients would hide theirs), on fla's kernel under bf16
+    autocast, against the torch backend in fp32: the loss, and each mixer parameter's gradient no further from
+    fp32 than FLOOR_RATIO = 2 times the torch backend's own distance under the same autocast, plus 1e-3.
+    The bound is relative to that bf16 floor (FlashAttention's tests compare so) because bf16 rounding alone
+    moves these gradients by 1-4% through two layers: a fixed 2e-2 failed on A_log in the second layer, where
+    the torch backend under autocast is itself 2.6% from fp32 and the kernel 3.4%. The kernel's ratio measured
+    on the H200 (results/cuda-tests/e4f0c43/diag_gdp.log, these models and inputs) is at most 1.31, 1.47
+    with negative eigenvalues; a wrong gate, order or role is an O(1) error."""
+    FLOOR_RATIO, ATOL = 2.0, 1e-3
     idx = torch.randint(0, 65, (4, 200), generator=torch.Generator().manual_seed(0)).cuda()
     models, losses = {}, {}
-    for backend in ('fla', 'torch'):
-        m = unit_scale_mixers_(tiny_model(torch.float32, backend=backend, **GPU_SHAPES)).cuda().train()
-        with torch.autocast('cuda', dtype=torch.bfloat16):
-            _, loss = m(idx, idx)
-        loss.backward()
-        models[backend], losses[backend] = m, loss.item()
-    assert abs(losses['fla'] - losses['torch']) < 1e-2 * abs(losses['torch'])
-    errs = mixer_grad_errors(models['fla'], models['torch'], rel_rms)
-    assert len(errs) == 2 * len(list(models['fla'].transformer.h[0].mixer.parameters()))
-    over = {n: round(e, 4) for n, e in errs.items() if not e < MIXER_TOL}
-    assert not over, f"over {MIXER_TOL}: {over}; all: {errs}"
+    for name, backend, bf16 in (('fla', 'fla', True), ('torch_bf16', 'torch', True), ('fp32', 'torch', False)):
+        m = unit_scale_mixers_(tiny_model(torch.float32, backend=backend, allow_neg_eigval=neg_eigval,
+                                          **GPU_SHAPES)).cuda().train()
+        if bf16:
+            with torch.autocast('cuda', dtype=torch.bfloat16):
+                _, loss = m(idx, idx)
+            loss.backward()
+            losses[name] = loss.item()
+        else:
+            losses[name] = _fp32_step(m, idx)
+        models[name] = m
+    assert abs(losses['fla'] - losses['fp32']) <= FLOOR_RATIO * abs(losses['torch_bf16'] - losses['fp32']) + 1e-3
+    kernel = mixer_grad_errors(models['fla'], models['fp32'], rel_rms)
+    floor = mixer_grad_errors(models['torch_bf16'], models['fp32'], rel_rms)
+    assert len(kernel) == 2 * len(list(models['fla'].transformer.h[0].mixer.parameters()))
+    over = {n: (round(kernel[n], 4), round(floor[n], 4)) for n in kernel
+            if not kernel[n] <= FLOOR_RATIO * floor[n] + ATOL}
+    assert not over, f"(kernel, bf16 floor) over {FLOOR_RATIO}x the floor: {over}"
 
 
 @pytest.mark.cuda

@@ -10,6 +10,8 @@ import torch
 
 import model as model_lib
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 MODEL_TYPES = list(model_lib.MODEL_TYPES)
 VANILLA_PARAMS = 10_745_088
 
@@ -305,13 +307,27 @@ def test_generate_stats_and_the_compile_decision():
     assert st['prefill_s'] > 0 and st['decode_s'] > 0 and st['ms_per_token'] == pytest.approx(1e3 * st['decode_s'] / 5)
     pays, why = model_lib.compile_pays('delta', 10_000)
     assert not pays and '10,000 steps < ' in why
-    n = math.ceil(model_lib.COMPILE_COST_S * 1e3 / model_lib.COMPILE_SAVES_MS['nsa'])
+    n = math.ceil(model_lib.COMPILE_COST_S['nsa'] * 1e3 / model_lib.COMPILE_SAVES_MS['nsa'])
     assert model_lib.compile_pays('nsa', n)[0] and not model_lib.compile_pays('nsa', n - 1)[0]
+    assert not model_lib.compile_pays('new_mechanism', n)[0]  # unmeasured: the least favourable figures
     with pytest.raises(ValueError, match="compile must be 'auto', True or False"):
         m.generate(torch.zeros(1, 3, dtype=torch.long), 2, compile='yes')
     with pytest.raises(RuntimeError, match='token buffer is full'):
         sampler = model_lib.TokenSampler(torch.zeros(1, 2, dtype=torch.long), 2)
         sampler(torch.zeros(1, 1, 65))
+
+
+def test_compile_decision_figures_are_the_committed_measurements():
+    """compile_pays's cost and saving are results/full/latency.csv's (H200): the cost is compiled_build_s at
+    each model's first context (the cold compilation), the saving graph minus compiled generate() at 1024."""
+    import csv
+    rows = list(csv.DictReader(open(os.path.join(ROOT, 'results', 'full', 'latency.csv'))))
+    for mt in ('vanilla', 'delta', 'delta_product', 'nsa'):
+        mine = [r for r in rows if r['model'] == mt]
+        assert float(mine[0]['compiled_build_s']) == pytest.approx(model_lib.COMPILE_COST_S[mt], rel=1e-5)
+        at = next(r for r in mine if r['context'] == '1024')
+        saved = float(at['generate_graph_ms_per_token']) - float(at['generate_compiled_ms_per_token'])
+        assert saved == pytest.approx(model_lib.COMPILE_SAVES_MS[mt], rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- static (CUDA-graph) decoding
