@@ -581,12 +581,10 @@ def test_graphed_sampling_bookkeeping_on_cpu(model_type):
     assert torch.equal(seq, want)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize('compile', [False, True])
-@pytest.mark.parametrize('model_type', MODEL_TYPES)
-def test_cuda_graph_generation_equals_eager_generation(model_type, compile):
-    """generate() on CUDA replays its steps from a CUDA graph where it can: the same greedy tokens as eager
-    steps (fp32 model, so near-ties don't flip), through a window re-prefill for learned positions."""
+def _cuda_generation_case(model_type):
+    """(model, prompt, n) of the CUDA generation tests: the tiny fp32 model at unit-scale weights (sharp
+    logits, so near-ties don't flip), a batch of two 40-token prompts, and block_size new tokens: long enough
+    to slide vanilla's window."""
     mod = model_lib.get_model_module(model_type)
     torch.manual_seed(0)
     m = model_lib.build_model(model_type, **mod.TINY).cuda().eval()
@@ -594,8 +592,16 @@ def test_cuda_graph_generation_equals_eager_generation(model_type, compile):
         for p in m.parameters():
             if p.dim() >= 2:
                 p.normal_(0, p.shape[-1] ** -0.5)
-    prompt = torch.randint(0, 65, (2, 40), device='cuda')
-    n = m.config.block_size  # long enough to slide vanilla's window
+    return m, torch.randint(0, 65, (2, 40), device='cuda'), m.config.block_size
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('compile', [False, True])
+@pytest.mark.parametrize('model_type', MODEL_TYPES)
+def test_cuda_graph_generation_equals_eager_generation(model_type, compile):
+    """generate() on CUDA replays its steps from a CUDA graph where it can: the same greedy tokens as eager
+    steps (fp32 model, so near-ties don't flip), through a window re-prefill for learned positions."""
+    m, prompt, n = _cuda_generation_case(model_type)
     want = m.generate(prompt, n, temperature=0, cuda_graph=False)
     # graphed where static_decode, and required there: 'auto' would fall back to eager steps and pass anyway
     got = m.generate(prompt, n, temperature=0, cuda_graph=True if m.static_decode else 'auto', compile=compile)
@@ -610,15 +616,7 @@ def test_cuda_graph_sampling_equals_eager_sampling(model_type, compile):
     give from the same seed: the same sampler on the same RNG stream (a replay advances the default
     generator's Philox offset as an eager draw does; inductor calls ATen's exponential_). The model and shapes
     of the greedy test above (fp32; the window of vanilla slides), so the compiled step is reused."""
-    mod = model_lib.get_model_module(model_type)
-    torch.manual_seed(0)
-    m = model_lib.build_model(model_type, **mod.TINY).cuda().eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, p.shape[-1] ** -0.5)
-    prompt = torch.randint(0, 65, (2, 40), device='cuda')
-    n = m.config.block_size
+    m, prompt, n = _cuda_generation_case(model_type)
     kw = dict(temperature=0.8, top_k=20)
     torch.manual_seed(7)
     want = m.generate(prompt, n, cuda_graph=False, **kw)
