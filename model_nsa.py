@@ -64,7 +64,7 @@ fla semantics (fla-core 0.6.0, fla/ops/nsa/*.py; what the reference below reprod
       covers the same keys (ops/attn/parallel.py:806-808).
     * gates: o = o_slc * g_slc + o_cmp * g_cmp + o_swa * g_swa (parallel.py:938-960), gates given
       as they are (the sigmoid is the layer's).
-Measured on an H200 (selfcheck, tests/test_nsa.py, tests/nsa_selection_probe.py): with the same block
+Measured on an H200 (selfcheck, tests/test_nsa.py, tools/nsa_selection_probe.py): with the same block
 indices, parallel_nsa in bf16 is within 3-4e-3 rel RMS of this reference in fp32 (output and every
 gradient). On its full path it picks other blocks than the fp32 reference on ~0.3% of rows of random
 inputs: each time a near-tie (fp32 importance gap <= 5e-6 * G) that bf16 rounding of q*scale and k_cmp

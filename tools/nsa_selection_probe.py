@@ -1,8 +1,8 @@
 """Where does fla's parallel_nsa full path (its own compression + top-k, bf16) depart from the fp32
 reference, and is the top-k choice the only reason? Run on a CUDA machine with fla installed:
 
-    python tests/nsa_selection_probe.py            # the configs below
-    python tests/nsa_selection_probe.py --q-scale 4   # peakier compression softmax: fewer near ties
+    python tools/nsa_selection_probe.py            # the configs below
+    python tools/nsa_selection_probe.py --q-scale 4   # peakier compression softmax: fewer near ties
 
 For each config, over all (batch, query, KV head) rows:
     sel_diff     rows whose *set* of chosen blocks differs, kernel (bf16) vs reference (fp32)
