@@ -140,16 +140,21 @@ def test_lr_decay_follows_max_iters_overrides(config):
     assert train_runner.get_lr(500, explicit) > 0.5 * short['learning_rate']  # an explicit value is kept
 
 
-def test_committed_full_runs_are_recognised_as_done(monkeypatch, capsys):
+def test_committed_full_runs_are_recognised_as_done(monkeypatch, capsys, tmp_path):
     """The sweep compares each run's resolved config with its config.json: the committed runs of
-    results/full must count as done (not retrained), wherever the results folder was when they ran."""
+    results/full must count as done (not retrained), wherever the results folder was when they ran. Its log
+    goes to a temporary file: the committed folder is only read."""
     def must_not_train(run_cfg, *a):
         raise AssertionError(f"the sweep would retrain {run_cfg['out_dir']}")
     monkeypatch.setattr(train_runner, '_sweep_run', must_not_train)
+    logs, real_open = [], train_runner._SweepLog.open
+    monkeypatch.setattr(train_runner._SweepLog, 'open', lambda self, path, overrides=None: (
+        logs.append(path), real_open(self, str(tmp_path / 'sweep.log'), overrides))[1])
     out = train_runner.sweep({'preset': 'full', 'bench': False, 'device': 'cpu'})
     assert out['results_dir'] == os.path.join(ROOT, 'results', 'full')
     assert len(out['runs']) == 12 and all(r['status'] == 'done' for r in out['runs'])
     assert capsys.readouterr().out.count('skipping') == 12
+    assert logs == [os.path.join(ROOT, 'results', 'full', 'sweep.log')]
 
 
 # ----------------------------------------------------------------------------- faults: Ctrl-C, errors, out_dir
