@@ -1252,7 +1252,8 @@ def length_gen(out='results/full', runs_dir=None, contexts=None, split='test', b
         raise ValueError(f"length_gen: no finished runs under {rdir}" + (f" of models {models}" if models else ''))
     by_model = {}
     for r in runs:
-        by_model.setdefault(r['summary']['model_type'], {}).setdefault(float(r['summary']['learning_rate']), []).append(r)
+        s = r['summary']
+        by_model.setdefault(s['model_type'], {}).setdefault(float(s['learning_rate']), []).append(r)
     picked = {}
     for mt, by_lr in by_model.items():
         mean = {lr: sum(float(r['summary']['best_val_loss']) for r in rs) / len(rs) for lr, rs in by_lr.items()}

@@ -1111,9 +1111,10 @@ def _mqar_report(out, rows, best_rows, seed0, runs, skipped):
     multi = {k: v for k, v in spread.items() if len(v) > 1}
     if multi:
         srows = []
-        for (mt, d, L, kv), rs in sorted(multi.items(), key=lambda kv_: (kv_[0][2], _model_order(kv_[0][0]), kv_[0][1])):
+        for (mt, d, L, kv), rs in sorted(multi.items(), key=lambda it: (it[0][2], _model_order(it[0][0]), it[0][1])):
             mean, std = _mean_std([r['accuracy'] for r in rs])
-            srows.append(dict(model=mt, setting=f"d={d} L={L} kv={kv}", n=len(rs), acc=f"{mean:.3f} ± {_f(std, '.3f')}",
+            srows.append(dict(model=mt, setting=f"d={d} L={L} kv={kv}", n=len(rs),
+                              acc=f"{mean:.3f} ± {_f(std, '.3f')}",
                               each=', '.join(f"{r['accuracy']:.3f} (lr {r['lr']:g})" for r in rs)))
         md += ["## Spread over seeds (max over LRs per seed)", "",
                _md_table(srows, ['model', 'setting', 'n', 'acc', 'each'],
@@ -1252,7 +1253,8 @@ def plot_length_gen(rows, path):
     for ax, c in zip(axes[0], contexts):
         at = [r for r in rows if int(r['context']) == c]
         for mt in sorted({r['model'] for r in at}, key=_model_order):
-            pts = [(sum(map(int, r['position_bucket'].split('-'))) / 2, float(r['loss'])) for r in at if r['model'] == mt]
+            pts = [(sum(map(int, r['position_bucket'].split('-'))) / 2, float(r['loss']))  # bucket midpoints
+                   for r in at if r['model'] == mt]
             mode = next(r['mode'] for r in at if r['model'] == mt)
             ax.plot(*zip(*sorted(pts)), 'o-', ms=3, color=color_of(mt),
                     label=mt + (f" ({mode})" if mode != 'full' else ''))

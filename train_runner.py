@@ -717,7 +717,8 @@ def _sweep(overrides, log):
     runs = [(m, lr, s) for m in models for lr in lrs for s in seeds]
     stages = parse_stages(opts['stages'], full=cuda and label == 'full')
     if 'lm' in stages:
-        print(f"reproduction: preset {label!r} ({'CUDA' if cuda else 'no CUDA: the CPU preset, nanoGPT laptop-sized'}), "
+        hw = 'CUDA' if cuda else 'no CUDA: the CPU preset, nanoGPT laptop-sized'
+        print(f"reproduction: preset {label!r} ({hw}), "
               f"{len(models)} models x {len(lrs)} LRs x {len(seeds)} seeds = {len(runs)} runs -> {results_dir}")
     if not cuda and preset == 'full' and 'lm' in stages:
         print("warning: --preset=full on CPU: full-size models, expect hours")

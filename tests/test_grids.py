@@ -31,6 +31,22 @@ runs = [dict(name=f"{g}-delta-{neg}-s{s}", group=g, model_type='delta', allow_ne
 """
 
 
+@pytest.fixture(autouse=True, scope='module')
+def _one_thread():
+    """Tiny runs of tiny ops: on a busy 2-core machine intra-op threads spin and slow them many times over.
+    One thread for this module (and OMP_NUM_THREADS=1 for the processes it spawns, so a packed run computes
+    with the same thread count as an in-process one), restored afterwards."""
+    n, env = torch.get_num_threads(), os.environ.get('OMP_NUM_THREADS')
+    torch.set_num_threads(1)
+    os.environ['OMP_NUM_THREADS'] = '1'
+    yield
+    torch.set_num_threads(n)
+    if env is None:
+        os.environ.pop('OMP_NUM_THREADS')
+    else:
+        os.environ['OMP_NUM_THREADS'] = env
+
+
 def _grid(tmp_path, name, text, models=('vanilla', 'delta')):
     path = tmp_path / name
     path.write_text(text.replace('MODELS', repr(tuple(models))))
@@ -275,6 +291,7 @@ def test_length_gen_on_trained_runs(prepared, tmp_path):
     modes = {(r['model'], r['context']): r['mode'] for r in csv}
     assert modes[('vanilla', '40')] == 'sliding 16' and modes[('delta', '40')] == 'full'
     assert modes[('vanilla', '16')] == 'full'
+    assert all(float(r['loss']) > 1.0 for r in csv)  # every bucket scored (near-untrained: ~ln 65)
     assert all(int(r['n_tokens']) == 2 * (int(r['position_bucket'].split('-')[1]) -
                                           int(r['position_bucket'].split('-')[0]) + 1) for r in csv)
     report.report(str(tmp_path))
