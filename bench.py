@@ -20,6 +20,11 @@ Benchmarks of the four token mixers, and the generated report.
     profile     where a training step's time goes: wall vs GPU kernel time, kernels/iter, top kernels
     scaling     DDP over N GPUs against one at the same global batch: tokens/s ratio and both loss curves
     all         params, memory, latency, decode_throughput, throughput, vs_nanogpt, bakeoff, report
+    mqar        the MQAR grid's mqar.csv, mqar_best.csv, plots and REPORT.md from its run records
+                (results/mqar/runs/; deterministic)
+    state_tracking  the state-tracking grid's state_tracking.csv, plot and REPORT.md from its run records
+    length_gen  the bake-off's checkpoints on the test split at contexts 256 -> 4096: loss per position
+                bucket (vanilla with learned positions slides its window); length_generalization.csv
 
 Every sub-command is also a function: bench.params(out='results', tiny=False, device='auto', ...).
 Common keys: --out=results (output folder), --tiny=True (each module's TINY config and small sizes,
@@ -41,13 +46,15 @@ import traceback
 from dataclasses import fields, replace
 
 import torch
+from torch.nn import functional as F
 
 import model
-from report import (DECODE_COL, GENERATE_COL, add_vs_vanilla, bakeoff, model_kw_from_runs, plot_decode_throughput,
-                    plot_latency, plot_memory, plot_scaling, plot_throughput, report, resolve_runs_dir, runs)
+from report import (DECODE_COL, GENERATE_COL, add_vs_vanilla, bakeoff, load_runs, model_kw_from_runs, mqar,
+                    plot_decode_throughput, plot_latency, plot_length_gen, plot_memory, plot_scaling, plot_throughput,
+                    report, resolve_runs_dir, runs, state_tracking)
 from runtime import (TRISTATE, GraphedStep, Progress, act_dtype, as_list, autocast_for, check_value, device_name,
                      execution_modes, failure_status, fmt_cell, fmt_time, free_memory, is_oom, key_table, load_dataset,
-                     median, parse_value, peak_flops, read_csv, resolve_device, sync, write_csv, write_meta)
+                     load_split, median, parse_value, peak_flops, read_csv, resolve_device, sync, write_csv, write_meta)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -1156,8 +1163,146 @@ def scaling(out='results', tiny=False, device='auto', models='vanilla,delta', sh
     return rows
 
 
+# ----------------------------------------------------------------------------------------------
+# length generalisation: the bake-off's checkpoints past their training context
+
+LENGTH_CONTEXTS = [256, 512, 1024, 2048, 4096]
+LENGTH_COLS = ['model', 'context', 'position_bucket', 'loss', 'n_tokens', 'mode']
+
+
+def extended(run_model_config, state_dict, context, device):
+    """The trained model at `context` tokens: (model, mode). A model without a learned position table runs the
+    whole context ('full': built with block_size = context, the trained weights loaded strictly, so any weight
+    whose shape depends on block_size is an error, never a silent change); one with learned positions keeps its
+    block_size and slides it ('sliding <block_size>')."""
+    mc = dict(run_model_config)
+    mod = model.get_model_module(mc['model_type'])
+    learned = mc.get('pos_emb', 'learned') == 'learned'
+    if not learned:
+        mc['block_size'] = max(context, mc['block_size'])
+    m = mod.GPT(mod.GPTConfig(**mc))
+    m.load_state_dict(state_dict)
+    m.to(device).eval()
+    return m, (f"sliding {mc['block_size']}" if learned and context > mc['block_size'] else 'full')
+
+
+@torch.no_grad()
+def position_losses(m, data, context, n_windows, batch, device, autocast):
+    """Summed next-token loss per position (context,) over n_windows windows data[s : s + context + 1], s = 0,
+    context, 2 context, ... (float64, on the CPU). Past block_size a model with learned positions predicts each
+    token from the block_size tokens before it (nanoGPT's sliding window, one forward per position, the last
+    logit of each), so every position of the context is scored, none cropped; the rest see the whole window."""
+    bs = m.config.block_size
+    sums = torch.zeros(context, dtype=torch.float64)
+    starts = torch.arange(n_windows) * context
+    win = data[starts[:, None] + torch.arange(context + 1)].to(device)  # (W, context + 1)
+    x_all, y_all = win[:, :-1], win[:, 1:]
+
+    def nll(x, y):
+        with autocast:
+            logits = m(x)[0]
+        return F.cross_entropy(logits.float().transpose(1, 2), y, reduction='none').double().sum(0).cpu()
+
+    head = min(context, bs)  # positions the model sees from the window's start
+    for i in range(0, n_windows, batch):
+        sums[:head] += nll(x_all[i:i + batch, :head], y_all[i:i + batch, :head])
+    if context > bs:  # learned positions only: extended() built the others at block_size >= context
+        for w in range(n_windows):
+            subs = x_all[w].unfold(0, bs, 1)[1:]  # (context - bs, bs): the window ending at each position >= bs
+            for j in range(0, len(subs), batch * 8):
+                xs = subs[j:j + batch * 8]
+                with autocast:
+                    logits = m(xs, last_only=True)[0][:, -1].float()
+                ys = y_all[w, bs + j:bs + j + len(xs)]
+                sums[bs + j:bs + j + len(xs)] += F.cross_entropy(logits, ys, reduction='none').double().cpu()
+    return sums
+
+
+def bucket_rows(name, context, sums, n_windows, bucket, mode):
+    """Rows of (model, context, position_bucket 'a-b', mean loss, n_tokens) from per-position loss sums."""
+    rows = []
+    for a in range(0, context, bucket):
+        b = min(a + bucket, context)
+        n = n_windows * (b - a)
+        rows.append(dict(model=name, context=context, position_bucket=f"{a}-{b - 1}",
+                         loss=float(sums[a:b].sum()) / n, n_tokens=n, mode=mode))
+    return rows
+
+
+def length_gen(out='results/full', runs_dir=None, contexts=None, split='test', bucket=256, max_windows=None,
+               batch_size=8, device='auto', models=None, preset=None):
+    """Loss against position past the training context (<out>/length_generalization.csv, .png, .meta.json):
+    each model's checkpoints (ckpt_best.pt of every seed at its tuned learning rate, the bake-off's: lowest mean
+    best val loss, ties to the smaller) evaluated on the dataset's `split` at each context (256 .. 4096), the
+    next-token loss per position bucket (0-255, 256-511, ...) over non-overlapping windows of the split (all
+    that fit, or max_windows), pooled over seeds (n_tokens counts them). Models without learned positions
+    (DeltaNet, Gated DeltaProduct, NSA with its RoPE, a RoPE or no-position vanilla) run the whole context;
+    vanilla with learned positions slides its block_size window (mode 'sliding 256'): its reference line.
+    Checkpoints are not committed: run it where the sweep trained them."""
+    device = resolve_device(device)
+    contexts = as_list(contexts, int) if contexts is not None else LENGTH_CONTEXTS
+    if bucket < 1 or batch_size < 1 or any(c < 1 for c in contexts):
+        raise ValueError(f"length_gen: contexts, bucket and batch_size must be >= 1, got {contexts}, {bucket}, "
+                         f"{batch_size}")
+    rdir, preset = resolve_runs_dir(out, preset, runs_dir)
+    runs, _ = load_runs(rdir)
+    if models is not None:
+        runs = [r for r in runs if r['summary']['model_type'] in as_list(models, str)]
+    if not runs:
+        raise ValueError(f"length_gen: no finished runs under {rdir}" + (f" of models {models}" if models else ''))
+    by_model = {}
+    for r in runs:
+        s = r['summary']
+        by_model.setdefault(s['model_type'], {}).setdefault(float(s['learning_rate']), []).append(r)
+    picked = {}
+    for mt, by_lr in by_model.items():
+        mean = {lr: sum(float(r['summary']['best_val_loss']) for r in rs) / len(rs) for lr, rs in by_lr.items()}
+        best_lr = min(sorted(mean), key=lambda lr: mean[lr])
+        ckpts = [os.path.join(rdir, r['name'], 'ckpt_best.pt') for r in by_lr[best_lr]]
+        missing = [c for c in ckpts if not os.path.exists(c)]
+        if missing:
+            raise FileNotFoundError(f"length_gen: {mt}'s checkpoints are missing ({', '.join(missing)}); they are "
+                                    f"not committed: run where the sweep trained them")
+        picked[mt] = (best_lr, by_lr[best_lr], ckpts)
+    datasets = {r['config']['config']['dataset'] for r in runs}
+    if len(datasets) != 1:
+        raise ValueError(f"length_gen: the runs trained on several datasets {sorted(datasets)}")
+    data = load_split(datasets.pop(), split)
+    autocast = autocast_for(device)
+    fit = {c: (len(data) - 1) // c for c in contexts}
+    short = [c for c, n in fit.items() if n < 1]
+    if short:
+        raise ValueError(f"length_gen: the {split} split has {len(data):,} tokens: no window of {short} fits")
+    n_win = {c: min(n, max_windows) if max_windows else n for c, n in fit.items()}
+    units = [(mt, ck, c) for mt, (_, _, cks) in picked.items() for ck in cks for c in contexts]
+    progress = Progress(len(units), 'length_gen', weights=[c * n_win[c] for _, _, c in units], bar=True)
+    rows = []
+    for mt in sorted(picked, key=lambda m: list(model.MODEL_TYPES).index(m) if m in model.MODEL_TYPES else 99):
+        lr, rs, ckpts = picked[mt]
+        for c in contexts:
+            sums, mode = torch.zeros(c, dtype=torch.float64), None
+            for ck in ckpts:
+                state = torch.load(ck, map_location='cpu', weights_only=False)
+                m, mode = extended(state['model_config'], state['model'], c, device)
+                sums += position_losses(m, data, c, n_win[c], batch_size, device, autocast)
+                progress.update(c * n_win[c])
+                del m, state
+            rows += bucket_rows(mt, c, sums, n_win[c] * len(ckpts), bucket, mode)
+            print(f"[length_gen] {mt} (lr {lr:g}, {len(ckpts)} seed(s)) at context {c} ({mode}, {n_win[c]} windows): "
+                  f"loss {float(sums.sum()) / (c * n_win[c] * len(ckpts)):.4f} | {progress.text()}", flush=True)
+    progress.close()
+    write_csv(os.path.join(out, 'length_generalization.csv'), rows, LENGTH_COLS)
+    plot_length_gen(rows, os.path.join(out, 'length_generalization.png'))
+    write_meta(out, 'length_generalization', device, dict(contexts=contexts, split=split, bucket=bucket,
+                                                         max_windows=max_windows, batch_size=batch_size),
+               runs_dir=rdir, checkpoints={mt: [os.path.relpath(c, rdir) for c in v[2]] for mt, v in picked.items()},
+               learning_rates={mt: v[0] for mt, v in picked.items()})
+    return rows
+
+
 COMMANDS = {**{f.__name__: f for f in (params, memory, latency, decode_throughput, throughput, bakeoff, report,
-                                        selfcheck, runs, vs_nanogpt, profile, scaling)},
+                                        selfcheck, runs, vs_nanogpt, profile, scaling, mqar, state_tracking,
+                                        length_gen)},
             'all': _all_cli}
 all = run_all  # bench.all(...) as in the docs (shadows the builtin in this module only; bench never uses it)
 
@@ -1208,6 +1353,19 @@ HELP = {
     'scaling.iters': "training iterations of each run (None: 300; tiny: 20)",
     'scaling.shapes': "per-process micro-batches (B, T) (None: (32, 256), (1, 8192); tiny: (8, 32))",
     'all.tiny': "small sizes (None: when there is no CUDA)",
+    'mqar.out': "the MQAR grid's folder: its run records in <out>/runs/; writes mqar.csv, mqar_best.csv, plots, REPORT.md",
+    'mqar.runs_dir': "folder of the run folders (None: <out>/runs)",
+    'state_tracking.out': "the state-tracking grid's folder: its run records in <out>/runs/; writes "
+                          "state_tracking.csv, its plot, REPORT.md",
+    'state_tracking.runs_dir': "folder of the run folders (None: <out>/runs)",
+    'length_gen.out': "the bake-off's folder: writes length_generalization.csv, .png and .meta.json there",
+    'length_gen.contexts': "contexts evaluated (None: 256, 512, 1024, 2048, 4096)",
+    'length_gen.split': "the dataset split evaluated (data/<dataset>/<split>.bin); a missing one is an error naming "
+                        "the splits present",
+    'length_gen.bucket': "positions per loss bucket (0-255, 256-511, ...)",
+    'length_gen.max_windows': "non-overlapping windows per context (None: every one that fits in the split)",
+    'length_gen.batch_size': "windows per forward (the sliding path: 8x this many sub-windows)",
+    'length_gen.models': "comma-separated model types (None: every model of the runs)",
     'all.wandb_log': "also log the tables and plots to Weights & Biases (needs wandb)",
 }
 # keys that take only these values (any string passes where the default is 'auto', and bool('no') is True)

@@ -860,6 +860,9 @@ def report(out='results', readme=False):
             'python bench.py vs_nanogpt (karpathy/nanoGPT cloned into .nanogpt/)', vs_nanogpt_body)
     section('Training throughput', 'throughput.csv', 'python bench.py throughput', throughput_body)
     section('Data-parallel scaling (DDP)', 'scaling.csv', 'python bench.py scaling (2+ GPUs)', scaling_body)
+    if have('length_generalization.csv'):  # (only where measured: it needs the runs' checkpoints)
+        section('Length generalisation (loss against position)', 'length_generalization.csv',
+                'python bench.py length_gen', lambda rows: length_gen_body(rows, out))
 
     path = os.path.join(out, 'REPORT.md')
     os.makedirs(out, exist_ok=True)
@@ -956,3 +959,322 @@ def plot_scaling(curves, gpus, path):
             ax.legend(fontsize=7)
         fig.tight_layout()
         savefig(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# the grid stages (train_runner.py --stages=mqar,state_tracking): CSVs, plots and REPORT.md from the run
+# records under <out>/runs/ (config.json and summary.json of each run), deterministic given them
+
+MQAR_COLS = ['model', 'd_model', 'seq_len', 'num_kv_pairs', 'lr', 'seed', 'accuracy', 'epochs', 'steps',
+             'state_bytes', 'params']
+STATE_TRACKING_COLS = ['model', 'variant', 'group', 'n_layer', 'train_len', 'test_len', 'accuracy', 'seed']
+# each mixer's layout keys, stated in the grids' reports (those of its GPTConfig that exist)
+LAYOUT_KEYS = ('n_layer', 'n_head', 'n_kv_head', 'head_dim', 'pos_emb', 'conv_size', 'num_householder',
+               'allow_neg_eigval', 'nsa_block_size', 'nsa_block_counts', 'nsa_window_size', 'mlp', 'd_ff')
+
+
+def _grid_runs(out, runs_dir, what):
+    runs_dir = runs_dir or os.path.join(out, 'runs')
+    if not os.path.isdir(runs_dir):
+        raise ValueError(f"{what}: no run records: {runs_dir} is not a folder (train them with "
+                         f"`python train_runner.py --stages={what}`)")
+    runs, skipped = load_runs(runs_dir)
+    for s in skipped:
+        print(f"[{what}] skipped run {s}")
+    if not runs:
+        raise ValueError(f"{what}: no finished runs (summary.json with status 'done') under {runs_dir}")
+    return runs, skipped
+
+
+def _state_bytes(model_config, context):
+    """Decoding-state bytes at batch 1 and this context (model.decode_state_bytes, bf16), built on the meta
+    device from a run's recorded architecture."""
+    import torch
+    mod = model.get_model_module(model_config['model_type'])
+    names = {f.name for f in fields(mod.GPTConfig)}
+    with torch.device('meta'):
+        m = mod.GPT(mod.GPTConfig(**{k: v for k, v in model_config.items() if k in names}))
+    return m.decode_state_bytes(1, context)
+
+
+def _provenance(runs, skipped):
+    """Where the runs ran: their commits and devices (from config.json), and the unfinished ones."""
+    commits = sorted({r['config'].get('git_commit') or '?' for r in runs})
+    devices = sorted({r['config'].get('device') or '?' for r in runs})
+    return [f"- runs: {len(runs)} finished" + (f", {len(skipped)} not ({'; '.join(skipped[:8])}"
+                                                + (' ...' if len(skipped) > 8 else '') + ")" if skipped else ''),
+            f"- git commit(s) of the runs: {', '.join(f'`{c[:12]}`' for c in commits)}",
+            f"- device(s): {', '.join(devices)}"]
+
+
+def _layout_lines(runs, extra=()):
+    """One line per distinct (model, layout) of the runs: what each mixer was, from its records."""
+    seen = {}
+    for r in runs:
+        mc = r['config']['model_config']
+        key = (mc['model_type'], tuple((k, mc[k]) for k in LAYOUT_KEYS + tuple(extra) if k in mc))
+        seen.setdefault(key, None)
+    return [f"- {mt}: " + ', '.join(f"{k}={v}" for k, v in kv) for mt, kv in
+            sorted(seen, key=lambda k: (_model_order(k[0]), str(k[1])))]
+
+
+def mqar(out='results/mqar', runs_dir=None):
+    """results/mqar/ from the MQAR grid's run records: mqar.csv (a row per run: accuracy = the run's best test
+    accuracy over its evaluations, which is its last when it stopped early; state_bytes = its decoding state at
+    batch 1 and context seq_len), mqar_best.csv (the max over LRs, Zoology's figure, with the LR that gave it),
+    mqar_vs_width.png, mqar_vs_state.png and REPORT.md. Deterministic: the files depend only on the records."""
+    runs, skipped = _grid_runs(out, runs_dir, 'mqar')
+    rows = []
+    for r in runs:
+        c, s = r['config']['config'], r['summary']
+        rows.append(dict(model=c['model_type'], d_model=c['n_embd'], seq_len=c['seq_len'],
+                         num_kv_pairs=c['num_kv_pairs'], lr=float(c['learning_rate']), seed=c['seed'],
+                         accuracy=float(s['best_test_acc']), epochs=float(s['epochs']), steps=s['steps'],
+                         state_bytes=_state_bytes(r['config']['model_config'], c['seq_len']),
+                         params=r['config']['n_params']))
+    order = lambda r: (r['seq_len'], r['num_kv_pairs'], _model_order(r['model']), r['d_model'], r['seed'], r['lr'])
+    rows.sort(key=order)
+    write_csv(os.path.join(out, 'mqar.csv'), rows, MQAR_COLS)
+    best = {}
+    for r in rows:  # rows are in lr order within a group: ties keep the smaller lr
+        k = (r['model'], r['d_model'], r['seq_len'], r['num_kv_pairs'], r['seed'])
+        if k not in best or r['accuracy'] > best[k]['accuracy']:
+            best[k] = r
+    best_rows = sorted(best.values(), key=order)
+    write_csv(os.path.join(out, 'mqar_best.csv'), best_rows, MQAR_COLS)
+    seed0 = min(r['seed'] for r in best_rows)  # the seed every grid point has
+    plot_mqar(best_rows, seed0, os.path.join(out, 'mqar_vs_width.png'), os.path.join(out, 'mqar_vs_state.png'))
+    _mqar_report(out, rows, best_rows, seed0, runs, skipped)
+    return best_rows
+
+
+def plot_mqar(best_rows, seed, path_width, path_state):
+    plt = pyplot()
+    rows = [r for r in best_rows if r['seed'] == seed]
+    settings = list(dict.fromkeys((r['seq_len'], r['num_kv_pairs']) for r in rows))
+    fig, axes = plt.subplots(1, len(settings), figsize=(3.6 * len(settings), 3.4), squeeze=False, sharey=True)
+    for ax, (L, kv) in zip(axes[0], settings):
+        for mt in sorted({r['model'] for r in rows}, key=_model_order):
+            pts = sorted((r['d_model'], r['accuracy']) for r in rows if r['model'] == mt and
+                         (r['seq_len'], r['num_kv_pairs']) == (L, kv))
+            ax.plot(*zip(*pts), 'o-', color=color_of(mt), label=mt)
+        ax.set_xscale('log', base=2)
+        ax.set_title(f"L={L}, kv={kv}")
+        ax.set_xlabel('d_model')
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel('accuracy (max over LRs)')
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    savefig(fig, path_width)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    markers = dict(zip(settings, 'os^Dv<>p'))
+    for mt in sorted({r['model'] for r in rows}, key=_model_order):
+        for st in settings:
+            pts = sorted((r['state_bytes'], r['accuracy']) for r in rows
+                         if r['model'] == mt and (r['seq_len'], r['num_kv_pairs']) == st)
+            ax.plot(*zip(*pts), markers[st] + '-', color=color_of(mt), alpha=0.8,
+                    label=f"{mt}, L={st[0]} kv={st[1]}")
+    ax.set_xscale('log')
+    ax.set_xlabel('decoding-state bytes at context L (batch 1, bf16)')
+    ax.set_ylabel('accuracy (max over LRs)')
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    savefig(fig, path_state)
+
+
+def _mqar_report(out, rows, best_rows, seed0, runs, skipped):
+    def acc(r):
+        return f"{r['accuracy']:.3f}"
+    main = [r for r in best_rows if r['seed'] == seed0]
+    table, cols = _pivot(main, lambda r: f"{r['model']} d={r['d_model']}",
+                         lambda r: f"L={r['seq_len']} kv={r['num_kv_pairs']}", acc)
+    md = ["# MQAR (multi-query associative recall)", "",
+          "Generated by `python bench.py mqar` from the run records in `runs/` (their config.json and summary.json); "
+          "every number below is read from `mqar.csv` / `mqar_best.csv`, which the same command writes.", "",
+          "Protocol: Zoology's (Arora et al. 2023, Figure 2): `config/mqar.py`, the grid `config/mqar_grid.py`. "
+          f"Accuracy is over the query positions, averaged per example, on the "
+          f"{'/'.join(sorted({str(r['config']['config']['n_test']) for r in runs}))} test examples; a run's figure "
+          "is its best test accuracy over its evaluations (once per epoch; its last, where it stopped early above "
+          "0.99), and the reported one the max over learning rates.", "",
+          f"## Accuracy, max over learning rates (seed {seed0})", "",
+          _md_table(table, cols, ['model'] + cols[1:]), "",
+          "![accuracy against d_model](mqar_vs_width.png)", "",
+          "![accuracy against decoding-state bytes](mqar_vs_state.png)", ""]
+    # the bars of the published results, checked against the table
+    checks = []
+    att = [r for r in main if r['model'] == 'vanilla' and r['seq_len'] <= 256]
+    if att:
+        miss = [f"L={r['seq_len']} d={r['d_model']}: {r['accuracy']:.3f}" for r in att if r['accuracy'] < 0.99]
+        checks.append("- attention >= 0.99 at every setting up to (256, 16): "
+                      + ('met' if not miss else 'missed at ' + '; '.join(miss)))
+    dn = [r for r in main if r['model'] == 'delta' and (r['seq_len'], r['num_kv_pairs']) == (512, 64)
+          and r['d_model'] >= 128]
+    if dn:
+        miss = [f"d={r['d_model']}: {r['accuracy']:.3f}" for r in dn if r['accuracy'] < 0.99]
+        checks.append("- DeltaNet >= 0.99 at (512, 64) for d_model >= 128: "
+                      + ('met' if not miss else 'missed at ' + '; '.join(miss)))
+    if checks:
+        md += ["## The published bars", ""] + checks + [""]
+    spread = {}
+    for r in best_rows:
+        spread.setdefault((r['model'], r['d_model'], r['seq_len'], r['num_kv_pairs']), []).append(r)
+    multi = {k: v for k, v in spread.items() if len(v) > 1}
+    if multi:
+        srows = []
+        for (mt, d, L, kv), rs in sorted(multi.items(), key=lambda it: (it[0][2], _model_order(it[0][0]), it[0][1])):
+            mean, std = _mean_std([r['accuracy'] for r in rs])
+            srows.append(dict(model=mt, setting=f"d={d} L={L} kv={kv}", n=len(rs),
+                              acc=f"{mean:.3f} ± {_f(std, '.3f')}",
+                              each=', '.join(f"{r['accuracy']:.3f} (lr {r['lr']:g})" for r in rs)))
+        md += ["## Spread over seeds (max over LRs per seed)", "",
+               _md_table(srows, ['model', 'setting', 'n', 'acc', 'each'],
+                         ['model', 'setting', 'seeds', 'accuracy mean ± std', 'per seed (best lr)']), ""]
+    lr_table, lr_cols = _pivot([r for r in rows if r['seed'] == seed0],
+                               lambda r: f"{r['model']} d={r['d_model']} L={r['seq_len']}", lambda r: f"lr {r['lr']:g}",
+                               lambda r: f"{r['accuracy']:.3f} ({r['epochs']:.1f} ep)")
+    md += ["## Every learning rate (accuracy, epochs trained)", "", _md_table(lr_table, lr_cols, ['run'] + lr_cols[1:]),
+           "", "## Layouts (from the run records)", ""] + _layout_lines(runs) + [
+           "", "## Provenance", ""] + _provenance(runs, skipped) + [""]
+    _write_md(os.path.join(out, 'REPORT.md'), md)
+
+
+def _write_md(path, md):
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    with open(path, 'w') as f:
+        f.write('\n'.join(md))
+    print(f"[bench] wrote {path}")
+
+
+def variant_of(mc):
+    """A state-tracking run's variant, from its recorded architecture: delta[0,1] / delta[-1,1] (beta in (0, 1) /
+    (0, 2): the transitions' eigenvalue range), delta_product<n_h>[...], vanilla(<positions>), nsa."""
+    mt = mc['model_type']
+    rng = '[-1,1]' if mc.get('allow_neg_eigval') else '[0,1]'
+    if mt == 'delta':
+        return 'delta' + rng
+    if mt == 'delta_product':
+        return f"delta_product{mc['num_householder']}" + rng
+    if mt == 'vanilla':
+        return f"vanilla({mc['pos_emb']})"
+    return mt
+
+
+def state_tracking(out='results/state_tracking', runs_dir=None):
+    """results/state_tracking/ from the word-problem grid's run records: state_tracking.csv (a row per run and
+    test length: the accuracy over every position of fresh test sequences at the end of training),
+    state_tracking.png (accuracy against test length, a panel per group, a line per variant: the mean over
+    seeds, the band from the lowest to the highest seed) and REPORT.md. Deterministic given the records."""
+    runs, skipped = _grid_runs(out, runs_dir, 'state_tracking')
+    rows = []
+    for r in runs:
+        c, s, mc = r['config']['config'], r['summary'], r['config']['model_config']
+        for n in c['test_lens']:
+            acc = s.get(f'test_acc_{n}', s['test_acc'] if n == c['train_len'] else None)
+            rows.append(dict(model=c['model_type'], variant=variant_of(mc), group=c['group'], n_layer=mc['n_layer'],
+                             train_len=c['train_len'], test_len=n, accuracy=float(acc), seed=c['seed']))
+    vorder = lambda v: (_model_order(v.split('[')[0].split('(')[0].rstrip('0123456789')), v)
+    rows.sort(key=lambda r: (r['group'], vorder(r['variant']), r['seed'], r['test_len']))
+    write_csv(os.path.join(out, 'state_tracking.csv'), rows, STATE_TRACKING_COLS)
+    plot_state_tracking(rows, vorder, os.path.join(out, 'state_tracking.png'))
+    stats = {}
+    for r in rows:
+        stats.setdefault((r['group'], r['variant'], r['test_len']), []).append(r['accuracy'])
+    cell = lambda r: (lambda m_s: f"{m_s[0]:.3f} ± {_f(m_s[1], '.3f')}")(_mean_std(stats[(r['group'], r['variant'],
+                                                                                        r['test_len'])]))
+    md = ["# State tracking (group word problems)", "",
+          "Generated by `python bench.py state_tracking` from the run records in `runs/`; every number below is "
+          "read from `state_tracking.csv`, which the same command writes.", "",
+          "Task: the running product of T group elements drawn uniformly (Z2: parity), the loss and accuracy over "
+          "every position (`config/state_tracking.py`, grid `config/state_tracking_grid.py`). Trained at "
+          "train_len, tested on fresh sequences at each test length; the accuracy is the run's last evaluation. "
+          "Variants: delta[0,1] / delta[-1,1] = DeltaNet with beta in (0, 1) / (0, 2) (allow_neg_eigval); "
+          "delta_product<n_h>[...] likewise with n_h Householder factors; vanilla(rope) = softmax attention with "
+          "RoPE (learned positions can't reach past the training length); nsa with its own RoPE.", ""]
+    for g in dict.fromkeys(r['group'] for r in rows):
+        grows = [r for r in rows if r['group'] == g]
+        table, cols = _pivot(grows, lambda r: r['variant'], lambda r: f"T={r['test_len']}", cell)
+        n_seeds = len({r['seed'] for r in grows})
+        md += [f"## {g}: accuracy, mean ± std over seeds ({n_seeds})", "",
+               _md_table(table, cols, ['variant'] + cols[1:]), ""]
+    md += ["![accuracy against test length](state_tracking.png)", "",
+           "The published outcomes to compare with: DeltaProduct's README (S3, one layer): delta_product2[-1,1] "
+           "trains, delta_product1[-1,1] does not converge, delta_product1[0,1] and delta_product2[0,1] do not "
+           "converge; Grazzi et al. (ICLR 2025): DeltaNet[-1,1] solves parity and DeltaNet[0,1] does not; softmax "
+           "attention does not length-generalise on parity (Deletang et al. 2023).", "",
+           "## Layouts (from the run records)", ""] + _layout_lines(runs) + [
+           "", "## Provenance", ""] + _provenance(runs, skipped) + [""]
+    _write_md(os.path.join(out, 'REPORT.md'), md)
+    return rows
+
+
+def plot_state_tracking(rows, vorder, path):
+    plt = pyplot()
+    groups = list(dict.fromkeys(r['group'] for r in rows))
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False, sharey=True)
+    styles = ['-', '--', ':', '-.']
+    for ax, g in zip(axes[0], groups):
+        variants = sorted({r['variant'] for r in rows if r['group'] == g}, key=vorder)
+        for k, v in enumerate(variants):
+            lens = sorted({r['test_len'] for r in rows if r['group'] == g and r['variant'] == v})
+            accs = [[r['accuracy'] for r in rows if (r['group'], r['variant'], r['test_len']) == (g, v, n)]
+                    for n in lens]
+            mean = [sum(a) / len(a) for a in accs]
+            line, = ax.plot(lens, mean, 'o' + styles[k % len(styles)], label=v,
+                            color=f'C{k % 10}')
+            ax.fill_between(lens, [min(a) for a in accs], [max(a) for a in accs], color=line.get_color(), alpha=0.15)
+        ax.set_xscale('log', base=2)
+        ax.set_title(f"{g} (train length {next(r['train_len'] for r in rows if r['group'] == g)})")
+        ax.set_xlabel('test length')
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel('accuracy (mean over seeds; band: min to max)')
+    fig.tight_layout()
+    savefig(fig, path)
+
+
+
+# ----------------------------------------------------------------------------------------------
+# length generalisation (bench.py length_gen)
+
+def length_gen_body(rows, out):
+    """REPORT.md's section: loss per position bucket at the longest context, a row per model, and the plot."""
+    longest = max(int(r['context']) for r in rows)
+    at = [r for r in rows if int(r['context']) == longest]
+    table, cols = _pivot(at, lambda r: f"{r['model']} ({r['mode']})", lambda r: r['position_bucket'],
+                         lambda r: f"{float(r['loss']):.3f}")
+    trained = sorted({r['mode'] for r in rows})
+    return [f"Next-token loss per position bucket at context {longest} (the test split's non-overlapping "
+            f"windows; each model's checkpoints at its tuned learning rate, pooled over seeds). Models without "
+            f"learned positions run the whole context ('full'); vanilla with learned positions slides its "
+            f"training window ('sliding N': each token predicted from the N before it), which makes it the "
+            f"reference line: it never sees a position past N. Modes here: {', '.join(trained)}.", "",
+            _md_table(table, cols, ['model'] + cols[1:]), "",
+            "![loss against position](length_generalization.png)" if os.path.exists(
+                os.path.join(out, 'length_generalization.png')) else "*Missing plot `length_generalization.png`.*",
+            "", _meta_lines(out, 'length_generalization')]
+
+
+def plot_length_gen(rows, path):
+    """Loss against position (bucket midpoints), a panel per context, a line per model."""
+    plt = pyplot()
+    contexts = sorted({int(r['context']) for r in rows})
+    fig, axes = plt.subplots(1, len(contexts), figsize=(3.6 * len(contexts), 3.6), squeeze=False, sharey=True)
+    for ax, c in zip(axes[0], contexts):
+        at = [r for r in rows if int(r['context']) == c]
+        for mt in sorted({r['model'] for r in at}, key=_model_order):
+            pts = [(sum(map(int, r['position_bucket'].split('-'))) / 2, float(r['loss']))  # bucket midpoints
+                   for r in at if r['model'] == mt]
+            mode = next(r['mode'] for r in at if r['model'] == mt)
+            ax.plot(*zip(*sorted(pts)), 'o-', ms=3, color=color_of(mt),
+                    label=mt + (f" ({mode})" if mode != 'full' else ''))
+        ax.set_title(f"context {c}")
+        ax.set_xlabel('position')
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel('next-token loss')
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    savefig(fig, path)

@@ -290,6 +290,21 @@ def load_dataset(dataset, device):
     return splits, meta
 
 
+def load_split(dataset, split, device='cpu'):
+    """One split of a prepared dataset (data/<dataset>/<split>.bin) as an int64 tensor, checked against the
+    manifest when it lists the file. A split that is not there is an error naming the splits present (never
+    another split in its place)."""
+    data_dir = os.path.join(DATA_DIR, dataset)
+    path = os.path.join(data_dir, f'{split}.bin')
+    if not os.path.exists(path):
+        have = sorted(f[:-4] for f in os.listdir(data_dir) if f.endswith('.bin')) if os.path.isdir(data_dir) else []
+        raise DatasetError(f"dataset {dataset!r} has no {split!r} split ({path} not found); splits present: "
+                           + (', '.join(have) if have else f"none ({_rerun(dataset)})"))
+    manifest = _manifest(data_dir, dataset)
+    if manifest is not None and f'{split}.bin' in manifest['files']:
+        _check_file(data_dir, dataset, f'{split}.bin', manifest['files'][f'{split}.bin'])
+    return torch.from_numpy(np.fromfile(path, dtype=np.uint16).astype(np.int64)).to(device)
+
 def check_block_size(splits, block_size, dataset):
     """Every training and evaluation window is block_size + 1 consecutive tokens (the inputs, and the targets
     shifted by one), so a split of M tokens holds windows for block_size <= M - 1."""

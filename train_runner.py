@@ -39,9 +39,9 @@ import torch
 
 import model as model_lib
 import tasks
-from runtime import (TRISTATE, ConfigError, GraphedStep, as_list, atomic_torch_save, atomic_write_json,
-                     check_minimum, check_value, execution_modes, fmt_time, key_table, load_json, parse_value,
-                     peak_flops, pick_device, run_metadata, user_error)
+from runtime import (TRISTATE, ConfigError, GraphedStep, Progress, as_list, atomic_torch_save,
+                     atomic_write_json, check_minimum, check_value, execution_modes, fmt_time, key_table, load_json,
+                     parse_value, peak_flops, pick_device, run_metadata, user_error)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -648,6 +648,16 @@ PRESETS = {
         lrs=[5e-4, 1e-3, 3e-3],
     ),
 }
+# the reproduction's stages, in the order they run
+STAGES = {
+    'lm': "the bake-off on shakespeare_char (the preset's models x LRs x seeds), then the benchmarks and "
+          "REPORT.md (--bench) in results_dir",
+    'mqar': "the MQAR grid (--mqar_grid) -> <grids_dir>/mqar/: mqar.csv, mqar_best.csv, plots, REPORT.md",
+    'state_tracking': "the word-problem grid (--state_tracking_grid) -> <grids_dir>/state_tracking/",
+    'length_gen': "the lm runs' checkpoints on the test split at contexts 256 .. 4096 -> "
+                  "results_dir/length_generalization.csv and its plot, then REPORT.md again",
+}
+GRIDS = {'mqar': 'mqar_grid', 'state_tracking': 'state_tracking_grid'}  # grid stage -> its grid-file option
 SWEEP_TABLE = dict(
     preset=('auto', "'full' (GPU: the repository's setting), 'cpu' (laptop-sized), 'auto' (full with CUDA, else cpu)"),
     seeds=(1, "seeds per (model, learning rate): 1337, 1338, ..."),
@@ -656,6 +666,16 @@ SWEEP_TABLE = dict(
     results_dir=('', "output folder ('': results/<preset>, results/<preset>-custom with other overrides)"),
     bench=(True, "run the benchmarks and write the report after training"),
     gpus=(1, "train this many runs at a time, one per GPU (each run's log: <run>/train.log)"),
+    stages=('auto', "comma-separated stages to run (in the order lm, mqar, state_tracking, length_gen, whatever "
+                    "the order given): " + '; '.join(f"{k}: {v}" for k, v in STAGES.items()) + ". 'auto': all of "
+                    "them for the full preset on CUDA (the whole reproduction), lm alone otherwise (a CPU or custom "
+                    "sweep: the grids are GPU-sized and take none of the lm stage's keys)"),
+    grids_dir=('', "where the grid stages write <grids_dir>/<stage>/ ('': results/)"),
+    mqar_grid=('config/mqar_grid.py', "the mqar stage's grid file: `base` (a config file) and `runs` (keys over it)"),
+    state_tracking_grid=('config/state_tracking_grid.py', "the state_tracking stage's grid file"),
+    procs_per_gpu=(1, "grid stages: runs trained at a time per GPU, each a process of its own (without CUDA: "
+                      "processes at a time); each run's log: <run>/train.log. The lm stage trains one run per GPU "
+                      "(its timings are results)"),
 )
 SWEEP_KEYS = {k: d for k, (d, _) in SWEEP_TABLE.items()}
 SWEEP_HELP = {k: h for k, (_, h) in SWEEP_TABLE.items()}
@@ -695,9 +715,12 @@ def _sweep(overrides, log):
     label = preset + ('-custom' if custom else '')
     results_dir = opts['results_dir'] or os.path.join(HERE, 'results', label)
     runs = [(m, lr, s) for m in models for lr in lrs for s in seeds]
-    print(f"reproduction: preset {label!r} ({'CUDA' if cuda else 'no CUDA: the CPU preset, nanoGPT laptop-sized'}), "
-          f"{len(models)} models x {len(lrs)} LRs x {len(seeds)} seeds = {len(runs)} runs -> {results_dir}")
-    if not cuda and preset == 'full':
+    stages = parse_stages(opts['stages'], full=cuda and label == 'full')
+    if 'lm' in stages:
+        hw = 'CUDA' if cuda else 'no CUDA: the CPU preset, nanoGPT laptop-sized'
+        print(f"reproduction: preset {label!r} ({hw}), "
+              f"{len(models)} models x {len(lrs)} LRs x {len(seeds)} seeds = {len(runs)} runs -> {results_dir}")
+    if not cuda and preset == 'full' and 'lm' in stages:
         print("warning: --preset=full on CPU: full-size models, expect hours")
 
     gpus = _option_int('gpus', opts['gpus'], 1)
@@ -705,10 +728,48 @@ def _sweep(overrides, log):
         raise ConfigError(f"--gpus={gpus} but this machine has {torch.cuda.device_count() if cuda else 0} CUDA "
                           f"GPU(s); valid: 1..{max(1, torch.cuda.device_count() if cuda else 1)}")
 
+    procs_per_gpu = _option_int('procs_per_gpu', opts['procs_per_gpu'], 1)
+    check_value('grids_dir', opts['grids_dir'], SWEEP_KEYS['grids_dir'])
+    grids_dir = opts['grids_dir'] or os.path.join(HERE, 'results')
+    # the grid runs take their keys from their grid files; of the command line's, only how a run executes
+    grid_overrides = {k: v for k, v in overrides.items() if k in NEUTRAL_KEYS}
+    grid_stages = [st for st in stages if st in GRIDS]
+    for st in grid_stages:
+        read_grid(opts[GRIDS[st]])  # a missing or malformed grid file fails now, not after the lm stage
+    if grid_stages and set(overrides) - NEUTRAL_KEYS:
+        print(f"note: {sorted(set(overrides) - NEUTRAL_KEYS)} apply to the lm stage only; the grid stages "
+              f"({', '.join(grid_stages)}) take their keys from their grid files")
+    print(f"stages: {', '.join(stages)}")
     called = None if os.path.abspath(sys.argv[0]) == os.path.abspath(__file__) else \
         {**{k: v for k, v in opts.items() if v != SWEEP_KEYS[k]}, **overrides}  # from Python, not the CLI
-    log.open(os.path.join(results_dir, 'sweep.log'), called)
-    t0, summaries, todo = time.time(), {}, []
+    # the log: results_dir's when the stages touch it, else the first grid stage's folder
+    log_dir = results_dir if {'lm', 'length_gen'} & set(stages) else os.path.join(grids_dir, stages[0])
+    log.open(os.path.join(log_dir, 'sweep.log'), called)
+    t0, summaries, bench_out = time.time(), [], None
+    if 'lm' in stages:
+        summaries, bench_out = _lm_stage(P, models, lrs, seeds, overrides, label, results_dir, opts, gpus, t0)
+    grids = {}
+    for stage in (st for st in stages if st in GRIDS):
+        print(f"\n=== stage {stage} -> {os.path.join(grids_dir, stage)} ===", flush=True)
+        grids[stage] = grid_stage(stage, opts[GRIDS[stage]], os.path.join(grids_dir, stage), grid_overrides,
+                                  gpus, procs_per_gpu)
+    length_gen = None
+    if 'length_gen' in stages:
+        print(f"\n=== stage length_gen -> {results_dir} ===", flush=True)
+        length_gen = run_length_gen(results_dir, overrides.get('device', 'auto'))
+    total = time.time() - t0
+    where = ([results_dir] if {'lm', 'length_gen'} & set(stages) else []) + [os.path.join(grids_dir, st)
+                                                                              for st in grids]
+    print(f"\nreproduction finished in {fmt_time(total)} ({total:.0f}s); results in {', '.join(where)}")
+    return {'preset': label, 'results_dir': results_dir, 'runs': summaries, 'wall_s': total, 'bench': bench_out,
+            'stages': stages, 'grids': grids, 'length_gen': length_gen}
+
+
+def _lm_stage(P, models, lrs, seeds, overrides, label, results_dir, opts, gpus, t0):
+    """The lm stage: the bake-off's runs (resumable), then the benchmarks and the report (opts['bench']).
+    Returns (the runs' summaries, bench's {step: status} or None)."""
+    runs = [(m, lr, s) for m in models for lr in lrs for s in seeds]
+    summaries, todo = {}, []
     for i, (m, lr, seed) in enumerate(runs):
         out_dir = os.path.join(results_dir, 'runs', f"{m}-lr{lr:g}-s{seed}")
         run_cfg = {**P['train'], **P['models'].get(m, {}), **overrides, 'model_type': m, 'learning_rate': lr,
@@ -794,9 +855,147 @@ def _sweep(overrides, log):
         failed = {k: v for k, v in bench_out.items() if str(v).startswith('failed')}
         if failed:
             raise RuntimeError(f"benchmark step(s) failed: {failed}")
-    total = time.time() - t0
-    print(f"\nreproduction finished in {fmt_time(total)} ({total:.0f}s); results in {results_dir}")
-    return {'preset': label, 'results_dir': results_dir, 'runs': summaries, 'wall_s': total, 'bench': bench_out}
+    return summaries, bench_out
+
+
+def parse_stages(value, full):
+    """--stages -> the stages to run, in STAGES' order. 'auto': every stage when `full` (the full preset on
+    CUDA: the whole reproduction), else lm alone. A ConfigError names the valid stages."""
+    if value == 'auto':
+        return list(STAGES) if full else ['lm']
+    names = as_list(value, str) if isinstance(value, (str, list, tuple)) else None
+    bad = [n for n in names or [] if n not in STAGES]
+    if not names or bad:
+        raise ConfigError(f"--stages: unknown stage(s) {bad or [value]}; valid stages: {', '.join(STAGES)} "
+                          f"(comma-separated), or 'auto'")
+    return [st for st in STAGES if st in names]
+
+
+def read_grid(path):
+    """A grid file -> (base config file, runs): plain Python assigning `base` (a config file, relative to the
+    repository) and `runs` (a list of dicts of keys over it, each with a unique `name`: its run folder). One
+    namespace, so the file's own helpers and comprehensions see its names. Every run's keys are checked when
+    the stage resolves it."""
+    where = path if os.path.isabs(path) or os.path.exists(path) else os.path.join(HERE, path)
+    if not os.path.exists(where):
+        raise ConfigError(f"grid file {path!r} not found; grids shipped: config/mqar_grid.py, "
+                          f"config/state_tracking_grid.py")
+    scope = {}
+    with open(where) as f:
+        source = f.read()
+    try:
+        exec(compile(source, where, 'exec'), scope)
+    except Exception as e:
+        raise ConfigError(f"grid file {path}: {type(e).__name__}: {e}") from None
+    base, runs = scope.get('base'), scope.get('runs')
+    if not isinstance(base, str) or not isinstance(runs, list) or not runs or \
+            not all(isinstance(r, dict) and isinstance(r.get('name'), str) for r in runs):
+        raise ConfigError(f"grid file {path} must assign base = '<config file>' and runs = [dict(name=..., "
+                          f"<key>=<value>, ...), ...] (a non-empty list)")
+    names = [r['name'] for r in runs]
+    bad = sorted({n for n in names if names.count(n) > 1 or not n or os.sep in n or n.startswith('.')})
+    if bad:
+        raise ConfigError(f"grid file {path}: run names must be unique folder names; check {bad[:5]}")
+    base = base if os.path.isabs(base) else os.path.join(HERE, base)
+    if not os.path.exists(base):
+        raise ConfigError(f"grid file {path}: base config {base!r} not found")
+    return base, runs
+
+
+def _run_tokens(cfg):
+    """Tokens a run trains on (its steps' batches x sequence length): the grid stages' ETA weighs runs by it."""
+    return cfg['max_iters'] * cfg['batch_size'] * cfg['gradient_accumulation_steps'] * (
+        cfg['train_len'] if cfg['task'] == 'word_problem' else tasks.max_len(cfg))
+
+
+def grid_stage(stage, grid_file, out, overrides=None, gpus=1, procs_per_gpu=1):
+    """Train a grid's runs into <out>/runs/<name>/ (resumable: a finished run with the same config is skipped,
+    an interrupted one resumes from its checkpoint), gpus x procs_per_gpu at a time as separate processes
+    (1: in this process), then write its CSVs, plots and REPORT.md (`python bench.py <stage> --out=<out>`).
+    Every run's console output goes to <run>/train.log; here one line per run, with the stage's progress
+    and ETA (runtime.Progress over the runs to train, weighted by their tokens). overrides: keys for every
+    run (how it executes: device, compile, ...). Returns the runs' summaries in grid order."""
+    base, entries = read_grid(grid_file)
+    overrides = dict(overrides or {})
+    todo, summaries, weights = [], {}, []
+    for i, e in enumerate(entries):
+        run_cfg = {**{k: v for k, v in e.items() if k != 'name'}, **overrides,
+                   'out_dir': os.path.join(out, 'runs', e['name']), 'preset': stage}
+        wanted = resolve_config(base, run_cfg)  # every run's keys checked before anything trains
+        prev = load_json(os.path.join(run_cfg['out_dir'], 'summary.json'))
+        prev_cfg = (load_json(os.path.join(run_cfg['out_dir'], 'config.json')) or {}).get('config', {})
+        same = same_config(wanted, prev_cfg)
+        if prev and prev.get('status') in ('done', 'diverged') and same:
+            summaries[i] = prev
+            continue
+        resume = same and os.path.exists(os.path.join(run_cfg['out_dir'], 'ckpt_last.pt'))
+        todo.append((i, {**run_cfg, 'init_from': 'resume' if resume else 'scratch'}))
+        weights.append(_run_tokens(wanted))
+    cuda = pick_device(overrides.get('device', 'auto')).startswith('cuda')
+    workers = gpus * procs_per_gpu
+    print(f"[{stage}] {len(entries)} runs ({grid_file}), {len(entries) - len(todo)} already finished, "
+          f"{len(todo)} to train, {min(workers, max(len(todo), 1))} at a time"
+          + (f" ({procs_per_gpu} per GPU on {gpus} GPU(s))" if cuda else " (processes on the CPU)"), flush=True)
+    progress = Progress(len(todo), stage, weights=weights)
+
+    def finished(i, run_cfg, s, weight):
+        progress.update(weight)
+        acc = s.get('best_test_acc')
+        print(f"[{stage}] run {i + 1}/{len(entries)} {entries[i]['name']}: {s['status']}"
+              + (f", best test acc {acc:.4f}, {s['epochs']:.2f} epochs" if acc is not None else '')
+              + f" | {progress.text()}", flush=True)
+
+    if workers == 1 or len(todo) <= 1:
+        for (i, run_cfg), w in zip(todo, weights):
+            summaries[i] = _sweep_run(run_cfg, True, base)
+            finished(i, run_cfg, summaries[i], w)
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        ctx = mp.get_context('spawn')  # each worker a fresh process (CUDA can't be forked)
+        slots = ctx.Queue()
+        for g in range(gpus):
+            for _ in range(procs_per_gpu):
+                slots.put(g if cuda else None)  # the GPU a worker pins (none on CPU)
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pin_gpu, initargs=(slots,)) as pool:
+            running = {pool.submit(_sweep_run, run_cfg, True, base): (i, run_cfg, w)
+                       for (i, run_cfg), w in zip(todo, weights)}
+            for fut in as_completed(list(running)):
+                i, run_cfg, w = running.pop(fut)
+                try:
+                    summaries[i] = fut.result()
+                except BaseException:
+                    print(f"[{stage}] run {entries[i]['name']} failed; see "
+                          f"{os.path.join(run_cfg['out_dir'], 'train.log')}")
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
+                finished(i, run_cfg, summaries[i], w)
+    if todo:
+        print(f"[{stage}] trained {len(todo)} runs in {fmt_time(time.time() - progress.t0)}")
+    import report  # rendering only (runtime, model): what `python bench.py <stage>` runs
+    getattr(report, stage)(out)
+    return [summaries[i] for i in sorted(summaries)]
+
+
+def _bench(*args):
+    """`python bench.py <args>` in a process of its own (bench and train_runner don't import each other),
+    its output passed through line by line; a failure raises."""
+    cmd = [sys.executable, os.path.join(HERE, 'bench.py'), *args]
+    with subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          bufsize=1) as p:
+        for line in p.stdout:
+            print(line, end='', flush=True)
+    if p.returncode:
+        raise RuntimeError(f"`{' '.join(['python', 'bench.py', *args])}` failed (exit {p.returncode})")
+
+
+def run_length_gen(results_dir, device='auto'):
+    """The length_gen stage: the lm runs' checkpoints evaluated past their training context
+    (`bench.py length_gen`), then REPORT.md rendered again with its section."""
+    _bench('length_gen', f'--out={results_dir}', f"--runs_dir={os.path.join(results_dir, 'runs')}",
+           f'--device={device}')
+    _bench('report', f'--out={results_dir}')
+    return os.path.join(results_dir, 'length_generalization.csv')
 
 
 PROBE_ITERS, PROBE_EVAL_ITERS = 8, 2  # the sweep's ETA probe of each model: iterations, eval batches per split
@@ -975,15 +1174,17 @@ def run_benchmarks(results_dir, preset, wandb_log=False):
 
 def _pin_gpu(free_gpus):
     """Sweep worker initialiser: this process sees one GPU only (set before CUDA is initialised): the
-    g-th of those the parent sees (CUDA_VISIBLE_DEVICES, if set, chooses them)."""
+    g-th of those the parent sees (CUDA_VISIBLE_DEVICES, if set, chooses them). None: no GPU to pin (CPU)."""
     g = free_gpus.get()
+    if g is None:
+        return
     visible = [d for d in os.environ.get('CUDA_VISIBLE_DEVICES', '').split(',') if d.strip()]
     os.environ['CUDA_VISIBLE_DEVICES'] = visible[g] if visible else str(g)
 
 
-def _sweep_run(run_cfg, log_to_file=False):
-    """One sweep run; a diverging LR is recorded ('diverged') rather than raised. log_to_file: console
-    output to <out_dir>/train.log (a worker of a multi-GPU sweep)."""
+def _sweep_run(run_cfg, log_to_file=False, config_file=None):
+    """One sweep run (run_cfg over config_file, if any); a diverging LR is recorded ('diverged') rather than
+    raised. log_to_file: console output to <out_dir>/train.log (a worker of a multi-GPU sweep, a grid's run)."""
     from contextlib import redirect_stderr, redirect_stdout
     log = None
     if log_to_file:
@@ -992,7 +1193,7 @@ def _sweep_run(run_cfg, log_to_file=False):
     try:
         with (redirect_stdout(log) if log else nullcontext()), (redirect_stderr(log) if log else nullcontext()):
             try:
-                return train(None, run_cfg)
+                return train(config_file, run_cfg)
             except NonFiniteLoss as e:  # one diverging LR must not stop the reproduction; the record says so
                 print(f"diverged: {e}")
                 return _diverged_summary(run_cfg, str(e))
@@ -1010,8 +1211,9 @@ def _diverged_summary(run_cfg, why):
         with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
             evals = [r for r in map(json.loads, f) if r['kind'] == 'eval']
     best = min(evals, key=lambda r: r['val_loss']) if evals else None
-    summary = {'model_type': run_cfg['model_type'], 'learning_rate': run_cfg['learning_rate'],
-               'seed': run_cfg['seed'], 'preset': run_cfg['preset'], 'status': 'diverged', 'reason': why,
+    cfg = (load_json(os.path.join(out_dir, 'config.json')) or {}).get('config', run_cfg)  # a grid run's keys
+    summary = {'model_type': cfg.get('model_type'), 'learning_rate': cfg.get('learning_rate'),  # are in its file
+               'seed': cfg.get('seed'), 'preset': run_cfg['preset'], 'status': 'diverged', 'reason': why,
                'best_val_loss': best['val_loss'] if best else float('nan'), 'best_iter': best['iter'] if best else -1,
                'iters': evals[-1]['iter'] if evals else 0, 'out_dir': out_dir}
     atomic_write_json(summary, os.path.join(out_dir, 'summary.json'))
