@@ -1,6 +1,5 @@
 """Progress and ETAs, and the sweep's console log: a run's ETA counts the evaluations to come, the sweep
 estimates each run from its own model's speed, and everything a sweep prints lands in <results_dir>/sweep.log."""
-import os
 import sys
 
 import pytest
