@@ -2,6 +2,8 @@
 Train one model, or reproduce the whole comparison.
 
     python train_runner.py                                   # the full reproduction: sweep + benchmarks + report
+    python train_runner.py --tune --controls --gpus=8        # the bake-off: tuning grids, 3 seeds, controls
+    python train_runner.py --tune --plan=True                # its plan and estimated GPU time, nothing trained
     python train_runner.py --max_iters=2 --wandb_log=False   # smoke test of that whole pipeline
     python train_runner.py config/train_shakespeare_char_delta.py --learning_rate=3e-3   # one run
     python train_runner.py --model_type=delta --help          # every key: default and meaning
@@ -608,7 +610,9 @@ def train(config_file=None, overrides=None):
                         **{k: v for k, v in losses.items() if k not in ('train', 'val')}})
     if master and not cfg['eval_only']:  # an evaluation-only pass never replaces a training run's summary
         atomic_write_json(summary, summary_path)
-        print(f"done: best val loss {best_val:.4f} at iter {best_iter}, {summary['wall_s']:.0f}s wall, "
+        print(f"done: best val loss {best_val:.4f} at iter {best_iter}"
+              + (f" (test loss there {at_best['test_loss']:.4f})" if 'test_loss' in at_best else '')
+              + f", {summary['wall_s']:.0f}s wall, "
               f"median {median_dt * 1000:.2f} ms/iter")
     if wandb_run is not None:
         wandb_run.summary.update(summary)
