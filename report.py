@@ -883,7 +883,8 @@ def report(out='results', readme=False):
     def bakeoff_tested_body(rows):
         for r in rows:
             r['test'] = f"{r['test_loss_mean']} ± {r['test_loss_std']}"
-            r['delta'] = f"{r['delta_vs_vanilla']} [{r['ci95_low']}, {r['ci95_high']}]"
+            r['delta'] = '-' if r['delta_vs_vanilla'] == '-' else (
+                f"{r['delta_vs_vanilla']} [{r['ci95_low']}, {r['ci95_high']}]")
         lines = [_md_table(rows, ['model', 'params', 'matched', 'lr', 'dropout', 'n_seeds', 'test', 'test_ppl', 'delta',
                                   'significant', 'best_iter', 'train_loss_at_best', 'tokens_per_s'],
                            ['model', 'params', 'param-matched', 'lr', 'dropout', 'seeds', 'test loss (mean ± std)',
@@ -894,8 +895,8 @@ def report(out='results', readme=False):
                  *bakeoff_prose(rows), ""]
         bakeoff_tables.append(lines)  # the README quotes these (readme=True)
         bakeoff_sources.append('tuning.csv')
-        if have('tuning.csv'):
-            tune = read_csv(os.path.join(out, 'tuning.csv'))
+        tune = read_csv(os.path.join(out, 'tuning.csv')) if have('tuning.csv') else []
+        if tune:
             table, cols = _pivot(tune, lambda r: f"{r['model']} @ lr {r['lr']}", lambda r: f"dropout {r['dropout']}",
                                  lambda r: (f"**{r['best_val_loss']}**" if r['chosen'] == 'True' else r['best_val_loss'])
                                  + (' (ext.)' if r['extended'] == 'True' else ''))
