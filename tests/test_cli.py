@@ -246,7 +246,7 @@ def test_user_errors_get_one_line_and_bugs_their_traceback(monkeypatch, tmp_path
     bad = tmp_path / 'bad_config.py'
     bad.write_text('n_layer = 4\nbatch_size = sixty_four\n')
     for argv, msg in (([str(bad)], f"config file {bad}, line 2: NameError"),
-                      (['--models=rwkv', '--bench=False'], "unknown model_type 'rwkv'; valid choices")):
+                      (['--models=rwkv', '--bench=False'], "unknown model 'rwkv' in 'rwkv'; valid models: vanilla")):
         with pytest.raises(SystemExit, match=msg):
             train_runner.main(argv)
     for bug in (ValueError('math domain error'), KeyError('iter'), TypeError('unsupported operand'),
