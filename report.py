@@ -389,11 +389,238 @@ def _source_meta(out, name):
     return {'file': f'{name}.csv', **{k: meta.get(k) for k in ('git_commit', 'device', 'command')}}
 
 
+def _has_test_split(run):
+    """Whether a run record carries the test split's losses (recorded since the 90/5/5 split)."""
+    return run['summary'].get('test_loss') is not None
+
+
+def _name(run):
+    """The model's name as the sweep wrote it (a variant's, e.g. vanilla+attn_dropout=0), else its model type."""
+    return run['summary'].get('model') or run['summary']['model_type']
+
+
+def _dropout(run):
+    return float(run['summary'].get('dropout', run['config']['config'].get('dropout', float('nan'))))
+
+
+def _name_order(run_or_name, types=None):
+    name = run_or_name if isinstance(run_or_name, str) else _name(run_or_name)
+    mt = name.split('+')[0]
+    return (_model_order(mt), name != mt, name)
+
+
+def _bool(x):
+    return '-' if x is None else str(bool(x))
+
+
+def bakeoff_tested(out, runs_dir, preset, runs, skipped):
+    """The bake-off from records with a test split: tuning.csv (every run of a tuned model at its tuning seed),
+    bakeoff.csv (one row per model and variant at its chosen (lr, dropout): test loss mean ± std over seeds,
+    the difference from vanilla with Welch's 95% interval), the curves, and the plots. The chosen cell is the
+    lowest best val loss of the tuning runs (validation alone; test is only reported); a model without tuning
+    runs (a control, or a sweep of the tuned configs) has the (lr, dropout) with the most seeds."""
+    from runtime import mean_std, welch
+    old = [r['name'] for r in runs if not _has_test_split(r)]
+    skipped = skipped + [f"{n}: recorded before the test split (no test loss)" for n in old]
+    runs = [r for r in runs if _has_test_split(r)]
+    for s in skipped:
+        print(f"[bakeoff] skipped run {s}")
+    print(f"[bakeoff] {len(runs)} finished runs with a test split from {runs_dir}")
+    by_model = {}
+    for r in runs:
+        by_model.setdefault(_name(r), []).append(r)
+    names = sorted(by_model, key=_name_order)
+
+    def cell(r):
+        return float(r['summary']['learning_rate']), _dropout(r)
+
+    tuning_rows, chosen = [], {}
+    for name in names:
+        rs = by_model[name]
+        tuned = [r for r in rs if str(r['config']['config'].get('sweep_stage', '')).startswith('tune')]
+        if tuned:
+            seed = min(int(r['summary']['seed']) for r in tuned)
+            grid = sorted((r for r in rs if int(r['summary']['seed']) == seed), key=cell)
+            chosen[name] = min(grid, key=lambda r: float(r['summary']['best_val_loss']))  # first of ties
+            for r in grid:
+                s = r['summary']
+                tuning_rows.append(dict(
+                    model=name, lr=f"{cell(r)[0]:g}", dropout=f"{cell(r)[1]:g}", seed=str(seed),
+                    best_val_loss=_f(float(s['best_val_loss']), '.4f'), best_iter=str(s['best_iter']),
+                    test_loss=_f(float(s['test_loss']), '.4f'), train_loss_at_best=_f(s.get('train_loss_at_best'), '.4f'),
+                    extended=str(r['config']['config'].get('sweep_stage') == 'tune-extended'),
+                    chosen=str(r is chosen[name])))
+    cells = {}
+    for name in names:
+        groups = {}
+        for r in by_model[name]:
+            groups.setdefault(cell(r), []).append(r)
+        if name in chosen:
+            c = cell(chosen[name])
+        else:  # the most seeds; then the lowest mean best val loss
+            c = min(sorted(groups), key=lambda c: (-len(groups[c]),
+                                                   mean_std([float(r['summary']['best_val_loss']) for r in groups[c]])[0]))
+        cells[name] = (c, sorted(groups[c], key=lambda r: int(r['summary']['seed'])))
+
+    van = cells.get('vanilla')
+    van_test = [float(r['summary']['test_loss']) for r in van[1]] if van else []
+    van_params = int(van[1][0]['summary']['n_params']) if van else None
+    main_rows, curve_rows = [], []
+    for name in names:
+        (lr, d), rs = cells[name]
+        test = [float(r['summary']['test_loss']) for r in rs]
+        tm, ts = mean_std(test)
+        n_params = sorted({int(r['summary']['n_params']) for r in rs})
+        w = welch(test, van_test) if van and name != 'vanilla' else None
+        tps = [float(r['summary']['tokens_per_s']) for r in rs if r['summary'].get('tokens_per_s') is not None]
+        train_at = [float(r['summary']['train_loss_at_best']) for r in rs if r['summary'].get('train_loss_at_best')
+                    is not None]
+        held = [float(r['summary']['heldout_loss']) for r in rs if r['summary'].get('heldout_loss') is not None]
+        extra = n_params[-1] - van_params if van_params else 0
+        matched = '-' if van_params is None else (
+            'yes' if abs(extra) <= model.MATCH_TOLERANCE * van_params else f"not matched ({extra / 1e6:+.2f}M)")
+        main_rows.append(dict(
+            model=name, params='/'.join(map(str, n_params)), matched=matched, lr=f'{lr:g}', dropout=f'{d:g}',
+            n_seeds=str(len(rs)), seeds=' '.join(str(r['summary']['seed']) for r in rs),
+            test_loss_mean=_f(tm, '.4f'), test_loss_std=_f(ts, '.4f'),
+            test_ppl=_f(mean_std([math.exp(x) for x in test])[0], '.4f'),
+            delta_vs_vanilla=_f(w['diff'], '+.4f') if w else '-', ci95_low=_f(w['low'], '+.4f') if w else '-',
+            ci95_high=_f(w['high'], '+.4f') if w else '-',
+            significant=(_bool(w['significant']) if w and math.isfinite(w['low']) else '-'),
+            best_val_loss_mean=_f(mean_std([float(r['summary']['best_val_loss']) for r in rs])[0], '.4f'),
+            best_iter=' '.join(str(r['summary']['best_iter']) for r in rs),
+            train_loss_at_best=_f(mean_std(train_at)[0] if train_at else None, '.4f'),
+            heldout_loss_mean=_f(mean_std(held)[0] if held else None, '.4f'),
+            tokens_per_s=_f(mean_std(tps)[0] if tps else None, '.0f')))
+        for r in rs:
+            for e in r['evals']:
+                curve_rows.append(dict(model=name, lr=f'{lr:g}', dropout=f'{d:g}', seed=str(r['summary']['seed']),
+                                       iter=str(int(e['iter'])), flops=_f(float(e['flops']), '.6e'),
+                                       val_loss=_f(float(e['val_loss']), '.4f'),
+                                       val_ppl=_f(math.exp(float(e['val_loss'])), '.4f')))
+    main_cols = ['model', 'params', 'matched', 'lr', 'dropout', 'n_seeds', 'seeds', 'test_loss_mean', 'test_loss_std',
+                 'test_ppl', 'delta_vs_vanilla', 'ci95_low', 'ci95_high', 'significant', 'best_val_loss_mean',
+                 'best_iter', 'train_loss_at_best', 'heldout_loss_mean', 'tokens_per_s']
+    write_csv(os.path.join(out, 'bakeoff.csv'), main_rows, main_cols)
+    write_csv(os.path.join(out, 'tuning.csv'), tuning_rows,
+              ['model', 'lr', 'dropout', 'seed', 'best_val_loss', 'best_iter', 'test_loss', 'train_loss_at_best',
+               'extended', 'chosen'])
+    write_csv(os.path.join(out, 'bakeoff_curves.csv'), curve_rows,
+              ['model', 'lr', 'dropout', 'seed', 'iter', 'flops', 'val_loss', 'val_ppl'])
+
+    def distinct(key):
+        return sorted({json.dumps(r['config'].get(key), sort_keys=True) for r in runs})
+    write_json(os.path.join(out, 'bakeoff.meta.json'), {
+        'name': 'bakeoff', 'preset': preset, 'runs_dir': os.path.relpath(runs_dir, out).replace(os.sep, '/'),
+        'n_runs': len(runs), 'runs': [r['name'] for r in runs], 'skipped_runs': skipped,
+        'git_commit': [json.loads(s) for s in distinct('git_commit')],
+        'device': [json.loads(s) for s in distinct('device')],
+        'versions': [json.loads(s) for s in distinct('versions')],
+        'command': [json.loads(s) for s in distinct('command')],
+        'method': "validation alone selects: each run's checkpoint is its lowest val loss (val.bin, the first half "
+                  "of the last 10%), each tuned model's (lr, dropout) the lowest best val loss of its tuning grid "
+                  "at one seed (tuning.csv; extended = a cell added because the choice was on an edge); test loss "
+                  "(test.bin, the second half) is measured at that checkpoint and only reported: mean ± sample std "
+                  "over the seeds at the chosen cell (test_ppl: mean of exp per seed); delta_vs_vanilla = mean test "
+                  "loss minus vanilla's, with Welch's 95% interval (Welch-Satterthwaite df; '-' with fewer than 2 "
+                  "seeds on a side); significant when the interval excludes 0; matched = total parameters within "
+                  f"{model.MATCH_TOLERANCE:.0%} of vanilla's; heldout_loss = the whole last 10% (nanoGPT's val set, "
+                  "for the comparison with nanoGPT only); tokens/s = mean of the runs' summaries",
+    })
+    plot_val_bands(curve_rows, os.path.join(out, 'bakeoff_val_loss.png'))
+    plot_tuning_heatmaps(tuning_rows, os.path.join(out, 'bakeoff_tuning.png'))
+    for r in main_rows:
+        print(f"[bakeoff] {r['model']:>14}: lr {r['lr']}, dropout {r['dropout']}, test loss {r['test_loss_mean']} ± "
+              f"{r['test_loss_std']} ({r['n_seeds']} seeds), vs vanilla {r['delta_vs_vanilla']} "
+              f"[{r['ci95_low']}, {r['ci95_high']}]")
+    return main_rows
+
+
+def plot_val_bands(curve_rows, path):
+    """Validation loss against iteration, one line per model at its chosen cell: the mean over seeds and a band
+    of ± one sample std (no band for one seed)."""
+    from runtime import mean_std
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    names = list(dict.fromkeys(r['model'] for r in curve_rows))
+    for i, name in enumerate(names):
+        by_iter = {}
+        for r in curve_rows:
+            if r['model'] == name:
+                by_iter.setdefault(int(r['iter']), []).append(float(r['val_loss']))
+        its = sorted(by_iter)
+        stats = [mean_std(by_iter[it]) for it in its]
+        m = [s[0] for s in stats]
+        col = plt.cm.tab10(i % 10)
+        ax.plot(its, m, color=col, lw=1.5, label=f"{name} (n={max(len(v) for v in by_iter.values())})")
+        if all(math.isfinite(s[1]) for s in stats):
+            ax.fill_between(its, [a - s for a, (_, s) in zip(m, stats)], [a + s for a, (_, s) in zip(m, stats)],
+                            color=col, alpha=0.2, lw=0)
+    ax.set(xlabel='iteration', ylabel='validation loss', title='validation loss, mean ± std over seeds')
+    if names:
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    savefig(fig, path)
+
+
+def plot_tuning_heatmaps(tuning_rows, path):
+    """One heatmap per tuned model: best val loss over the (lr, dropout) grid, the choice boxed."""
+    names = list(dict.fromkeys(r['model'] for r in tuning_rows))
+    if not names:
+        return
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        rows = [r for r in tuning_rows if r['model'] == name]
+        lrs = sorted({float(r['lr']) for r in rows})
+        ds = sorted({float(r['dropout']) for r in rows})
+        grid = [[float('nan')] * len(lrs) for _ in ds]
+        for r in rows:
+            grid[ds.index(float(r['dropout']))][lrs.index(float(r['lr']))] = \
+                float(r['best_val_loss']) if r['best_val_loss'] != '-' else float('nan')
+        ax.imshow(grid, origin='lower', cmap='viridis_r', aspect='auto')
+        for r in rows:
+            x, y = lrs.index(float(r['lr'])), ds.index(float(r['dropout']))
+            ax.text(x, y, r['best_val_loss'] + ('*' if r['extended'] == 'True' else ''), ha='center', va='center',
+                    fontsize=7, color='w', fontweight='bold' if r['chosen'] == 'True' else 'normal')
+            if r['chosen'] == 'True':
+                ax.add_patch(plt.Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, ec='r', lw=2))
+        ax.set_xticks(range(len(lrs)), [f'{v:g}' for v in lrs], fontsize=7)
+        ax.set_yticks(range(len(ds)), [f'{v:g}' for v in ds], fontsize=7)
+        ax.set(title=name, xlabel='learning rate', ylabel='dropout')
+    fig.suptitle('best val loss of the tuning grid (boxed: chosen; *: an edge extension)', fontsize=9)
+    fig.tight_layout()
+    savefig(fig, path)
+
+
+def bakeoff_prose(rows):
+    """The reading of bakeoff.csv: an order against vanilla only where the interval excludes 0."""
+    lines = []
+    for r in rows:
+        if r['model'] == 'vanilla':
+            continue
+        note = f" ({r['matched']})" if r.get('matched', 'yes') not in ('yes', '-') else ''
+        if r['significant'] == 'True':
+            word = 'lower' if float(r['delta_vs_vanilla']) < 0 else 'higher'
+            lines.append(f"- {r['model']}{note}: test loss {word} than vanilla's by {r['delta_vs_vanilla']} "
+                         f"(95% CI [{r['ci95_low']}, {r['ci95_high']}], {r['n_seeds']} seeds).")
+        elif r['significant'] == 'False':
+            lines.append(f"- {r['model']}{note}: not distinguishable here from vanilla (difference "
+                         f"{r['delta_vs_vanilla']}, 95% CI [{r['ci95_low']}, {r['ci95_high']}] includes 0).")
+        else:
+            lines.append(f"- {r['model']}{note}: not distinguishable here from vanilla (fewer than 2 seeds on a "
+                         f"side: no interval).")
+    return lines
+
+
 def bakeoff(out='results', preset=None, runs_dir=None):
     """Tables and plots from the sweep's run records (<out>/runs/<run>/, the sweep's results/<preset>/runs/).
     Deterministic: the files depend only on the records (and on <out>/memory.csv and latency.csv when present)."""
     runs_dir, preset = resolve_runs_dir(out, preset, runs_dir)
     runs, skipped = load_runs(runs_dir)
+    if any(_has_test_split(r) for r in runs):  # the records of the test split: the bake-off with seeds and CIs
+        return bakeoff_tested(out, runs_dir, preset, runs, skipped)
+    # records from before the test split (one seed, val loss only): the tables they always rendered to
     for s in skipped:
         print(f"[bakeoff] skipped run {s}")
     if not runs:
@@ -633,9 +860,11 @@ def report(out='results', readme=False):
                           "counted once):", ""] + [f"- {n}" for n in notes] + [""]
         return lines + [_meta_lines(out, 'params')]
 
-    bakeoff_tables = []
+    bakeoff_tables, bakeoff_sources = [], []
 
     def bakeoff_body(rows):
+        if rows and 'test_loss_mean' in rows[0]:
+            return bakeoff_tested_body(rows)
         # the headline's latency is generate() as users run it (sampling included); files from before it was
         # measured have the step alone
         timed = any(r.get('generate_ms_per_token_1024', '-') != '-' for r in rows)
@@ -652,6 +881,7 @@ def report(out='results', readme=False):
                             'OOM context (B=1)', 'OOM context (B=4)', *gen_heads, 'train tokens/s',
                             'runs executed with']), ""]
         bakeoff_tables.append(lines)  # the README quotes these (readme=True); the list grows below
+        bakeoff_sources.append('bakeoff_lr.csv')
         if have('bakeoff_lr.csv'):
             lr = read_csv(os.path.join(out, 'bakeoff_lr.csv'))
             lrs = sorted({r['learning_rate'] for r in lr}, key=float)
@@ -662,6 +892,36 @@ def report(out='results', readme=False):
                       _md_table(table, ['_'] + lrs, ['model \\ lr'] + lrs), ""]
         return lines + [img('bakeoff_val_loss.png', 'validation loss curves'), "",
                         img('bakeoff_ppl_vs_flops.png', 'validation perplexity vs FLOPs'), "", _meta_lines(out, 'bakeoff')]
+
+    def bakeoff_tested_body(rows):
+        for r in rows:
+            r['test'] = f"{r['test_loss_mean']} ± {r['test_loss_std']}"
+            r['delta'] = '-' if r['delta_vs_vanilla'] == '-' else (
+                f"{r['delta_vs_vanilla']} [{r['ci95_low']}, {r['ci95_high']}]")
+        lines = [_md_table(rows, ['model', 'params', 'matched', 'lr', 'dropout', 'n_seeds', 'test', 'test_ppl', 'delta',
+                                  'significant', 'best_iter', 'train_loss_at_best', 'tokens_per_s'],
+                           ['model', 'params', 'param-matched', 'lr', 'dropout', 'seeds', 'test loss (mean ± std)',
+                            'test perplexity', 'Δ test loss vs vanilla [95% CI]', 'significant', 'best iteration',
+                            'train loss at best', 'train tokens/s']), "",
+                 "Validation alone chose every checkpoint and every (lr, dropout); the test split is only "
+                 "reported. Δ: Welch's 95% interval over seeds; an order is claimed only where it excludes 0:", "",
+                 *bakeoff_prose(rows), ""]
+        bakeoff_tables.append(lines)  # the README quotes these (readme=True)
+        bakeoff_sources.append('tuning.csv')
+        tune = read_csv(os.path.join(out, 'tuning.csv')) if have('tuning.csv') else []
+        if tune:
+            table, cols = _pivot(tune, lambda r: f"{r['model']} @ lr {r['lr']}", lambda r: f"dropout {r['dropout']}",
+                                 lambda r: (f"**{r['best_val_loss']}**" if r['chosen'] == 'True' else r['best_val_loss'])
+                                 + (' (ext.)' if r['extended'] == 'True' else ''))
+            lines += ["Tuning grid: best val loss at one seed (tuning.csv; bold: chosen; ext.: added by an edge "
+                      "extension):", "", _md_table(table, cols, ['model @ lr'] + cols[1:]), "",
+                      img('bakeoff_tuning.png', 'tuning grid heatmaps'), ""]
+        held = [r for r in rows if r.get('heldout_loss_mean') not in (None, '', '-')]
+        if held:
+            lines += ["For the comparison with nanoGPT only (its val set is the whole last 10%, where its "
+                      "shakespeare_char run reaches 1.4697): " + ', '.join(f"{r['model']} {r['heldout_loss_mean']}"
+                                                                           for r in held) + ".", ""]
+        return lines + [img('bakeoff_val_loss.png', 'validation loss curves'), "", _meta_lines(out, 'bakeoff')]
 
     def memory_body(rows):
         err_cell, err_lines = errors_of(rows)
@@ -873,7 +1133,8 @@ def report(out='results', readme=False):
         if not bakeoff_tables:
             raise FileNotFoundError(f"no bakeoff.csv in {out}: run `python bench.py bakeoff --out={out}` first")
         _readme_block(BAKEOFF_MARK, f"Generated by `python bench.py report --out={out} --readme=True` from "
-                                    f"{out}/bakeoff.csv and bakeoff_lr.csv.\n\n" + '\n'.join(bakeoff_tables[0]))
+                                    f"{out}/bakeoff.csv and " + bakeoff_sources[0]
+                      + ".\n\n" + '\n'.join(bakeoff_tables[0]))
     return path
 
 
@@ -884,7 +1145,7 @@ def model_kw_from_runs(runs_dir):
     kw = {}
     for r in runs:
         mt = r['summary']['model_type']
-        if mt in kw:
+        if mt in kw or r['config']['config'].get('variant'):  # a variant is not its model type's setting
             continue
         try:
             mod = model.get_model_module(mt)

@@ -249,24 +249,29 @@ def dataset_meta(dataset):
 
 
 def load_dataset(dataset, device):
-    """Both splits as int64 tensors on `device` (tiny-shakespeare is 1M tokens: 8 MB) and meta.pkl's dict (None
-    for a dataset without one: GPT-2 BPE). A folder counts as prepared when its manifest.json and every file
-    it lists exist; otherwise prepare.py runs (again: a folder from a prepare.py that wrote no manifest is
-    prepared anew, so that what trains is checked). Every file must match the manifest (size and sha256): a
-    truncated or changed file is a DatasetError that says to rerun prepare.py, never a silently smaller dataset."""
+    """The splits as int64 tensors on `device` (tiny-shakespeare is 1M tokens: 8 MB) and meta.pkl's dict (None
+    for a dataset without one: GPT-2 BPE). The splits: 'train', 'val', and 'test' where the dataset has a
+    test.bin (shakespeare_char and shakespeare: halves of the last 10%; a folder without one, such as nanoGPT's
+    own, has train and val only). A folder counts as prepared when its manifest.json and every file it lists
+    exist, and, for a dataset with a prepare.py, test.bin is among them; otherwise prepare.py runs (again: a
+    folder from a prepare.py that wrote no manifest, or no test split, is prepared anew, so that what trains is
+    checked). Every file must match the manifest (size and sha256): a truncated or changed file is a
+    DatasetError that says to rerun prepare.py, never a silently smaller dataset."""
     data_dir = os.path.join(DATA_DIR, dataset)
     prep = os.path.join(data_dir, 'prepare.py')
     manifest = _manifest(data_dir, dataset) if os.path.isdir(data_dir) else None
     prepared = manifest is not None and all(os.path.exists(os.path.join(data_dir, f)) for f in manifest['files'])
+    no_test = prepared and os.path.exists(prep) and 'test.bin' not in manifest['files']
     bins = [os.path.join(data_dir, f) for f in ('train.bin', 'val.bin')]
-    if not prepared and os.path.exists(prep):
+    if (not prepared or no_test) and os.path.exists(prep):
         import importlib.util
         spec = importlib.util.spec_from_file_location(f'prepare_{dataset}', prep)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         unrecorded = manifest is None and all(map(os.path.exists, bins))
         print(f"{data_dir} has no manifest.json (prepared by an earlier prepare.py): preparing it again"
-              if unrecorded else f"preparing dataset {dataset!r} ...")
+              if unrecorded else f"{data_dir} has no test split (prepared by an earlier prepare.py): preparing it "
+              f"again" if no_test else f"preparing dataset {dataset!r} ...")
         try:
             mod.prepare(out_dir=data_dir)
         except getattr(mod, 'DatasetError', ()) as e:  # prepare.py's clear-message errors (offline, checksum)
@@ -277,16 +282,19 @@ def load_dataset(dataset, device):
         have = sorted(d for d in os.listdir(DATA_DIR) if not d.startswith('_'))
         raise FileNotFoundError(f"dataset {dataset!r} not found in {data_dir} and has no prepare.py; "
                                 f"available datasets: {', '.join(have)}")
+    names = ['train.bin', 'val.bin']
     if manifest is None:  # a folder of .bin files without a prepare.py (e.g. nanoGPT's own): nothing to check with
         print(f"note: {data_dir} has no manifest.json; its files are not checked")
+        names += ['test.bin'] if os.path.exists(os.path.join(data_dir, 'test.bin')) else []
     else:
-        for name in ('train.bin', 'val.bin'):
+        names += ['test.bin'] if 'test.bin' in manifest['files'] else []
+        for name in names:
             if name not in manifest['files']:
                 raise DatasetError(f"{data_dir}/manifest.json does not list {name}; {_rerun(dataset)}")
             _check_file(data_dir, dataset, name, manifest['files'][name])
     meta = dataset_meta(dataset)
-    splits = {s: torch.from_numpy(np.fromfile(p, dtype=np.uint16).astype(np.int64)).to(device)
-              for s, p in zip(('train', 'val'), bins)}
+    splits = {n[:-4]: torch.from_numpy(np.fromfile(os.path.join(data_dir, n), dtype=np.uint16).astype(np.int64)).to(device)
+              for n in names}
     return splits, meta
 
 
@@ -587,3 +595,91 @@ def median(xs):
     xs = sorted(xs)
     n = len(xs)
     return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+# ----------------------------------------------------------------------------------------------
+# statistics over seeds: mean ± sample std, and Welch's 95% interval for a difference of means (no scipy)
+
+def mean_std(xs):
+    """Mean and sample std (n - 1; NaN for a single value)."""
+    n = len(xs)
+    mean = sum(xs) / n
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else float('nan')
+    return mean, std
+
+
+def _betacf(a, b, x):
+    """The continued fraction of the regularized incomplete beta function I_x(a, b), evaluated with the
+    modified Lentz method: 1 / (1 + d1 / (1 + d2 / (1 + ...))), d_{2m+1} = -(a+m)(a+b+m) x / ((a+2m)(a+2m+1)),
+    d_{2m} = m (b-m) x / ((a+2m-1)(a+2m)). It converges fast for x < (a+1) / (a+b+2)."""
+    tiny, eps = 1e-300, 1e-15
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < eps:
+            break
+    return h
+
+
+def betainc(a, b, x):
+    """Regularized incomplete beta I_x(a, b) = B(x; a, b) / B(a, b), for a, b > 0 and 0 <= x <= 1, from
+    x^a (1-x)^b / (a B(a, b)) times the continued fraction, using I_x(a, b) = 1 - I_{1-x}(b, a) on the side
+    where the fraction converges slowly."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    lbeta = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+    front = math.exp(a * math.log(x) + b * math.log1p(-x) - lbeta)
+    if x < (a + 1) / (a + b + 2):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_cdf(t, df):
+    """Student's t distribution function: P(T <= t) = 1 - I_{df/(df+t^2)}(df/2, 1/2) / 2 for t >= 0 (symmetric)."""
+    tail = 0.5 * betainc(df / 2, 0.5, df / (df + t * t))
+    return 1.0 - tail if t >= 0 else tail
+
+
+def t_quantile(p, df):
+    """The t with t_cdf(t, df) = p (0 < p < 1; df > 0, not necessarily whole: Welch's), by bisection."""
+    if not 0 < p < 1 or not df > 0:
+        raise ValueError(f"t_quantile needs 0 < p < 1 and df > 0; got p={p}, df={df}")
+    if p < 0.5:
+        return -t_quantile(1 - p, df)
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < p:  # bracket it (df=1, p=0.999999 needs ~3e5)
+        hi *= 2
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
+        if hi - lo < 1e-12 * max(1.0, hi):
+            break
+    return 0.5 * (lo + hi)
+
+
+def welch(a, b, level=0.95):
+    """Welch's interval for mean(a) - mean(b), samples of unequal variance: the difference d, the standard
+    error se = sqrt(s_a^2/n_a + s_b^2/n_b), the Welch-Satterthwaite degrees of freedom
+    df = se^4 / ((s_a^2/n_a)^2/(n_a-1) + (s_b^2/n_b)^2/(n_b-1)), and d ± t_{(1+level)/2, df} se. Significant
+    when the interval excludes 0. Fewer than 2 values on either side: no interval (NaN, not significant)."""
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    d, nan = ma - mb, float('nan')
+    if len(a) < 2 or len(b) < 2:
+        return dict(diff=d, se=nan, df=nan, low=nan, high=nan, significant=False)
+    va, vb = sa * sa / len(a), sb * sb / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:  # identical values on both sides: any difference is exact
+        return dict(diff=d, se=0.0, df=nan, low=d, high=d, significant=d != 0)
+    df = (va + vb) ** 2 / (va * va / (len(a) - 1) + vb * vb / (len(b) - 1))
+    half = t_quantile((1 + level) / 2, df) * se
+    return dict(diff=d, se=se, df=df, low=d - half, high=d + half, significant=not d - half <= 0 <= d + half)

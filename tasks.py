@@ -165,12 +165,19 @@ def get_batch(data, ix, block_size):
 
 class LMTask:
     """Random windows of block_size tokens for training; a fixed evaluation set of eval_iters batches of
-    eval_bs windows per split (the same for every run, model and seed); the metrics are the mean losses
-    {'train', 'val'}."""
+    eval_bs windows per split (the same for every run, model and seed). evaluate() measures the selection
+    splits {'train', 'val'} (what picks checkpoints and hyperparameters); with a dataset that has a test split,
+    REPORT_SPLITS are measured only where train() asks (at a new best val loss): 'test', and 'heldout', the
+    whole last 10% (val then test: nanoGPT's val set, for the comparison with nanoGPT only)."""
     examples = False
+    SELECT_SPLITS = ('train', 'val')
+    REPORT_SPLITS = ('test', 'heldout')
 
     def __init__(self, cfg, device, eval_bs):
         self.data, self.meta = load_dataset(cfg['dataset'], device)
+        if 'test' in self.data:  # contiguous: a window may straddle val and test, as it does in nanoGPT's val.bin
+            self.data['heldout'] = torch.cat([self.data['val'], self.data['test']])
+        self.report_splits = tuple(s for s in self.REPORT_SPLITS if s in self.data)
         # no meta.pkl: GPT-2 BPE, its 50257 tokens padded to 50304, a multiple of 64, as nanoGPT pads
         self.vocab_size = self.meta['vocab_size'] if self.meta else 50304
         self.block_size = self.train_len = cfg['block_size']
@@ -187,10 +194,12 @@ class LMTask:
         return get_batch(d, torch.randint(len(d) - self.block_size, (batch_size,), generator=gen), self.block_size)
 
     @torch.no_grad()
-    def evaluate(self, model, autocast, desc=''):
+    def evaluate(self, model, autocast, desc='', splits=SELECT_SPLITS):
+        """{split: mean loss over its fixed windows} for `splits` (default: the selection splits)."""
         out = {}
-        progress = Progress(sum(map(len, self.eval_ix.values())), desc, bar=True)  # minutes on CPU
-        for split, ixs in self.eval_ix.items():
+        progress = Progress(sum(len(self.eval_ix[s]) for s in splits), desc, bar=True)  # minutes on CPU
+        for split in splits:
+            ixs = self.eval_ix[split]
             losses = torch.zeros(len(ixs))
             for i, ix in enumerate(ixs):
                 X, Y = get_batch(self.data[split], ix, self.block_size)
@@ -210,6 +219,7 @@ class ExamplesTask:
     test sets self.tests {name: (x, y)} (the first is the one early stopping and 'val' read), vocab_size
     and train_len. Examples are stored as int16 (V <= 32767) on the device and widened per batch."""
     examples = True
+    report_splits = ()  # the test sets are measured at every evaluation (accuracies), not only at a best
 
     def __init__(self, cfg, device, eval_bs):
         self.cfg, self.device, self.eval_bs = cfg, device, eval_bs

@@ -2,6 +2,8 @@
 Train one model, or reproduce the whole comparison.
 
     python train_runner.py                                   # the full reproduction: sweep + benchmarks + report
+    python train_runner.py --tune --controls --gpus=8        # the bake-off: tuning grids, 3 seeds, controls
+    python train_runner.py --tune --plan=True                # its plan and estimated GPU time, nothing trained
     python train_runner.py --max_iters=2 --wandb_log=False   # smoke test of that whole pipeline
     python train_runner.py config/train_shakespeare_char_delta.py --learning_rate=3e-3   # one run
     python train_runner.py --model_type=delta --help          # every key: default and meaning
@@ -91,13 +93,19 @@ TRAIN_TABLE = dict(
     cuda_graphs=('auto', "capture forward+backward once in a CUDA graph and replay it: 'auto' (on for "
                          "single-process CUDA; off under DDP), True, False"),
     seed=(1337, "seed of the model init, data sampling and dropout"),
+    # names the sweep records (they change no number a run produces)
+    variant=('', "the model's name in tables and plots ('': model_type); the sweep sets a --models variant's "
+                 "name, e.g. vanilla+attn_dropout=0, and its keys"),
+    sweep_stage=('', "why the sweep planned the run: 'tune', 'tune-extended' (an edge extension of the grid), "
+                     "'seeds', 'control'; '' outside a sweep"),
     peak_flops=(0.0, "device bf16 peak FLOP/s for MFU; 0: known or measured for the device"),
 )
 DEFAULTS = {k: d for k, (d, _) in TRAIN_TABLE.items()}
 HELP = {k: h for k, (_, h) in TRAIN_TABLE.items()}
 # keys that may differ between a checkpoint and the run resuming it (length, logging, where it runs)
 RESUME_MAY_CHANGE = {'max_iters', 'init_from', 'eval_only', 'log_interval', 'eval_interval', 'wandb_log',
-                     'wandb_project', 'wandb_run_name', 'device', 'compile', 'cuda_graphs', 'preset', 'out_dir'}
+                     'wandb_project', 'wandb_run_name', 'device', 'compile', 'cuda_graphs', 'preset', 'out_dir',
+                     'sweep_stage'}
 # the model defaults that nanoGPT's shakespeare_char run uses and differ from GPTConfig's
 TRAIN_MODEL_DEFAULTS = dict(dropout=0.2)
 # keys that take only these values (any string would pass a type check against 'auto')
@@ -346,7 +354,7 @@ def train(config_file=None, overrides=None):
     # separate generators: data sampling (per-rank offset) and the fixed evaluation windows
     data_gen = torch.Generator().manual_seed(cfg['seed'] + 1000 * rank)
     torch.manual_seed(cfg['seed'] + rank)  # dropout differs per rank
-    iter_num, best_val, best_iter = 0, float('inf'), -1
+    iter_num, best_val, best_iter, at_best = 0, float('inf'), -1, {}
     # what the earlier segments of a resumed run measured, up to its checkpoint: times (summed over segments),
     # timing windows (one list per segment), last eval losses, how the last steps ran
     prev = dict(wall_s=0.0, train_s=0.0, eval_s=0.0, n_evals=0, window_times=[], segments=0,
@@ -356,6 +364,7 @@ def train(config_file=None, overrides=None):
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
         iter_num, best_val, best_iter = ckpt['iter_num'], ckpt['best_val_loss'], ckpt['best_iter']
+        at_best = ckpt.get('at_best', {})
         RUN_STATE['ckpt_iter'] = iter_num
         rng = ckpt['rng'][rank]
         # map_location moved every tensor to `device`; generator states are CPU ByteTensors
@@ -396,6 +405,18 @@ def train(config_file=None, overrides=None):
         raw_model.train()
         return out
 
+    def measure_at_best(losses):
+        """What is recorded of a new best checkpoint, never compared with anything: the train loss there (the
+        overfitting gap), and, where the dataset has a test split, the test loss and the whole last 10%'s
+        (nanoGPT's val set). Only called after the val loss alone chose the checkpoint."""
+        at = {'train_loss_at_best': losses['train']}
+        if task.report_splits:
+            raw_model.eval()
+            out = task.evaluate(raw_model, autocast, f"test at iter {iter_num}", splits=task.report_splits)
+            raw_model.train()
+            at.update(test_loss=out['test'], heldout_loss=out['heldout'])
+        return at
+
     # --- records: config.json (resolved config + environment), wandb optional
     if master:
         # 'config' is what was asked for (the sweep compares it to decide what's done); 'model_config' is
@@ -405,7 +426,10 @@ def train(config_file=None, overrides=None):
                   'preset': cfg['preset'], 'world_size': world_size, 'dtype': dtype, 'compile': use_compile,
                   'cuda_graphs': use_graphs,
                   **({'steps_per_epoch': task.steps_per_epoch} if task.examples else
-                     {'eval_windows_per_split': cfg['eval_iters'] * eval_bs}),
+                     {'eval_windows_per_split': cfg['eval_iters'] * eval_bs,
+                      # the tokens of each split ('heldout': val + test, nanoGPT's val set); a record without
+                      # it is from before the test split, whose val was the whole last 10%
+                      'splits': {k: len(v) for k, v in task.data.items()}}),
                   **run_metadata(device)}
         atomic_write_json(record, os.path.join(out_dir, 'config.json'))
         print(f"{cfg['model_type']}: {n_params / 1e6:.3f}M parameters, device {record['device']}, dtype {dtype}, "
@@ -438,7 +462,7 @@ def train(config_file=None, overrides=None):
         atomic_torch_save({
             'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
             'model_config': asdict(raw_model.config), 'config': cfg, 'iter_num': iter_num,
-            'best_val_loss': best_val, 'best_iter': best_iter, 'val_loss': losses['val'],
+            'best_val_loss': best_val, 'best_iter': best_iter, 'at_best': at_best, 'val_loss': losses['val'],
             'rng': rng_states,  # one dict per rank: data sampling, dropout (CPU and CUDA generators)
             'progress': so_far(),
         }, path)
@@ -468,9 +492,10 @@ def train(config_file=None, overrides=None):
                 if not all(math.isfinite(v) for v in losses.values()):
                     raise NonFiniteLoss(f"non-finite eval loss at iteration {iter_num}: {losses}; "
                                         f"the last good checkpoint is {ckpt_last}")
-                better = losses['val'] < best_val
+                better = losses['val'] < best_val  # the selection: validation alone
                 if better:
                     best_val, best_iter = losses['val'], iter_num
+                    at_best = measure_at_best(losses)
                 accs = {k: v for k, v in losses.items() if k not in ('train', 'val')}  # examples tasks only
                 if 'test_acc' in accs and not best_acc >= accs['test_acc']:
                     best_acc = accs['test_acc']
@@ -567,8 +592,10 @@ def train(config_file=None, overrides=None):
              or [t for seg in run['window_times'] for t in seg])
     median_dt = float(np.median(times)) if times else float('nan')
     summary = {
-        'model_type': cfg['model_type'], 'learning_rate': cfg['learning_rate'], 'seed': cfg['seed'],
+        'model_type': cfg['model_type'], 'model': cfg['variant'] or cfg['model_type'],
+        'learning_rate': cfg['learning_rate'], 'dropout': cfg['dropout'], 'seed': cfg['seed'],
         'preset': cfg['preset'], 'best_val_loss': best_val, 'best_iter': best_iter,
+        **at_best,  # train_loss_at_best; test_loss and heldout_loss (whole last 10%) with a test split
         'final_train_loss': losses['train'], 'final_val_loss': losses['val'], 'iters': iter_num,
         # summed over the segments of a resumed run (each up to the checkpoint the next resumed from)
         'wall_s': round(run['wall_s'], 2), 'train_s': round(run['train_s'], 2), 'eval_s': round(run['eval_s'], 2),
@@ -583,7 +610,9 @@ def train(config_file=None, overrides=None):
                         **{k: v for k, v in losses.items() if k not in ('train', 'val')}})
     if master and not cfg['eval_only']:  # an evaluation-only pass never replaces a training run's summary
         atomic_write_json(summary, summary_path)
-        print(f"done: best val loss {best_val:.4f} at iter {best_iter}, {summary['wall_s']:.0f}s wall, "
+        print(f"done: best val loss {best_val:.4f} at iter {best_iter}"
+              + (f" (test loss there {at_best['test_loss']:.4f})" if 'test_loss' in at_best else '')
+              + f", {summary['wall_s']:.0f}s wall, "
               f"median {median_dt * 1000:.2f} ms/iter")
     if wandb_run is not None:
         wandb_run.summary.update(summary)
@@ -631,7 +660,7 @@ PRESETS = {
         train=dict(max_iters=3000, batch_size=64, block_size=256, eval_interval=250, log_interval=10,
                    eval_iters=10, eval_batch_size=256, dropout=0.2, warmup_iters=100),
         models={},
-        lrs=[5e-4, 1e-3, 3e-3],
+        lrs=[5e-4, 1e-3, 3e-3], dropouts=[0.1, 0.2, 0.3],  # the tuning grid (--tune)
     ),
     # CPU: sized like nanoGPT's laptop recipe (4 layers, 128 wide, context 64, batch 12): minutes per
     # model on a few cores. Models keep the solved-d_ff parameter matching at this width.
@@ -645,7 +674,7 @@ PRESETS = {
                 # below the GPU kernel's minimum tile, so this preset names the PyTorch path it runs anyway
                 'nsa': dict(n_head=16, n_kv_head=1, head_dim=16, nsa_block_size=8, nsa_block_counts=4,
                             nsa_window_size=16, backend='torch')},
-        lrs=[5e-4, 1e-3, 3e-3],
+        lrs=[5e-4, 1e-3, 3e-3], dropouts=[0.0, 0.1, 0.2],
     ),
 }
 # the reproduction's stages, in the order they run
@@ -658,11 +687,24 @@ STAGES = {
                   "results_dir/length_generalization.csv and its plot, then REPORT.md again",
 }
 GRIDS = {'mqar': 'mqar_grid', 'state_tracking': 'state_tracking_grid'}  # grid stage -> its grid-file option
+# the bake-off's tuned (lr, dropout) per preset and model, and its controls (config/bakeoff.py)
+BAKEOFF_CONFIG = os.path.join(HERE, 'config', 'bakeoff.py')
+TUNE_SEED = 1337  # the tuning grid's one seed, which is also the first of the seeds
+LR_BOUNDS, DROPOUT_BOUNDS, DROPOUT_STEP = (1e-4, 3e-2), (0.0, 0.5), 0.1  # how far an edge extension may go
 SWEEP_TABLE = dict(
     preset=('auto', "'full' (GPU: the repository's setting), 'cpu' (laptop-sized), 'auto' (full with CUDA, else cpu)"),
-    seeds=(1, "seeds per (model, learning rate): 1337, 1338, ..."),
-    models=(','.join(model_lib.MODEL_TYPES), "comma-separated model types to train"),
-    lrs=('', "comma-separated learning rates ('': the preset's)"),
+    seeds=(3, "seeds per model at its chosen (lr, dropout): 1337, 1338, ... (the tuning grid's seed is 1337)"),
+    models=(','.join(model_lib.MODEL_TYPES), "comma-separated models to train, each a model type or a variant "
+            "'<model_type>+key=value+...' of its config keys (e.g. vanilla+attn_dropout=0), named as written"),
+    tune=(False, "tune each model first: the grid lrs x dropouts at seed 1337, extended on the side of an edge "
+                 "choice; then the seeds at each model's choice (lowest best val loss)"),
+    controls=(False, "also train the controls of config/bakeoff.py, each at its parent's chosen (lr, dropout)"),
+    lrs=('', "comma-separated learning rates: with --tune the grid ('': the preset's); without, trained as "
+             "given ('': each model's tuned value in config/bakeoff.py)"),
+    dropouts=('', "comma-separated dropouts, as --lrs"),
+    shard=('', "K/N: train only the K-th (0-based) of N interleaved parts of the planned runs (N machines, "
+               "e.g. a SLURM array); '' all. The benchmarks then wait for a run without --shard"),
+    plan=(False, "print the planned runs and the estimated training time, and stop"),
     results_dir=('', "output folder ('': results/<preset>, results/<preset>-custom with other overrides)"),
     bench=(True, "run the benchmarks and write the report after training"),
     gpus=(1, "train this many runs at a time, one per GPU (each run's log: <run>/train.log)"),
@@ -680,8 +722,91 @@ SWEEP_TABLE = dict(
 SWEEP_KEYS = {k: d for k, (d, _) in SWEEP_TABLE.items()}
 SWEEP_HELP = {k: h for k, (_, h) in SWEEP_TABLE.items()}
 # overrides that change no number a run produces, or only through rounding (how it is executed; a discrete
-# choice such as NSA's top-k can amplify that): they don't turn a preset into a custom one
-NEUTRAL_KEYS = {'wandb_log', 'wandb_project', 'wandb_run_name', 'log_interval', 'device', 'compile', 'cuda_graphs'}
+# choice such as NSA's top-k can amplify that): they don't turn a preset into a custom one. sweep_stage only
+# says why the sweep planned a run: the same run planned by another stage is the same run.
+NEUTRAL_KEYS = {'wandb_log', 'wandb_project', 'wandb_run_name', 'log_interval', 'device', 'compile', 'cuda_graphs',
+                'sweep_stage'}
+
+
+def parse_model(name):
+    """A --models entry -> (model_type, {key: value}): 'vanilla', or a variant 'vanilla+attn_dropout=0+...'
+    whose keys are fields of the model type's config (dropout excepted: the sweep chooses it)."""
+    mt, *parts = name.strip().split('+')
+    if mt not in model_lib.MODEL_TYPES:
+        raise ConfigError(f"unknown model {mt!r} in {name!r}; valid models: {', '.join(model_lib.MODEL_TYPES)}, "
+                          f"each optionally with +key=value of its config, e.g. vanilla+attn_dropout=0")
+    valid = {k: v for k, v in model_keys(mt).items() if k not in ('model_type', 'dropout', 'vocab_size')}
+    keys = {}
+    for part in parts:
+        k, eq, v = part.partition('=')
+        if not eq or not k:
+            raise ConfigError(f"model {name!r}: expected +key=value, got {'+' + part!r}")
+        if k not in valid:
+            raise ConfigError(f"model {name!r}: {k!r} is not a variant key of {mt}'s config"
+                              + (" (the sweep chooses dropout: --dropouts, --tune)" if k == 'dropout' else '')
+                              + f"; valid keys: {', '.join(sorted(valid))}")
+        if k in keys:
+            raise ConfigError(f"model {name!r} sets {k!r} twice")
+        try:
+            keys[k] = check_value(k, parse_value(v), valid[k], CHOICES.get(k))
+        except ConfigError as e:
+            raise ConfigError(f"model {name!r}: {e}") from None
+    return mt, keys
+
+
+def bakeoff_config(preset):
+    """config/bakeoff.py: ({model_type: (lr, dropout)} of the preset, [control names])."""
+    cfg = read_config_file(BAKEOFF_CONFIG)
+    tuned = cfg.get('tuned', {}).get(preset.replace('-custom', ''))
+    if tuned is None:
+        raise ConfigError(f"{BAKEOFF_CONFIG}: tuned has no entry for preset {preset!r}; it has "
+                          f"{', '.join(cfg.get('tuned', {})) or 'none'}")
+    return tuned, list(cfg.get('controls', []))
+
+
+def grid_extension(cells, choice, bounds=None):
+    """Where the tuning grid grows: cells {(lr, dropout)} tried and the chosen one -> ([new lrs], [new dropouts],
+    notes). A choice on the edge of an axis with at least 2 values extends that side by one step: the learning
+    rate by the ratio of the grid's last two values on that side, the dropout by 0.1; never beyond the bounds
+    (LR_BOUNDS, DROPOUT_BOUNDS: the choice then stands at a bound, and the notes say so)."""
+    (lo_lr, hi_lr), (lo_d, hi_d) = bounds or (LR_BOUNDS, DROPOUT_BOUNDS)
+    lrs, drops = sorted({c[0] for c in cells}), sorted({c[1] for c in cells})
+    new_lrs, new_drops, notes = [], [], []
+    lr, d = choice
+    if len(lrs) > 1 and lr == lrs[0]:
+        nxt = float(f"{lrs[0] / (lrs[1] / lrs[0]):.3g}")
+        (new_lrs.append(nxt) if nxt >= lo_lr * (1 - 1e-9) else notes.append(f"lr {lr:g} is the lowest and the next "
+                                                                           f"step {nxt:g} is below {lo_lr:g}"))
+    if len(lrs) > 1 and lr == lrs[-1]:
+        nxt = float(f"{lrs[-1] * (lrs[-1] / lrs[-2]):.3g}")
+        (new_lrs.append(nxt) if nxt <= hi_lr * (1 + 1e-9) else notes.append(f"lr {lr:g} is the highest and the "
+                                                                            f"next step {nxt:g} is above {hi_lr:g}"))
+    if len(drops) > 1 and d == drops[0]:
+        nxt = round(d - DROPOUT_STEP, 6)
+        (new_drops.append(nxt) if nxt >= lo_d - 1e-9 else notes.append(f"dropout {d:g} is at the bound {lo_d:g}"))
+    if len(drops) > 1 and d == drops[-1]:
+        nxt = round(d + DROPOUT_STEP, 6)
+        (new_drops.append(nxt) if nxt <= hi_d + 1e-9 else notes.append(f"dropout {d:g} is at the bound {hi_d:g}"))
+    return new_lrs, new_drops, notes
+
+
+def _parse_shard(value):
+    """'K/N' -> (K, N), 0 <= K < N; '' -> (0, 1)."""
+    if value in ('', None):
+        return 0, 1
+    k, _, n = str(value).partition('/')
+    try:
+        k, n = int(k), int(n)
+        assert 0 <= k < n
+    except (ValueError, AssertionError):
+        raise ConfigError(f"--shard must be K/N with 0 <= K < N (K 0-based, as $SLURM_ARRAY_TASK_ID of "
+                          f"--array=0-{{N-1}}); got {value!r}") from None
+    return k, n
+
+
+def shard_of(plan, k, n):
+    """The K-th of N interleaved parts of a plan (runs i with i % N == K): the N parts cover every run once."""
+    return [r for i, r in enumerate(plan) if i % n == k]
 
 
 def sweep(overrides=None):
@@ -691,42 +816,162 @@ def sweep(overrides=None):
         return _sweep(overrides, log)
 
 
+class _Planner:
+    """The sweep's runs from its options and the records already in <results_dir>/runs: tuning grids (with
+    their edge extensions), the seeds at each model's chosen (lr, dropout), the controls at their parent's.
+    A stage that needs unfinished runs (a choice not yet known) is left out, and said to be waiting."""
+
+    def __init__(self, opts, overrides, P, label, results_dir, tuned, controls):
+        self.opts, self.overrides, self.P, self.label = opts, overrides, P, label
+        self.results_dir, self.tuned, self.controls = results_dir, tuned, controls
+        self.models = [m.strip() for m in as_list(opts['models'], str)]
+        self.parsed = {m: parse_model(m) for m in self.models + (controls if opts['controls'] else [])}
+        self.seeds = [TUNE_SEED + i for i in range(_option_int('seeds', opts['seeds'], 1))]
+        self.lrs = _option_list('lrs', opts['lrs'], float, 'learning rates, e.g. --lrs=5e-4,1e-3') \
+            if opts['lrs'] else None
+        self.dropouts = _option_list('dropouts', opts['dropouts'], float, 'dropouts, e.g. --dropouts=0.1,0.2') \
+            if opts['dropouts'] else None
+        for d in self.dropouts or []:
+            if not DROPOUT_BOUNDS[0] <= d < 1:
+                raise ConfigError(f"--dropouts must be in [0, 1); got {d}")
+        self._resolved, self._default = {}, {}
+        self.choices, self.notes = {}, {}
+
+    def run(self, name, lr, dropout, seed, stage):
+        mt, keys = self.parsed[name]
+        out_dir = os.path.join(self.results_dir, 'runs', f"{name}-lr{lr:g}-d{dropout:g}-s{seed}")
+        run_cfg = {**self.P['train'], **self.P['models'].get(mt, {}), **self.overrides, **keys, 'model_type': mt,
+                   'variant': name if keys else '', 'learning_rate': lr, 'dropout': dropout, 'seed': seed,
+                   'out_dir': out_dir, 'preset': self.label, 'sweep_stage': stage}
+        return dict(name=name, lr=lr, dropout=dropout, seed=seed, stage=stage, out_dir=out_dir, cfg=run_cfg)
+
+    def record(self, r):
+        """The run's summary.json if it is finished ('done' or 'diverged') with the config wanted, else None."""
+        key = r['out_dir']
+        if key not in self._resolved:
+            self._resolved[key] = resolve_config(None, r['cfg'])
+        mt = r['cfg']['model_type']
+        if mt not in self._default:
+            self._default[mt] = resolve_config(None, {'model_type': mt})
+        prev = load_json(os.path.join(r['out_dir'], 'summary.json'))
+        rec = load_json(os.path.join(r['out_dir'], 'config.json')) or {}
+        # a key missing from an older record did not exist then: that run had its default's behaviour; but a
+        # record from before the test split (no 'splits' in config.json) measured another val set
+        same = same_config(self._resolved[key], rec.get('config', {}), self._default[mt]) and \
+            (rec.get('splits') is not None or r['cfg'].get('task', 'lm') != 'lm')
+        r['same'] = same
+        return prev if prev and prev.get('status') in ('done', 'diverged') and same else None
+
+    def choice_of(self, name):
+        """(lr, dropout) the model trains its seeds at: the tuning's (None while it is unfinished) with --tune,
+        else config/bakeoff.py's tuned value of its model type."""
+        if self.opts['tune'] and name in self.models:
+            return self.choices.get(name)
+        mt = parse_model(name)[0]
+        if mt not in self.tuned:
+            raise ConfigError(f"{BAKEOFF_CONFIG}: no tuned (lr, dropout) for {mt!r} in preset {self.label!r}")
+        return self.tuned[mt]
+
+    def plan(self):
+        """(planned runs in a fixed order, lines saying what waits on unfinished runs)."""
+        tune, seeds, waiting = [], [], []
+        self.later = []  # runs still to be planned, by the model whose speed they take (for the estimate)
+        for name in self.models:
+            if self.opts['tune']:
+                tune += self._tune(name, waiting)
+            if self.opts['tune'] or not (self.lrs or self.dropouts):
+                c = self.choice_of(name)
+                cells = [c] if c else []
+                self.later += [name] * (len(self.seeds) - 1) if not c else []
+            else:  # --lrs / --dropouts without --tune: every combination, nothing chosen
+                lr0, d0 = self.choice_of(name)
+                cells = [(lr, d) for lr in (self.lrs or [lr0]) for d in (self.dropouts or [d0])]
+            for lr, d in cells:
+                seeds += [self.run(name, lr, d, s, 'seeds') for s in self.seeds]
+        controls = []
+        for name in (self.controls if self.opts['controls'] else []):
+            parent = self.parsed[name][0]
+            c = self.choices.get(parent) if self.opts['tune'] and parent in self.models else self.choice_of(parent)
+            if c is None:
+                waiting.append(f"control {name}: waits for {parent}'s tuning")
+                self.later += [parent] * len(self.seeds)
+                continue
+            controls += [self.run(name, c[0], c[1], s, 'control') for s in self.seeds]
+        # tuning rounds first (round, then model order), then seeds, then controls; a run planned twice (the
+        # tuning seed at the chosen cell) is one run
+        tune.sort(key=lambda rr: (rr[0], self.models.index(rr[1]['name'])))
+        out, seen = [], set()
+        for r in [r for _, r in tune] + seeds + controls:
+            if r['out_dir'] not in seen:
+                seen.add(r['out_dir'])
+                out.append(r)
+        return out, waiting
+
+    def _tune(self, name, waiting):
+        """[(round, run)] of name's tuning so far; sets self.choices[name] once every cell it needs is done."""
+        lrs, drops = self.lrs or self.P['lrs'], self.dropouts or self.P['dropouts']
+        cells = [(lr, d) for lr in lrs for d in drops]
+        out, rnd, self.notes[name] = [], 0, []
+        while True:
+            runs = [self.run(name, lr, d, TUNE_SEED, 'tune' if rnd == 0 else 'tune-extended') for lr, d in cells
+                    if not any(r['lr'] == lr and r['dropout'] == d for _, r in out)]
+            out += [(rnd, r) for r in runs]
+            recs = {(r['lr'], r['dropout']): self.record(r) for _, r in out}
+            missing = [c for c, s in recs.items() if s is None]
+            if missing:
+                waiting.append(f"{name}: tuning round {rnd} waits for {len(missing)} run(s)")
+                self.choices.pop(name, None)
+                return out
+            val = {c: (s['best_val_loss'] if s['status'] == 'done' and math.isfinite(s['best_val_loss'])
+                       else float('inf')) for c, s in recs.items()}
+            choice = min(sorted(val), key=lambda c: val[c])  # ties: the lower lr, then the lower dropout
+            new_lrs, new_drops, notes = grid_extension(list(recs), choice)
+            if not new_lrs and not new_drops:
+                self.choices[name] = choice
+                self.notes[name] = notes + ([f"extended {rnd} time(s)"] if rnd else [])
+                return out
+            rnd += 1
+            all_lrs = sorted({c[0] for c in recs} | set(new_lrs))
+            all_drops = sorted({c[1] for c in recs} | set(new_drops))
+            cells = [(lr, d) for lr in all_lrs for d in all_drops]
+
+
 def _sweep(overrides, log):
     overrides = dict(overrides or {})
     opts = {k: overrides.pop(k, v) for k, v in SWEEP_KEYS.items()}
-    for k in ('preset', 'results_dir', 'bench'):
+    for k in ('preset', 'results_dir', 'bench', 'tune', 'controls', 'plan'):
         check_value(k, opts[k], SWEEP_KEYS[k])
-    owned = sorted(set(overrides) & {'model_type', 'learning_rate', 'seed', 'out_dir', 'preset', 'init_from'})
+    owned = sorted(set(overrides) & {'model_type', 'learning_rate', 'dropout', 'seed', 'out_dir', 'preset',
+                                     'init_from', 'variant', 'sweep_stage'})
     if owned:
-        raise ConfigError(f"the sweep sets {owned} itself; use --models, --lrs, --seeds, --results_dir, --preset "
-                          f"(or give a config file to train a single run)")
+        raise ConfigError(f"the sweep sets {owned} itself; use --models, --lrs, --dropouts, --seeds, --results_dir, "
+                          f"--preset (or give a config file to train a single run)")
+    shard_k, shard_n = _parse_shard(opts['shard'])
     cuda = pick_device(overrides.get('device', 'auto')).startswith('cuda')
     preset = opts['preset'] if opts['preset'] != 'auto' else ('full' if cuda else 'cpu')
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; valid choices: auto, {', '.join(PRESETS)}")
     P = PRESETS[preset]
-    models = as_list(opts['models'], str)
-    for m in models:
-        model_keys(m)  # fail now, naming the valid choices, not after an hour of training
-    lrs = _option_list('lrs', opts['lrs'], float, 'learning rates, e.g. --lrs=5e-4,1e-3') if opts['lrs'] else P['lrs']
-    seeds = [1337 + i for i in range(_option_int('seeds', opts['seeds'], 1))]
-    # --lrs with the preset's own LRs, in another order, is still the preset (the order is the training order)
-    custom = bool(set(overrides) - NEUTRAL_KEYS) or sorted(lrs) != sorted(P['lrs'])
+    tuned, controls = bakeoff_config(preset)
+    planner = _Planner(opts, overrides, P, preset, None, tuned, controls)  # checks the options, names and lists
+    # --lrs / --dropouts with the preset's own grid, in another order, is still the preset
+    custom = bool(set(overrides) - NEUTRAL_KEYS) or any(
+        getattr(planner, k) and sorted(getattr(planner, k)) != sorted(P[k]) for k in ('lrs', 'dropouts'))
     label = preset + ('-custom' if custom else '')
     results_dir = opts['results_dir'] or os.path.join(HERE, 'results', label)
-    runs = [(m, lr, s) for m in models for lr in lrs for s in seeds]
+    planner.label, planner.results_dir = label, results_dir
     stages = parse_stages(opts['stages'], full=cuda and label == 'full')
-    if 'lm' in stages:
-        hw = 'CUDA' if cuda else 'no CUDA: the CPU preset, nanoGPT laptop-sized'
-        print(f"reproduction: preset {label!r} ({hw}), "
-              f"{len(models)} models x {len(lrs)} LRs x {len(seeds)} seeds = {len(runs)} runs -> {results_dir}")
-    if not cuda and preset == 'full' and 'lm' in stages:
-        print("warning: --preset=full on CPU: full-size models, expect hours")
-
     gpus = _option_int('gpus', opts['gpus'], 1)
     if gpus > 1 and (not cuda or gpus > torch.cuda.device_count()):
         raise ConfigError(f"--gpus={gpus} but this machine has {torch.cuda.device_count() if cuda else 0} CUDA "
                           f"GPU(s); valid: 1..{max(1, torch.cuda.device_count() if cuda else 1)}")
+    if 'lm' in stages:
+        what = ' + '.join(['tuning' if opts['tune'] else 'tuned configs'] + (['controls'] if opts['controls'] else []))
+        hw = 'CUDA' if cuda else 'no CUDA: the CPU preset, nanoGPT laptop-sized'
+        print(f"reproduction: preset {label!r} ({hw}), {what}, models {', '.join(planner.models)}, "
+              f"{len(planner.seeds)} seed(s) -> {results_dir}" + (f", shard {shard_k}/{shard_n}" if shard_n > 1 else ''))
+        if not cuda and preset == 'full':
+            print("warning: --preset=full on CPU: full-size models, expect hours")
 
     procs_per_gpu = _option_int('procs_per_gpu', opts['procs_per_gpu'], 1)
     check_value('grids_dir', opts['grids_dir'], SWEEP_KEYS['grids_dir'])
@@ -744,15 +989,18 @@ def _sweep(overrides, log):
         {**{k: v for k, v in opts.items() if v != SWEEP_KEYS[k]}, **overrides}  # from Python, not the CLI
     # the log: results_dir's when the stages touch it, else the first grid stage's folder
     log_dir = results_dir if {'lm', 'length_gen'} & set(stages) else os.path.join(grids_dir, stages[0])
-    log.open(os.path.join(log_dir, 'sweep.log'), called)
-    t0, summaries, bench_out = time.time(), [], None
+    if not opts['plan']:
+        log.open(os.path.join(log_dir, 'sweep.log'), called)
+    t0, lm = time.time(), {}
     if 'lm' in stages:
-        summaries, bench_out = _lm_stage(P, models, lrs, seeds, overrides, label, results_dir, opts, gpus, t0)
+        lm = _lm_stage(planner, opts, overrides, label, results_dir, cuda, preset, gpus, (shard_k, shard_n), t0)
+        if opts['plan']:
+            return lm
     grids = {}
     for stage in (st for st in stages if st in GRIDS):
         print(f"\n=== stage {stage} -> {os.path.join(grids_dir, stage)} ===", flush=True)
         grids[stage] = grid_stage(stage, opts[GRIDS[stage]], os.path.join(grids_dir, stage), grid_overrides,
-                                  gpus, procs_per_gpu)
+                                  gpus, procs_per_gpu, (shard_k, shard_n))
     length_gen = None
     if 'length_gen' in stages:
         print(f"\n=== stage length_gen -> {results_dir} ===", flush=True)
@@ -761,93 +1009,75 @@ def _sweep(overrides, log):
     where = ([results_dir] if {'lm', 'length_gen'} & set(stages) else []) + [os.path.join(grids_dir, st)
                                                                               for st in grids]
     print(f"\nreproduction finished in {fmt_time(total)} ({total:.0f}s); results in {', '.join(where)}")
-    return {'preset': label, 'results_dir': results_dir, 'runs': summaries, 'wall_s': total, 'bench': bench_out,
+    return {'preset': label, 'results_dir': results_dir, 'runs': lm.get('runs', []), 'wall_s': total,
+            'bench': lm.get('bench'), 'choices': lm.get('choices', {}), 'waiting': lm.get('waiting', []),
             'stages': stages, 'grids': grids, 'length_gen': length_gen}
 
 
-def _lm_stage(P, models, lrs, seeds, overrides, label, results_dir, opts, gpus, t0):
-    """The lm stage: the bake-off's runs (resumable), then the benchmarks and the report (opts['bench']).
-    Returns (the runs' summaries, bench's {step: status} or None)."""
-    runs = [(m, lr, s) for m in models for lr in lrs for s in seeds]
-    summaries, todo = {}, []
-    for i, (m, lr, seed) in enumerate(runs):
-        out_dir = os.path.join(results_dir, 'runs', f"{m}-lr{lr:g}-s{seed}")
-        run_cfg = {**P['train'], **P['models'].get(m, {}), **overrides, 'model_type': m, 'learning_rate': lr,
-                   'seed': seed, 'out_dir': out_dir, 'preset': label}
-        wanted = resolve_config(None, run_cfg)
-        prev = load_json(os.path.join(out_dir, 'summary.json'))
-        prev_cfg = (load_json(os.path.join(out_dir, 'config.json')) or {}).get('config', {})
-        # a key missing from an older record did not exist then: that run had its default's behaviour
-        same = same_config(wanted, prev_cfg, resolve_config(None, {'model_type': m}))
-        if prev and prev.get('status') in ('done', 'diverged') and same:
-            print(f"run {i + 1}/{len(runs)} {m} lr={lr:g} seed={seed}: already {prev['status']} ({out_dir}), "
-                  f"best val loss {prev['best_val_loss']:.4f}; skipping")
-            summaries[i] = prev
-            continue
-        resume = same and os.path.exists(os.path.join(out_dir, 'ckpt_last.pt'))
-        todo.append((i, {**run_cfg, 'init_from': 'resume' if resume else 'scratch'}))
-
-    eta = _SweepEta()
-    for m in dict.fromkeys(c['model_type'] for _, c in todo):  # a few timed iterations of each model to train
-        c = next(c for _, c in todo if c['model_type'] == m)
-        if resolve_config(None, c)['max_iters'] >= 10 * PROBE_ITERS:  # (not worth it for a smoke test)
-            eta.probe[m] = _probe(c)
-    first, t_train = None, time.time()
-    if eta.probe:
-        left = eta.left([c['model_type'] for _, c in todo])
-        first = left / gpus if left else None
-        print(f"training estimate: {fmt_time(first) if first else 'unknown'} for {len(todo)} runs; per run: "
-              + ', '.join(f"{m} {fmt_time(v) if v else 'unknown'}" for m, v in eta.probe.items())
-              + f" (from an eager run of {PROBE_ITERS} iterations of each model, {fmt_time(time.time() - t0)})")
-
-    def progress(n_done, left_models):
-        left = eta.left(left_models)
-        return (f"{n_done}/{len(todo)} runs to train done | elapsed {fmt_time(time.time() - t0)}"
-                + (f", eta {fmt_time(left / gpus)}" if left else ''))
-
-    if gpus == 1:
-        for n, (i, run_cfg) in enumerate(todo):
-            print(f"\n=== run {i + 1}/{len(runs)}: {run_cfg['model_type']} lr={run_cfg['learning_rate']:g} "
-                  f"seed={run_cfg['seed']} | {progress(n, [c['model_type'] for _, c in todo[n:]])} ===")
-            t_run = time.time()
-            summaries[i] = _sweep_run(run_cfg)
-            if summaries[i]['status'] == 'done' and run_cfg['init_from'] == 'scratch':  # a whole run's time
-                eta.add(run_cfg['model_type'], time.time() - t_run)
-    else:
-        # independent runs, one process per GPU (spawned, each sees only its GPU); each run's console
-        # output goes to <out_dir>/train.log. Every run is seeded on its own, so the records are the same
-        # as one after another (timings aside).
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-        ctx = mp.get_context('spawn')
-        free_gpus = ctx.Queue()
-        for g in range(gpus):
-            free_gpus.put(g)
-        print(f"training {len(todo)} runs on {gpus} GPUs, one run per GPU at a time; logs in <run>/train.log")
-        with ProcessPoolExecutor(gpus, mp_context=ctx, initializer=_pin_gpu, initargs=(free_gpus,)) as pool:
-            started = {pool.submit(_sweep_run, run_cfg, True): (i, run_cfg) for i, run_cfg in todo}
-            running = dict(started)
-            for n, fut in enumerate(as_completed(started), 1):
-                i, run_cfg = running.pop(fut)
-                try:
-                    summaries[i] = s = fut.result()
-                except BaseException:  # stop now, as the one-GPU sweep does, not after every queued run
-                    print(f"run {i + 1}/{len(runs)} failed; see {os.path.join(run_cfg['out_dir'], 'train.log')}")
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    raise
-                if s['status'] == 'done' and run_cfg['init_from'] == 'scratch':
-                    eta.add(run_cfg['model_type'], s['wall_s'])
-                print(f"run {i + 1}/{len(runs)} {run_cfg['model_type']} lr={run_cfg['learning_rate']:g} "
-                      f"seed={run_cfg['seed']}: {s['status']}, best val loss {s['best_val_loss']:.4f} "
-                      f"| {progress(n, [c['model_type'] for c in running.values()])}", flush=True)
-    summaries = [summaries[i] for i in sorted(summaries)]
-    if todo:  # how the estimate did
-        took = time.time() - t_train
-        print(f"\ntraining: {len(todo)} runs in {fmt_time(took)} ({took:.0f}s)" + (
-            f"; the first estimate was {fmt_time(first)} ({first:.0f}s), {first / took:.2f}x" if first else ''))
-
+def _lm_stage(planner, opts, overrides, label, results_dir, cuda, preset, gpus, shard, t0):
+    """The lm stage: the bake-off's planned runs (tuning rounds, then seeds and controls; resumable; this
+    shard's part of them), then the benchmarks and the report (opts['bench']). Returns {'runs': summaries,
+    'bench': bench's {step: status} or None, 'choices', 'waiting'}, or with --plan the plan itself."""
+    shard_k, shard_n = shard
+    results, eta, trained, first = {}, _SweepEta(), [], None
+    while True:  # plan, train what is planned and not done, plan again (tuning rounds, then seeds, controls)
+        plan, waiting = planner.plan()
+        mine = shard_of(plan, shard_k, shard_n)
+        todo = []
+        for r in mine:
+            prev = planner.record(r)
+            if prev is not None:
+                results[r['out_dir']] = (r, prev)
+            else:
+                resume = r['same'] and os.path.exists(os.path.join(r['out_dir'], 'ckpt_last.pt'))
+                todo.append((r, {**r['cfg'], 'init_from': 'resume' if resume else 'scratch'}))
+        _print_plan(plan, mine, todo, waiting, planner, shard_n)
+        # a few timed iterations of each model to train (not worth it for a smoke test, nor the full size on CPU)
+        for _, c in todo:
+            m = c.get('variant') or c['model_type']
+            if m not in eta.probe and resolve_config(None, c)['max_iters'] >= 10 * PROBE_ITERS and (
+                    cuda or preset != 'full'):
+                eta.probe[m] = _probe(c)
+        if todo and eta.probe:
+            names = [r['name'] for r, _ in todo]
+            left, later = eta.left(names), eta.left(planner.later) if planner.later else 0.0
+            first = first or (left / gpus if left else None)
+            print(f"training estimate: {fmt_time(left / gpus) if left else 'unknown'} for these {len(todo)} runs on "
+                  f"{gpus} GPU(s)" + (f", then {fmt_time(later / gpus) if later else 'unknown'} for at least "
+                                      f"{len(planner.later)} runs planned once the tuning is done"
+                                      if planner.later else '')
+                  + " (per run: " + ', '.join(f"{m} {fmt_time(v) if v else 'unknown'}" for m, v in eta.probe.items())
+                  + f"; from an eager run of {PROBE_ITERS} iterations of each model)")
+        elif todo:
+            print(f"training estimate: none ({'the full preset on CPU' if preset == 'full' else 'runs too short'})"
+                  + (f"; at least {len(planner.later)} runs follow once the tuning is done" if planner.later else ''))
+        if opts['plan'] or not todo:
+            break
+        again = [r['out_dir'] for r, _ in todo if r['out_dir'] in {x['out_dir'] for x, _ in trained}]
+        if again:  # trained in this sweep, yet its record is not the run planned: never loop on it
+            raise RuntimeError(f"the sweep trained {again[0]} but its record does not match the planned run")
+        t_round = time.time()
+        for (r, _), s in _train_runs(todo, gpus, eta, t0):
+            results[r['out_dir']] = (r, s)
+        trained += todo
+        took = time.time() - t_round
+        print(f"\ntrained {len(todo)} runs in {fmt_time(took)} ({took:.0f}s)")
+    for name, c in planner.choices.items():
+        print(f"tuning: {name} chose lr {c[0]:g}, dropout {c[1]:g}"
+              + (f" ({'; '.join(planner.notes[name])})" if planner.notes.get(name) else ''))
+    summaries = [results[r['out_dir']][1] for r in plan if r['out_dir'] in results]
+    if trained and first:  # how the estimate did
+        took = time.time() - t0
+        print(f"training: {len(trained)} runs in {fmt_time(took)}; the first estimate was {fmt_time(first)}, "
+              f"{first / took:.2f}x")
     bench_out = None
-    if opts['bench']:
+    if opts['plan']:
+        return {'preset': label, 'results_dir': results_dir, 'plan': plan, 'shard': mine, 'waiting': waiting}
+    if opts['bench'] and (shard_n > 1 or waiting):
+        print("\nbenchmarks and report skipped: "
+              + ('a shard trains part of the plan' if shard_n > 1 else 'runs of other machines are unfinished')
+              + "; once every run is done, run the same command without --shard (it trains nothing more)")
+    elif opts['bench']:
         print(f"\n=== benchmarks and report -> {results_dir} ===", flush=True)
         t_bench = time.time()
         bench_out = run_benchmarks(results_dir, label, overrides.get('wandb_log', False))
@@ -855,7 +1085,7 @@ def _lm_stage(P, models, lrs, seeds, overrides, label, results_dir, opts, gpus, 
         failed = {k: v for k, v in bench_out.items() if str(v).startswith('failed')}
         if failed:
             raise RuntimeError(f"benchmark step(s) failed: {failed}")
-    return summaries, bench_out
+    return {'runs': summaries, 'bench': bench_out, 'choices': dict(planner.choices), 'waiting': waiting}
 
 
 def parse_stages(value, full):
@@ -908,16 +1138,19 @@ def _run_tokens(cfg):
         cfg['train_len'] if cfg['task'] == 'word_problem' else tasks.max_len(cfg))
 
 
-def grid_stage(stage, grid_file, out, overrides=None, gpus=1, procs_per_gpu=1):
+def grid_stage(stage, grid_file, out, overrides=None, gpus=1, procs_per_gpu=1, shard=(0, 1)):
     """Train a grid's runs into <out>/runs/<name>/ (resumable: a finished run with the same config is skipped,
     an interrupted one resumes from its checkpoint), gpus x procs_per_gpu at a time as separate processes
     (1: in this process), then write its CSVs, plots and REPORT.md (`python bench.py <stage> --out=<out>`).
     Every run's console output goes to <run>/train.log; here one line per run, with the stage's progress
     and ETA (runtime.Progress over the runs to train, weighted by their tokens). overrides: keys for every
-    run (how it executes: device, compile, ...). Returns the runs' summaries in grid order."""
+    run (how it executes: device, compile, ...). shard (K, N): train only the runs i with i % N == K (the
+    lm stage's --shard: N machines share the grid; the tables cover whatever has finished). Returns the
+    finished runs' summaries in grid order."""
     base, entries = read_grid(grid_file)
     overrides = dict(overrides or {})
     todo, summaries, weights = [], {}, []
+    mine = {id(e) for e in shard_of(entries, *shard)}
     for i, e in enumerate(entries):
         run_cfg = {**{k: v for k, v in e.items() if k != 'name'}, **overrides,
                    'out_dir': os.path.join(out, 'runs', e['name']), 'preset': stage}
@@ -928,13 +1161,16 @@ def grid_stage(stage, grid_file, out, overrides=None, gpus=1, procs_per_gpu=1):
         if prev and prev.get('status') in ('done', 'diverged') and same:
             summaries[i] = prev
             continue
+        if id(e) not in mine:  # another machine's part of the grid
+            continue
         resume = same and os.path.exists(os.path.join(run_cfg['out_dir'], 'ckpt_last.pt'))
         todo.append((i, {**run_cfg, 'init_from': 'resume' if resume else 'scratch'}))
         weights.append(_run_tokens(wanted))
     cuda = pick_device(overrides.get('device', 'auto')).startswith('cuda')
     workers = gpus * procs_per_gpu
-    print(f"[{stage}] {len(entries)} runs ({grid_file}), {len(entries) - len(todo)} already finished, "
-          f"{len(todo)} to train, {min(workers, max(len(todo), 1))} at a time"
+    print(f"[{stage}] {len(entries)} runs ({grid_file}), {len(summaries)} already finished, "
+          + (f"shard {shard[0]}/{shard[1]}: " if shard[1] > 1 else '')
+          + f"{len(todo)} to train, {min(workers, max(len(todo), 1))} at a time"
           + (f" ({procs_per_gpu} per GPU on {gpus} GPU(s))" if cuda else " (processes on the CPU)"), flush=True)
     progress = Progress(len(todo), stage, weights=weights)
 
@@ -996,6 +1232,72 @@ def run_length_gen(results_dir, device='auto'):
            f'--device={device}')
     _bench('report', f'--out={results_dir}')
     return os.path.join(results_dir, 'length_generalization.csv')
+
+
+def _print_plan(plan, mine, todo, waiting, planner, shard_n):
+    """The plan, one line per stage and model (how many runs, how many left), then what waits."""
+    left = {r['out_dir'] for r, _ in todo}
+    groups = {}
+    for r in mine:
+        g = groups.setdefault((r['stage'], r['name']), [0, 0, set()])
+        g[0] += 1
+        g[1] += r['out_dir'] in left
+        g[2].add(f"lr {r['lr']:g} dropout {r['dropout']:g}")
+    print(f"plan: {len(plan)} runs" + (f", {len(mine)} of them this shard's" if shard_n > 1 else '')
+          + f", {len(todo)} to train")
+    for (stage, name), (n, n_left, cells) in groups.items():
+        print(f"  {stage:<13} {name:<40} {n:>3} runs, {n_left:>3} to train"
+              + (f"  ({', '.join(sorted(cells))})" if len(cells) <= 2 else f"  ({len(cells)} (lr, dropout) cells)"))
+    for w in waiting:
+        print(f"  waiting: {w}")
+
+
+def _train_runs(todo, gpus, eta, t0):
+    """Train the (run, run_cfg) pairs of todo, one after another or one per GPU; yields ((run, cfg), summary)."""
+    def progress(n_done, left_models):
+        left = eta.left(left_models)
+        return (f"{n_done}/{len(todo)} runs to train done | elapsed {fmt_time(time.time() - t0)}"
+                + (f", eta {fmt_time(left / gpus)}" if left else ''))
+
+    def desc(r):
+        return f"{r['name']} lr={r['lr']:g} dropout={r['dropout']:g} seed={r['seed']}"
+
+    if gpus == 1:
+        for n, (r, run_cfg) in enumerate(todo):
+            print(f"\n=== run {n + 1}/{len(todo)}: {desc(r)} ({r['stage']}) | "
+                  f"{progress(n, [x['name'] for x, _ in todo[n:]])} ===")
+            t_run = time.time()
+            s = _sweep_run(run_cfg)
+            if s['status'] == 'done' and run_cfg['init_from'] == 'scratch':  # a whole run's time
+                eta.add(r['name'], time.time() - t_run)
+            yield (r, run_cfg), s
+        return
+    # independent runs, one process per GPU (spawned, each sees only its GPU); each run's console output goes
+    # to <out_dir>/train.log. Every run is seeded on its own, so the records are the same as one after another
+    # (timings aside).
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    ctx = mp.get_context('spawn')
+    free_gpus = ctx.Queue()
+    for g in range(gpus):
+        free_gpus.put(g)
+    print(f"training {len(todo)} runs on {gpus} GPUs, one run per GPU at a time; logs in <run>/train.log")
+    with ProcessPoolExecutor(gpus, mp_context=ctx, initializer=_pin_gpu, initargs=(free_gpus,)) as pool:
+        started = {pool.submit(_sweep_run, run_cfg, True): (r, run_cfg) for r, run_cfg in todo}
+        running = dict(started)
+        for n, fut in enumerate(as_completed(started), 1):
+            r, run_cfg = running.pop(fut)
+            try:
+                s = fut.result()
+            except BaseException:  # stop now, as the one-GPU sweep does, not after every queued run
+                print(f"run {desc(r)} failed; see {os.path.join(run_cfg['out_dir'], 'train.log')}")
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+            if s['status'] == 'done' and run_cfg['init_from'] == 'scratch':
+                eta.add(r['name'], s['wall_s'])
+            print(f"run {desc(r)}: {s['status']}, best val loss {s['best_val_loss']:.4f} "
+                  f"| {progress(n, [x['name'] for x, _ in running.values()])}", flush=True)
+            yield (r, run_cfg), s
 
 
 PROBE_ITERS, PROBE_EVAL_ITERS = 8, 2  # the sweep's ETA probe of each model: iterations, eval batches per split
@@ -1212,7 +1514,8 @@ def _diverged_summary(run_cfg, why):
             evals = [r for r in map(json.loads, f) if r['kind'] == 'eval']
     best = min(evals, key=lambda r: r['val_loss']) if evals else None
     cfg = (load_json(os.path.join(out_dir, 'config.json')) or {}).get('config', run_cfg)  # a grid run's keys
-    summary = {'model_type': cfg.get('model_type'), 'learning_rate': cfg.get('learning_rate'),  # are in its file
+    summary = {'model_type': cfg.get('model_type'), 'model': cfg.get('variant') or cfg.get('model_type'),  # are in
+               'learning_rate': cfg.get('learning_rate'), 'dropout': cfg.get('dropout'),  # its file
                'seed': cfg.get('seed'), 'preset': run_cfg['preset'], 'status': 'diverged', 'reason': why,
                'best_val_loss': best['val_loss'] if best else float('nan'), 'best_iter': best['iter'] if best else -1,
                'iters': evals[-1]['iter'] if evals else 0, 'out_dir': out_dir}

@@ -81,16 +81,17 @@ def input_txt():
 
 
 def _is_prepared(d):
-    """prepare.py finished there: manifest.json (written last) and every file it lists exist. load_dataset
-    checks the files' contents."""
+    """prepare.py finished there: manifest.json (written last) and every file it lists exist, test.bin among
+    them (a folder from before the test split is prepared again). load_dataset checks the files' contents."""
     import json
     m = os.path.join(d, 'manifest.json')
-    return os.path.exists(m) and all(os.path.exists(os.path.join(d, f)) for f in json.load(open(m))['files'])
+    files = json.load(open(m))['files'] if os.path.exists(m) else {}
+    return 'test.bin' in files and all(os.path.exists(os.path.join(d, f)) for f in files)
 
 
 @pytest.fixture(scope='session')
 def prepared(request):
-    """data/shakespeare_char/{train,val}.bin + meta.pkl + manifest.json, prepared once (the GPU machine gets
+    """data/shakespeare_char/{train,val,test}.bin + meta.pkl + manifest.json, prepared once (the GPU machine gets
     the prepared files, not the text)."""
     d = os.path.join(ROOT, 'data', 'shakespeare_char')
     if not _is_prepared(d):
@@ -119,7 +120,7 @@ def gpt2_bpe(tmp_path_factory):
 
 @pytest.fixture(scope='session')
 def prepared_bpe(request, gpt2_bpe):
-    """data/shakespeare/{train,val}.bin + manifest.json (GPT-2 BPE, no meta.pkl), prepared once."""
+    """data/shakespeare/{train,val,test}.bin + manifest.json (GPT-2 BPE, no meta.pkl), prepared once."""
     d = os.path.join(ROOT, 'data', 'shakespeare')
     if not _is_prepared(d):
         load_prepare('shakespeare').prepare(request.getfixturevalue('input_txt'), d)

@@ -140,21 +140,15 @@ def test_lr_decay_follows_max_iters_overrides(config):
     assert train_runner.get_lr(500, explicit) > 0.5 * short['learning_rate']  # an explicit value is kept
 
 
-def test_committed_full_runs_are_recognised_as_done(monkeypatch, capsys, tmp_path):
-    """The sweep compares each run's resolved config with its config.json: the committed runs of
-    results/full must count as done (not retrained), wherever the results folder was when they ran. Its log
-    goes to a temporary file: the committed folder is only read."""
-    def must_not_train(run_cfg, *a):
-        raise AssertionError(f"the sweep would retrain {run_cfg['out_dir']}")
-    monkeypatch.setattr(train_runner, '_sweep_run', must_not_train)
-    logs, real_open = [], train_runner._SweepLog.open
-    monkeypatch.setattr(train_runner._SweepLog, 'open', lambda self, path, overrides=None: (
-        logs.append(path), real_open(self, str(tmp_path / 'sweep.log'), overrides))[1])
-    out = train_runner.sweep({'preset': 'full', 'bench': False, 'device': 'cpu'})
+def test_committed_full_runs_from_before_the_test_split_are_not_the_new_runs(capsys):
+    """The committed results/full runs were evaluated on the whole last 10% (no test split): the sweep reads
+    their missing keys as defaults, yet must not count them as runs of the bake-off, which plans 3 seeds per
+    model at its tuned (lr, dropout) in folders of their own."""
+    out = train_runner.sweep({'preset': 'full', 'bench': False, 'device': 'cpu', 'plan': True})
     assert out['results_dir'] == os.path.join(ROOT, 'results', 'full')
-    assert len(out['runs']) == 12 and all(r['status'] == 'done' for r in out['runs'])
-    assert capsys.readouterr().out.count('skipping') == 12
-    assert logs == [os.path.join(ROOT, 'results', 'full', 'sweep.log')]
+    assert len(out['plan']) == 4 * 3 and {r['stage'] for r in out['plan']} == {'seeds'}
+    assert all(os.path.basename(r['out_dir']).endswith(f"-lr0.001-d0.2-s{r['seed']}") for r in out['plan'])
+    assert 'plan: 12 runs, 12 to train' in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- faults: Ctrl-C, errors, out_dir
@@ -191,7 +185,7 @@ def test_ctrl_c_says_where_the_run_stands_and_exits_130(prepared, tmp_path, monk
 def test_ctrl_c_in_a_sweep_says_rerun_it(prepared, tmp_path, monkeypatch, capsys):
     _interrupt_after(monkeypatch, 3)
     with pytest.raises(SystemExit) as e:
-        train_runner.main(['--models=vanilla', '--lrs=1e-3', '--bench=False', f'--results_dir={tmp_path}',
+        train_runner.main(['--models=vanilla', '--lrs=1e-3', '--seeds=1', '--bench=False', f'--results_dir={tmp_path}',
                            '--max_iters=10', '--eval_interval=5', '--eval_iters=1', '--device=cpu', '--n_layer=1',
                            '--batch_size=4', '--eval_batch_size=4'])
     assert e.value.code == 130
@@ -200,7 +194,7 @@ def test_ctrl_c_in_a_sweep_says_rerun_it(prepared, tmp_path, monkeypatch, capsys
     monkeypatch.undo()
     _interrupt_after(monkeypatch, 7)  # the rerun starts again (no checkpoint), and is interrupted after iter 5's
     with pytest.raises(SystemExit):
-        train_runner.main(['--models=vanilla', '--lrs=1e-3', '--bench=False', f'--results_dir={tmp_path}',
+        train_runner.main(['--models=vanilla', '--lrs=1e-3', '--seeds=1', '--bench=False', f'--results_dir={tmp_path}',
                            '--max_iters=10', '--eval_interval=5', '--eval_iters=1', '--device=cpu', '--n_layer=1',
                            '--batch_size=4', '--eval_batch_size=4'])
     assert "the last checkpoint is iter 5; rerun the sweep" in capsys.readouterr().err
@@ -252,7 +246,7 @@ def test_user_errors_get_one_line_and_bugs_their_traceback(monkeypatch, tmp_path
     bad = tmp_path / 'bad_config.py'
     bad.write_text('n_layer = 4\nbatch_size = sixty_four\n')
     for argv, msg in (([str(bad)], f"config file {bad}, line 2: NameError"),
-                      (['--models=rwkv', '--bench=False'], "unknown model_type 'rwkv'; valid choices")):
+                      (['--models=rwkv', '--bench=False'], "unknown model 'rwkv' in 'rwkv'; valid models: vanilla")):
         with pytest.raises(SystemExit, match=msg):
             train_runner.main(argv)
     for bug in (ValueError('math domain error'), KeyError('iter'), TypeError('unsupported operand'),

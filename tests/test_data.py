@@ -24,15 +24,21 @@ def test_prepare_split_sizes(input_txt, tmp_path):
     prep = load_prepare()
     s = prep.prepare(input_txt, str(tmp_path))
     assert s['vocab_size'] == 65
-    assert s['train_tokens'] == 1_003_854 and s['val_tokens'] == 111_540
+    assert s['train_tokens'] == 1_003_854 and s['val_tokens'] == 55_770 and s['test_tokens'] == 55_770
     train = np.fromfile(tmp_path / 'train.bin', dtype=np.uint16)
     val = np.fromfile(tmp_path / 'val.bin', dtype=np.uint16)
-    assert len(train) == 1_003_854 and len(val) == 111_540 and train.max() < 65
+    test = np.fromfile(tmp_path / 'test.bin', dtype=np.uint16)
+    assert len(train) == 1_003_854 and len(val) == 55_770 and len(test) == 55_770 and train.max() < 65
+    # train stays nanoGPT's first 90%; val then test is the last 10% in order (nanoGPT's val set)
+    text = open(input_txt, encoding='utf-8').read()
+    stoi = pickle.load(open(tmp_path / 'meta.pkl', 'rb'))['stoi']
+    ids = np.array([stoi[c] for c in text], dtype=np.uint16)
+    assert (train == ids[:1_003_854]).all() and (np.concatenate([val, test]) == ids[1_003_854:]).all()
     meta = pickle.load(open(tmp_path / 'meta.pkl', 'rb'))
     assert meta['vocab_size'] == 65 and ''.join(meta['itos'][i] for i in train[:5]) == 'First'
     # the record that loading checks: each file's size and sha256
     manifest = json.load(open(tmp_path / 'manifest.json'))
-    assert set(manifest['files']) == {'train.bin', 'val.bin', 'meta.pkl'}
+    assert set(manifest['files']) == {'train.bin', 'val.bin', 'test.bin', 'meta.pkl'}
     for name, rec in manifest['files'].items():
         data = (tmp_path / name).read_bytes()
         assert rec == {'bytes': len(data), 'sha256': hashlib.sha256(data).hexdigest()}
@@ -81,17 +87,21 @@ def test_missing_dataset_names_available(prepared):
 
 
 def test_bpe_prepare_split_sizes(input_txt, gpt2_bpe, tmp_path):
-    """nanoGPT's data/shakespeare: 301,966 train and 36,059 val tokens, no meta.pkl."""
+    """nanoGPT's data/shakespeare: 301,966 train tokens; its 36,059 val tokens split in halves, val 18,030 and
+    test 18,029; no meta.pkl."""
     s = load_prepare('shakespeare').prepare(input_txt, str(tmp_path))
-    assert s['train_tokens'] == 301_966 and s['val_tokens'] == 36_059 and s['vocab_size'] == 50257
+    assert s['train_tokens'] == 301_966 and s['val_tokens'] == 18_030 and s['test_tokens'] == 18_029
+    assert s['vocab_size'] == 50257
     train = np.fromfile(tmp_path / 'train.bin', dtype=np.uint16)
     val = np.fromfile(tmp_path / 'val.bin', dtype=np.uint16)
-    assert len(train) == 301_966 and len(val) == 36_059
+    test = np.fromfile(tmp_path / 'test.bin', dtype=np.uint16)
+    assert len(train) == 301_966 and len(val) == 18_030 and len(test) == 18_029
     text = open(input_txt, encoding='utf-8').read()
     n = int(len(text) * 0.9)
-    assert gpt2_bpe.decode(train.tolist()) == text[:n] and gpt2_bpe.decode(val.tolist()) == text[n:]
+    assert gpt2_bpe.decode(train.tolist()) == text[:n]
+    assert gpt2_bpe.decode(val.tolist() + test.tolist()) == text[n:]  # nanoGPT's val.bin, token for token
     assert not (tmp_path / 'meta.pkl').exists()
-    assert set(json.load(open(tmp_path / 'manifest.json'))['files']) == {'train.bin', 'val.bin'}
+    assert set(json.load(open(tmp_path / 'manifest.json'))['files']) == {'train.bin', 'val.bin', 'test.bin'}
 
 
 @pytest.mark.parametrize('model_type', ['vanilla', 'delta'])
@@ -260,9 +270,22 @@ def test_block_size_against_the_data(data_root, tmp_path):
 
 
 def test_block_size_limit_is_exact_on_shakespeare_char(prepared):
-    """111,540 val tokens hold one window of block_size 111,539 and none of 111,540."""
+    """55,770 val tokens hold one window of block_size 55,769 and none of 55,770."""
     splits, _ = runtime.load_dataset('shakespeare_char', 'cpu')
-    assert len(splits['val']) == 111_540
-    runtime.check_block_size(splits, 111_539, 'shakespeare_char')
-    with pytest.raises(runtime.ConfigError, match='block_size 111540 exceeds the 111,540 tokens of val'):
-        runtime.check_block_size(splits, 111_540, 'shakespeare_char')
+    assert [len(splits[s]) for s in ('train', 'val', 'test')] == [1_003_854, 55_770, 55_770]
+    runtime.check_block_size(splits, 55_769, 'shakespeare_char')
+    with pytest.raises(runtime.ConfigError, match='block_size 55770 exceeds the 55,770 tokens of val'):
+        runtime.check_block_size(splits, 55_770, 'shakespeare_char')
+
+
+def test_a_folder_from_before_the_test_split_is_prepared_again(data_root, capsys):
+    """A manifest without test.bin (an earlier prepare.py's 90/10 split): loading prepares the folder anew,
+    so no run evaluates on the old, whole-10% val.bin as if it were the new val split."""
+    d = data_root / 'shakespeare_char'
+    m = json.load(open(d / 'manifest.json'))
+    del m['files']['test.bin']
+    json.dump(m, open(d / 'manifest.json', 'w'))
+    os.remove(d / 'test.bin')
+    splits, _ = runtime.load_dataset('shakespeare_char', 'cpu')
+    assert 'no test split' in capsys.readouterr().out
+    assert len(splits['val']) == len(splits['test']) == 55_770 and (d / 'test.bin').exists()

@@ -128,10 +128,32 @@ def test_bad_stage_on_the_command_line_names_the_valid_ones(capsys):
 def test_auto_stages_of_a_cpu_sweep_train_no_grid(monkeypatch, tmp_path):
     """Without CUDA, 'auto' is the lm stage alone: the grids are GPU-sized (the LM runs are stubbed out)."""
     called = []
-    monkeypatch.setattr(train_runner, '_lm_stage', lambda *a: ([], None))
+    monkeypatch.setattr(train_runner, '_lm_stage', lambda *a: {'runs': [], 'bench': None})
     monkeypatch.setattr(train_runner, 'grid_stage', lambda *a, **k: called.append(a[0]))
     out = train_runner.sweep({'results_dir': str(tmp_path), 'device': 'cpu', 'bench': False})
     assert out['stages'] == ['lm'] and called == []
+
+
+def test_grid_shards_cover_every_run_once(monkeypatch, tmp_path):
+    """--shard=K/N on a grid stage: the N machines' parts are disjoint and together the whole grid; a run
+    another machine finished counts as finished, not as this shard's."""
+    import report
+    grid = _grid(tmp_path, 'tiny_mqar.py', TINY_MQAR, models=('vanilla', 'delta', 'delta_product'))
+    trained = []
+
+    def fake_run(run_cfg, *a):
+        trained.append(os.path.basename(run_cfg['out_dir']))
+        return {'status': 'done', 'out_dir': run_cfg['out_dir']}
+    monkeypatch.setattr(train_runner, '_sweep_run', fake_run)
+    monkeypatch.setattr(report, 'mqar', lambda out: None)
+    parts = []
+    for k in range(3):
+        trained.clear()
+        train_runner.grid_stage('mqar', grid, str(tmp_path / 'res'), {'device': 'cpu'}, shard=(k, 3))
+        parts.append(list(trained))
+    names = [e['name'] for e in train_runner.read_grid(grid)[1]]
+    assert sorted(sum(parts, [])) == sorted(names) and all(parts)
+    assert all(not set(a) & set(b) for i, a in enumerate(parts) for b in parts[i + 1:])
 
 
 # ----------------------------------------------------------------------------- a grid stage end to end

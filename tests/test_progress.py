@@ -60,7 +60,7 @@ def test_a_sweep_writes_everything_it_prints_to_sweep_log(prepared, tmp_path, mo
         sys.stderr.write('a warning\n')
         return real_train(config_file, overrides)
     monkeypatch.setattr(train_runner, 'train', train)
-    opts = dict(models='vanilla', lrs='1e-3', bench=False, results_dir=str(tmp_path), max_iters=2, eval_iters=1,
+    opts = dict(models='vanilla', lrs='1e-3', seeds=1, bench=False, results_dir=str(tmp_path), max_iters=2, eval_iters=1,
                 device='cpu')
     train_runner.sweep(dict(opts))
     assert not isinstance(sys.stdout, train_runner._Tee) and not isinstance(sys.stderr, train_runner._Tee)

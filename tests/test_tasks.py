@@ -339,7 +339,7 @@ def test_examples_task_serves_each_example_once_per_epoch(tmp_path):
 def test_sweep_keeps_runs_recorded_before_the_task_and_model_keys(prepared, tmp_path):
     """A run recorded before a key existed ran with its default: the sweep must not train it again (the
     committed results/full runs have no task, mlp, embd_dropout, n_kv_head, ... in their config.json)."""
-    opts = dict(models='vanilla', lrs='1e-3', bench=False, results_dir=str(tmp_path), max_iters=2, eval_iters=1,
+    opts = dict(models='vanilla', lrs='1e-3', seeds=1, bench=False, results_dir=str(tmp_path), max_iters=2, eval_iters=1,
                 device='cpu')
     run = train_runner.sweep(dict(opts))['runs'][0]
     path = os.path.join(run['out_dir'], 'config.json')

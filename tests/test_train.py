@@ -191,7 +191,7 @@ def test_wandb_off_by_default():
 def test_sweep_is_resumable(prepared, tmp_path):
     """Finished runs with the same config are not trained again, for every model type (a solved d_ff in the
     record must not look like a different config)."""
-    opts = dict(models='vanilla,delta,delta_product,nsa', lrs='1e-3', bench=False, results_dir=str(tmp_path),
+    opts = dict(models='vanilla,delta,delta_product,nsa', lrs='1e-3', seeds=1, bench=False, results_dir=str(tmp_path),
                 max_iters=2, eval_iters=1, device='cpu')
     first = train_runner.sweep(dict(opts))
     stamps = {r['out_dir']: os.path.getmtime(os.path.join(r['out_dir'], 'summary.json')) for r in first['runs']}
@@ -256,7 +256,7 @@ def test_sweep_records_a_diverged_run_and_goes_on(prepared, tmp_path, monkeypatc
     orig = train_runner.get_lr
     monkeypatch.setattr(train_runner, 'get_lr',
                         lambda it, cfg: float('nan') if cfg['learning_rate'] == 3e-3 else orig(it, cfg))
-    opts = dict(models='vanilla', lrs='1e-3,3e-3', bench=False, results_dir=str(tmp_path), max_iters=4,
+    opts = dict(models='vanilla', lrs='1e-3,3e-3', seeds=1, bench=False, results_dir=str(tmp_path), max_iters=4,
                 eval_iters=1, log_interval=2, device='cpu')
     out = train_runner.sweep(dict(opts))
     assert [r['status'] for r in out['runs']] == ['done', 'diverged']
@@ -379,7 +379,7 @@ def test_cuda_graph_training_matches_eager(prepared, tmp_path, model_type, extra
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason='needs 2 GPUs')
 def test_sweep_on_two_gpus_equals_one(prepared, tmp_path):
     """--gpus=2 runs the same runs, with the same results, as one GPU after another."""
-    opts = dict(models='vanilla', lrs='1e-3,3e-3', bench=False, max_iters=20, eval_interval=20, eval_iters=2,
+    opts = dict(models='vanilla', lrs='1e-3,3e-3', seeds=1, bench=False, max_iters=20, eval_interval=20, eval_iters=2,
                 n_layer=2, device='cuda', compile=False, cuda_graphs=False)
     one = train_runner.sweep({**opts, 'results_dir': str(tmp_path / 'one')})
     two = train_runner.sweep({**opts, 'results_dir': str(tmp_path / 'two'), 'gpus': 2})

@@ -1,7 +1,8 @@
 """
 Prepare tiny-shakespeare in GPT-2 BPE tokens (as nanoGPT's data/shakespeare does).
 
-Writes train.bin and val.bin (uint16 GPT-2 token ids of the first 90% / last 10% of the text) and manifest.json
+Writes train.bin, val.bin and test.bin (uint16 GPT-2 token ids of the first 90% of the text; of the first and
+the second half of the tokens of its last 10%: the character-level dataset's rule) and manifest.json
 (each file's size and sha256, checked whenever the data is loaded) next to this file. There is no meta.pkl: a
 dataset without one is GPT-2 BPE, so training pads the vocabulary to 50304 (50257 rounded up to a multiple of
 64, as nanoGPT does) and sample.py encodes and decodes with tiktoken.
@@ -32,19 +33,22 @@ DatasetError = char_prepare.DatasetError
 
 
 def prepare(input_path=None, out_dir=HERE):
-    """Tokenise and write train.bin / val.bin / manifest.json into out_dir. Returns a small summary dict."""
+    """Tokenise and write train.bin / val.bin / test.bin / manifest.json into out_dir. Returns a small summary dict."""
     import tiktoken
     text = char_prepare.load_text(input_path)
     n = len(text)
     # split the text, then encode each part (nanoGPT's order: no token straddles the split)
     enc = tiktoken.get_encoding('gpt2')
     train_ids = np.array(enc.encode_ordinary(text[:int(n * 0.9)]), dtype=np.uint16)  # n_vocab 50257 < 2**16
-    val_ids = np.array(enc.encode_ordinary(text[int(n * 0.9):]), dtype=np.uint16)
-    char_prepare.write_prepared(out_dir, {'train.bin': train_ids.tobytes(), 'val.bin': val_ids.tobytes()},
+    # halves of the last 10%'s tokens: val + test is nanoGPT's val.bin, token for token
+    val_ids, test_ids = char_prepare.split_heldout(np.array(enc.encode_ordinary(text[int(n * 0.9):]), dtype=np.uint16))
+    char_prepare.write_prepared(out_dir, {'train.bin': train_ids.tobytes(), 'val.bin': val_ids.tobytes(),
+                                          'test.bin': test_ids.tobytes()},
                                 tokenizer='gpt2', vocab_size=enc.n_vocab, input_sha256=char_prepare.SHA256)
     print(f"length of dataset in characters: {n:,}; GPT-2 BPE: train has {len(train_ids):,} tokens; "
-          f"val has {len(val_ids):,} tokens")
-    return {'chars': n, 'vocab_size': enc.n_vocab, 'train_tokens': len(train_ids), 'val_tokens': len(val_ids)}
+          f"val has {len(val_ids):,} tokens; test has {len(test_ids):,} tokens")
+    return {'chars': n, 'vocab_size': enc.n_vocab, 'train_tokens': len(train_ids), 'val_tokens': len(val_ids),
+            'test_tokens': len(test_ids)}
 
 
 if __name__ == '__main__':

@@ -1,9 +1,11 @@
 """
 Prepare tiny-shakespeare for character-level language modelling (as nanoGPT does).
 
-Writes train.bin and val.bin (uint16 token ids, first 90% / last 10% of the text), meta.pkl
+Writes train.bin, val.bin and test.bin (uint16 token ids: the first 90% of the text; the first half of the
+last 10%; its second half), meta.pkl
 (vocab_size, itos, stoi) and manifest.json (each file's size and sha256, checked whenever the data is loaded)
-next to this file.
+next to this file. Train is nanoGPT's; nanoGPT's val set (the whole last 10%, where its shakespeare_char run
+reaches 1.4697) is val.bin + test.bin: validation chooses hyperparameters and checkpoints, test is only reported.
 
 The text comes from, in order:
   1. --input PATH (or prepare(input_path=...)),
@@ -106,21 +108,31 @@ def write_prepared(out_dir, files, **info):
     os.replace(tmp, manifest)
 
 
+def split_heldout(ids):
+    """The last 10% of the tokens -> (val, test): its first half and its second half (val gets the extra token
+    of an odd count). val + test, concatenated, is nanoGPT's val set."""
+    half = (len(ids) + 1) // 2
+    return ids[:half], ids[half:]
+
+
 def prepare(input_path=None, out_dir=HERE):
-    """Tokenise and write train.bin / val.bin / meta.pkl / manifest.json into out_dir. Returns a small summary."""
+    """Tokenise and write train.bin / val.bin / test.bin / meta.pkl / manifest.json into out_dir. Returns a
+    small summary."""
     text = load_text(input_path)
     chars = sorted(set(text))
     stoi = {ch: i for i, ch in enumerate(chars)}
     itos = {i: ch for i, ch in enumerate(chars)}
     n = len(text)
     train_ids = np.array([stoi[c] for c in text[:int(n * 0.9)]], dtype=np.uint16)
-    val_ids = np.array([stoi[c] for c in text[int(n * 0.9):]], dtype=np.uint16)
+    val_ids, test_ids = split_heldout(np.array([stoi[c] for c in text[int(n * 0.9):]], dtype=np.uint16))
     meta = pickle.dumps({'vocab_size': len(chars), 'itos': itos, 'stoi': stoi})
-    write_prepared(out_dir, {'train.bin': train_ids.tobytes(), 'val.bin': val_ids.tobytes(), 'meta.pkl': meta},
+    write_prepared(out_dir, {'train.bin': train_ids.tobytes(), 'val.bin': val_ids.tobytes(),
+                             'test.bin': test_ids.tobytes(), 'meta.pkl': meta},
                    tokenizer='char', vocab_size=len(chars), input_sha256=SHA256)
-    summary = {'chars': n, 'vocab_size': len(chars), 'train_tokens': len(train_ids), 'val_tokens': len(val_ids)}
-    print(f"length of dataset in characters: {n:,}; vocab size: {len(chars)}; "
-          f"train has {len(train_ids):,} tokens; val has {len(val_ids):,} tokens")
+    summary = {'chars': n, 'vocab_size': len(chars), 'train_tokens': len(train_ids), 'val_tokens': len(val_ids),
+               'test_tokens': len(test_ids)}
+    print(f"length of dataset in characters: {n:,}; vocab size: {len(chars)}; train has {len(train_ids):,} "
+          f"tokens; val has {len(val_ids):,} tokens; test has {len(test_ids):,} tokens")
     return summary
 
 

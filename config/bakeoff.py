@@ -1,0 +1,25 @@
+# The bake-off's choices, read by the sweep (python train_runner.py): each model's tuned (learning rate,
+# dropout) and the controls. Not a training config: train_runner.py config/bakeoff.py is not a run.
+#
+# tuned: (learning_rate, dropout) per model and preset, what the default sweep trains with 3 seeds. They are to
+# be the choices of the tuning table results/<preset>/tuning.csv (`python train_runner.py --tune`: the grid lr
+# {5e-4, 1e-3, 3e-3} x dropout {0.1, 0.2, 0.3} at one seed, lowest best val loss, the grid extended where the
+# choice is on an edge). No tuning has been run yet: these are nanoGPT's shakespeare_char recipe (lr 1e-3,
+# dropout 0.2; the CPU preset's dropout 0) for every model, not tuned values. `--tune` uses the tuning table's
+# choices whatever stands here; copy them here once it has run.
+tuned = {
+    'full': {'vanilla': (1e-3, 0.2), 'delta': (1e-3, 0.2), 'delta_product': (1e-3, 0.2), 'nsa': (1e-3, 0.2)},
+    'cpu': {'vanilla': (1e-3, 0.0), 'delta': (1e-3, 0.0), 'delta_product': (1e-3, 0.0), 'nsa': (1e-3, 0.0)},
+}
+
+# controls (--controls): variants of a model, '<model_type>+key=value+...', each trained at its parent's chosen
+# (learning rate, dropout) with the same seeds and reported as a model of its own, under exactly this name.
+controls = [
+    'vanilla+attn_dropout=0',  # equal regularisation: only vanilla drops attention probabilities by default
+    # vanilla in NSA's layout (model_nsa.GPTConfig's defaults: 16 query heads of 32 on 1 KV head, RoPE, no
+    # learned positions; d_ff solved to match parameters): the dense twin that isolates NSA's sparsity
+    'vanilla+n_head=16+n_kv_head=1+head_dim=32+pos_emb=rope+d_ff=-1',
+    'delta+allow_neg_eigval=True',  # beta in (0, 2): transitions with eigenvalue down to -1
+    'delta_product+allow_neg_eigval=True',  # fla's layer default and the paper's setting
+    'delta_product+d_ff=1536',  # vanilla's MLP width: NOT parameter-matched (+2.65M); is the deficit the MLP's?
+]
