@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+import fla_ops
 import model
 from model import D_FF_HELP, setting
 
@@ -145,15 +146,13 @@ def _fla_causal_conv1d():
 
 def delta_rule_fla(q, k, v, beta, scale, initial_state=None, output_final_state=False, kernel_dtype=torch.bfloat16):
     """fla's chunk_delta_rule on raw (not yet normalised) q, k: the kernel L2-normalises them itself
-    (use_qk_l2norm_in_kernel=True, as fla's DeltaNet layer does; same formula as l2norm() above).
+    (use_qk_l2norm_in_kernel=True, as fla's DeltaNet layer does; same formula as l2norm() above), called
+    through its custom op (fla_ops.py), which torch.compile traces without a graph break.
     The kernel has no fp32 mode, so q, k, v, beta go in as kernel_dtype; states stay fp32.
     Returns o (B, T, H, Dv) in kernel_dtype and the final state (fp32) or None."""
-    chunk_delta_rule = _fla_chunk_delta_rule()
     q, k, v, beta = (x.to(kernel_dtype) for x in (q, k, v, beta))
     h0 = initial_state.float() if initial_state is not None else None
-    o, S = chunk_delta_rule(q, k, v, beta, scale=scale, initial_state=h0, output_final_state=output_final_state,
-                            use_qk_l2norm_in_kernel=True)
-    return o, S
+    return fla_ops.chunk_delta_rule(q, k, v, beta, scale, h0, output_final_state)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -183,15 +182,16 @@ def short_conv(x, weight, cache=None, fla=False):
     the previous K-1 inputs, updated in place. x may be a view with strides (a slice of a wider matmul's
     output).
 
-    y_t = silu(sum_j w_j * x_{t-K+1+j}). fla=True (CUDA, no cache: training and uncached forwards):
-    fla's Triton causal_conv1d, one kernel forward and one backward with the SiLU fused. Otherwise K
+    y_t = silu(sum_j w_j * x_{t-K+1+j}). fla=True (CUDA, no cache: eager training and uncached forwards):
+    fla's Triton causal_conv1d, one kernel forward and one backward with the SiLU fused. Otherwise, and
+    whenever torch.compile traces it (fla's conv would be a graph break), K
     shifted multiply-adds in the (B, T, C) layout, not F.conv1d: on the H200 the depthwise conv kernels
     (and the (B, C, T) transposes around them) took 24% of DeltaNet's GPU time per training step
     (bench.py profile), while torch.compile fuses the shifted sums, the SiLU and their backward into a
     few elementwise kernels (and the decoding step, T = 1 with a cache, into one or two)."""
     B, T, C = x.shape
     K = weight.size(-1)
-    if fla and cache is None:
+    if fla and cache is None and not torch.compiler.is_compiling():  # compiled, the sums below fuse
         y, _ = _fla_causal_conv1d()(x, weight[:, 0, :], activation='silu')  # weight (C, K)
         return y
     if cache is None:

@@ -50,6 +50,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+import fla_ops
 import model
 from model import D_FF_HELP, setting
 from model_delta import ShortConv, fused_conv_cache, fused_linear, fused_short_conv, l2norm  # l2norm: fla's q/k norm formula
@@ -177,7 +178,7 @@ def _check_shapes(q, k, v, g, beta, initial_state, n):
 # ----------------------------------------------------------------------------- fla (CUDA) path
 
 @torch.compiler.disable
-def _fla_gated_backward_problem():
+def fla_gated_backward_problem():
     """None if fla's gated chunk backward can run here, else why not and how to fix it. Mirrors fla's
     own rule: on Hopper with Triton >= 3.4.0 and < 3.7.1 its Triton chunk_bwd_dqkwg raises (wrong
     results, fla issue #640) unless the dispatcher picks the TileLang backend instead. Cached per value
@@ -211,22 +212,19 @@ def _fla_gated_backward_problem_cached(fla_tilelang_env, fla_disable_dispatch_en
 
 
 def fla_gated_delta_product(q, k, v, g, beta, scale, initial_state=None, output_final_state=False, num_householder=1):
-    """fla's chunk kernel, with q/k l2-normalised inside it. q, k, v, beta are cast to a 16-bit dtype
-    (fla's chunk kernels reject fp32: bf16 unless they are already fp16/bf16); g and the states fp32."""
-    from fla.ops.gated_delta_product import chunk_gated_delta_product
+    """fla's chunk kernel, with q/k l2-normalised inside it, through its custom op (fla_ops.py), which
+    torch.compile traces without a graph break. q, k, v, beta are cast to a 16-bit dtype (fla's chunk
+    kernels reject fp32: bf16 unless they are already fp16/bf16); g and the states fp32."""
     kd = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state))
-    if needs_grad and g is not None:
-        problem = _fla_gated_backward_problem()
+    if needs_grad and g is not None and not torch.compiler.is_compiling():  # compiled: the backward op checks
+        problem = fla_gated_backward_problem()
         if problem:
             raise RuntimeError(problem)
-    o, final = chunk_gated_delta_product(
-        q=q.to(kd), k=k.to(kd), v=v.to(kd), g=None if g is None else g.float(), beta=beta.to(kd),
-        num_householder=num_householder, scale=scale,
-        initial_state=None if initial_state is None else initial_state.float(),
-        output_final_state=output_final_state, use_qk_l2norm_in_kernel=True)
-    return o, final
+    return fla_ops.chunk_gated_delta_product(
+        q.to(kd), k.to(kd), v.to(kd), None if g is None else g.float(), beta.to(kd), scale, num_householder,
+        None if initial_state is None else initial_state.float(), output_final_state)
 
 
 # ----------------------------------------------------------------------------- the mixer

@@ -122,13 +122,11 @@ DERIVED = ('block_size', 'eval_interval')
 
 
 def parse_cli(argv):
-    """argv -> (config_file or None, overrides dict) from `[config.py] [--key=value ...]`."""
+    """argv -> (config_file or None, overrides dict) from `[config.py] [--key=value ...]` (`--flag`: True)."""
     config_file, overrides = None, {}
     for arg in argv:
         if arg.startswith('--'):
-            if '=' not in arg:
-                raise ConfigError(f"expected --key=value, got {arg!r}")
-            k, v = arg[2:].split('=', 1)
+            k, v = arg[2:].split('=', 1) if '=' in arg else (arg[2:], 'True')  # a bare --flag is --flag=True
             overrides[k] = parse_value(v)
         elif config_file is None:
             config_file = arg

@@ -415,7 +415,7 @@ def test_cuda_missing_tilelang_gives_clear_error(monkeypatch):
     monkeypatch.setenv('FLA_TILELANG', '0')
     from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
     affected = IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1
-    assert (dp._fla_gated_backward_problem() is not None) == affected
+    assert (dp.fla_gated_backward_problem() is not None) == affected
     if not affected:
         pytest.skip('fla gated backward works here without tilelang')
     from fla.ops.gated_delta_product import chunk_gated_delta_product

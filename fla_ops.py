@@ -1,0 +1,200 @@
+"""fla's kernels as torch.library custom ops, so that torch.compile traces each model as one graph.
+
+fla's public functions are autograd.Functions behind @torch.compiler.disable. Dynamo stops at each one, so a
+compiled training step falls apart into compiled pieces glued together by eager autograd: about 1.4 ms of
+DeltaNet's 9.7 ms step on the H200 (results/PERF.md). A custom op is opaque to Dynamo but not a break:
+its fake implementation gives the output shapes, its backward is a second custom op, and AOTAutograd
+builds one forward+backward graph in which Inductor fuses the elementwise glue around the kernels.
+
+  chunk_delta_rule(q, k, v, beta, scale, h0, output_final_state)        DeltaNet (fla's ChunkDeltaRuleFunction)
+  chunk_gated_delta_product(q, k, v, g, beta, scale, n_h, h0, final)    Gated DeltaProduct
+
+Each runs fla's own Function.forward and Function.backward with a stand-in ctx, so outputs and gradients
+are fla's bit for bit (tests/test_fla_ops.py checks it on CUDA). What fla's forward saves and its backward
+needs, beyond the op's inputs (the L2-normalised q and k, their rstd, the WY matrix A, the gates'
+cumulative sums), leaves the forward op as extra outputs: that keeps both ops functional, which
+torch.compile and CUDA graphs require.
+
+NSA is not here. fla's parallel_nsa chains five autograd Functions (mean pooling, compression, top-k,
+selection, and flash-attn's or fla's window), and a backward op cannot re-run them under autograd (inside a
+custom op autograd is off), so NSA needs each of the five wrapped like the two above; until then it runs
+eagerly under the CUDA graph (model_nsa.GPT.compile_problem says why).
+
+The short convs need no op: their shifted-sum form (model_delta.short_conv) is plain PyTorch, which
+Inductor fuses with the projections' split and the SiLU once the graph is whole. Vanilla attention is
+PyTorch's SDPA. fla is imported inside the implementations, on CUDA only.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+NS = 'bakeoff'  # the ops' namespace: torch.ops.bakeoff.*
+
+
+class _Ctx:
+    """What an autograd.Function's forward and backward see as ctx: saved tensors and attributes.
+    torch.amp.custom_fwd (fla's autocast_custom_fwd) writes _dtype and _fwd_used_autocast on it;
+    custom_bwd reads them back."""
+
+    def __init__(self, saved=(), **attrs):
+        self.saved_tensors = tuple(saved)
+        self.__dict__.update(attrs)
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+
+def _autocast_attrs(autocast):
+    # custom_bwd re-enters the forward's autocast state from these
+    return dict(_fwd_used_autocast=autocast, _dtype=torch.get_autocast_dtype('cuda'))
+
+
+def _or_empty(t, like):
+    """Custom ops cannot return None: an absent state is a 0-element tensor."""
+    return like.new_empty(0) if t is None else t
+
+
+def _or_none(t):
+    return None if t is None or t.numel() == 0 else t
+
+
+# ----------------------------------------------------------------------------- DeltaNet: chunk_delta_rule
+
+@torch.library.custom_op(f'{NS}::chunk_delta_rule_fwd', mutates_args=(), device_types='cuda')
+def _delta_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Optional[Tensor], scale: float,
+               output_final_state: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from fla.ops.delta_rule.chunk import ChunkDeltaRuleFunction
+    ctx = _Ctx()
+    o, ht = ChunkDeltaRuleFunction.forward(ctx, q, k, v, beta, scale, h0, output_final_state, True)
+    qn, q_rstd, kn, k_rstd, _v, _beta, A = ctx.saved_tensors[:7]
+    return o, _or_empty(ht, q), qn, q_rstd, kn, k_rstd, A
+
+
+@_delta_fwd.register_fake
+def _(q, k, v, beta, h0, scale, output_final_state):
+    B, T, H, K = q.shape
+    ht = q.new_empty(B, H, K, v.size(-1), dtype=torch.float32) if output_final_state else q.new_empty(0)
+    rstd = q.new_empty(B, T, H, dtype=torch.float32)
+    return (v.new_empty(*v.shape, dtype=q.dtype), ht, torch.empty_like(q), rstd, torch.empty_like(k),
+            torch.empty_like(rstd), k.new_empty(B, T, H, 64))
+
+
+@torch.library.custom_op(f'{NS}::chunk_delta_rule_bwd', mutates_args=(), device_types='cuda')
+def _delta_bwd(do: Tensor, dht: Optional[Tensor], qn: Tensor, q_rstd: Tensor, kn: Tensor, k_rstd: Tensor,
+               v: Tensor, beta: Tensor, A: Tensor, h0: Optional[Tensor], scale: float,
+               autocast: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from fla.ops.delta_rule.chunk import ChunkDeltaRuleFunction
+    ctx = _Ctx((qn, q_rstd, kn, k_rstd, v, beta, A, h0, None, None), scale=scale, chunk_size=64,
+               use_qk_l2norm_in_kernel=True, **_autocast_attrs(autocast))
+    dq, dk, dv, db, _, dh0 = ChunkDeltaRuleFunction.backward(ctx, do, dht)[:6]
+    return dq, dk, dv, db, _or_empty(dh0, qn)
+
+
+@_delta_bwd.register_fake
+def _(do, dht, qn, q_rstd, kn, k_rstd, v, beta, A, h0, scale, autocast):
+    return (torch.empty_like(qn), torch.empty_like(kn), torch.empty_like(v), torch.empty_like(beta),
+            qn.new_empty(0) if h0 is None else torch.empty_like(h0))
+
+
+def _delta_setup(ctx, inputs, output):
+    q, k, v, beta, h0, scale, _ = inputs
+    _, _, qn, q_rstd, kn, k_rstd, A = output
+    ctx.save_for_backward(qn, q_rstd, kn, k_rstd, v, beta, A, h0)
+    ctx.scale, ctx.autocast = scale, torch.is_autocast_enabled('cuda')
+
+
+def _delta_backward(ctx, do, dht, *_saved_grads):
+    qn, q_rstd, kn, k_rstd, v, beta, A, h0 = ctx.saved_tensors
+    dq, dk, dv, db, dh0 = _delta_bwd(do.contiguous(), None if dht is None else dht.contiguous(), qn, q_rstd, kn,
+                                     k_rstd, v, beta, A, h0, ctx.scale, ctx.autocast)
+    return dq, dk, dv, db, None if h0 is None else dh0, None, None
+
+
+_delta_fwd.register_autograd(_delta_backward, setup_context=_delta_setup)
+
+
+def chunk_delta_rule(q, k, v, beta, scale, initial_state=None, output_final_state=False):
+    """fla's chunk_delta_rule(..., use_qk_l2norm_in_kernel=True) as a custom op: (o, final state or None).
+    q, k (B, T, H, K), v (B, T, H, V), beta (B, T, H) in bf16/fp16; initial_state (B, H, K, V) fp32."""
+    q, k, v, beta = (t.contiguous() for t in (q, k, v, beta))  # fla's input_guard would copy; do it outside
+    h0 = None if initial_state is None else initial_state.contiguous()
+    o, ht = _delta_fwd(q, k, v, beta, h0, scale, output_final_state)[:2]
+    return o, ht if output_final_state else None
+
+
+# ----------------------------------------------------------------------------- Gated DeltaProduct
+
+@torch.library.custom_op(f'{NS}::chunk_gated_delta_product_fwd', mutates_args=(), device_types='cuda')
+def _gdp_fwd(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], beta: Tensor, h0: Optional[Tensor],
+             scale: float, num_householder: int,
+             output_final_state: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from fla.ops.gated_delta_product.chunk import ChunkGatedDeltaProductFunction
+    ctx = _Ctx()
+    o, ht = ChunkGatedDeltaProductFunction.forward(ctx, q, k, v, g, beta, scale, num_householder, h0,
+                                                   output_final_state, True)
+    qn, q_rstd, kn, k_rstd, _v, g_cum, _beta, A = ctx.saved_tensors[:8]
+    return o, _or_empty(ht, q), qn, q_rstd, kn, k_rstd, _or_empty(g_cum, q), A
+
+
+@_gdp_fwd.register_fake
+def _(q, k, v, g, beta, h0, scale, num_householder, output_final_state):
+    B, T, H, K = q.shape
+    Tn = k.size(1)  # T * num_householder sub-steps
+    ht = q.new_empty(B, H, K, v.size(-1), dtype=torch.float32) if output_final_state else q.new_empty(0)
+    g_cum = q.new_empty(0) if g is None else q.new_empty(B, Tn, H, dtype=torch.float32)
+    return (q.new_empty(B, T, H, v.size(-1)), ht, torch.empty_like(q), q.new_empty(B, T, H, dtype=torch.float32),
+            torch.empty_like(k), k.new_empty(B, Tn, H, dtype=torch.float32), g_cum, k.new_empty(B, Tn, H, 64))
+
+
+@torch.library.custom_op(f'{NS}::chunk_gated_delta_product_bwd', mutates_args=(), device_types='cuda')
+def _gdp_bwd(do: Tensor, dht: Optional[Tensor], qn: Tensor, q_rstd: Tensor, kn: Tensor, k_rstd: Tensor, v: Tensor,
+             g_cum: Tensor, beta: Tensor, A: Tensor, h0: Optional[Tensor], scale: float, num_householder: int,
+             autocast: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from fla.ops.gated_delta_product.chunk import ChunkGatedDeltaProductFunction
+    import model_delta_product
+    if _or_none(g_cum) is not None:
+        problem = model_delta_product.fla_gated_backward_problem()  # say why, rather than fla's assert
+        if problem:
+            raise RuntimeError(problem)
+    ctx = _Ctx((qn, q_rstd, kn, k_rstd, v, _or_none(g_cum), beta, A, h0, None, None), scale=scale,
+               use_qk_l2norm_in_kernel=True, num_householder=num_householder, cp_context=None,
+               **_autocast_attrs(autocast))
+    dq, dk, dv, dg, db, _, _, dh0 = ChunkGatedDeltaProductFunction.backward(ctx, do, dht)[:8]
+    return dq, dk, dv, _or_empty(dg, qn), db, _or_empty(dh0, qn)
+
+
+@_gdp_bwd.register_fake
+def _(do, dht, qn, q_rstd, kn, k_rstd, v, g_cum, beta, A, h0, scale, num_householder, autocast):
+    B, T, H, _ = qn.shape
+    dg = qn.new_empty(0) if g_cum.numel() == 0 else qn.new_empty(B, T, H, dtype=torch.float32)
+    return (torch.empty_like(qn), torch.empty_like(kn), torch.empty_like(v), dg, torch.empty_like(beta),
+            qn.new_empty(0) if h0 is None else torch.empty_like(h0))
+
+
+def _gdp_setup(ctx, inputs, output):
+    q, k, v, g, beta, h0, scale, n, _ = inputs
+    _, _, qn, q_rstd, kn, k_rstd, g_cum, A = output
+    ctx.save_for_backward(qn, q_rstd, kn, k_rstd, v, g_cum, beta, A, h0)
+    ctx.scale, ctx.n, ctx.autocast, ctx.gated = scale, n, torch.is_autocast_enabled('cuda'), g is not None
+
+
+def _gdp_backward(ctx, do, dht, *_saved_grads):
+    qn, q_rstd, kn, k_rstd, v, g_cum, beta, A, h0 = ctx.saved_tensors
+    dq, dk, dv, dg, db, dh0 = _gdp_bwd(do.contiguous(), None if dht is None else dht.contiguous(), qn, q_rstd, kn,
+                                       k_rstd, v, g_cum, beta, A, h0, ctx.scale, ctx.n, ctx.autocast)
+    return dq, dk, dv, dg if ctx.gated else None, db, None if h0 is None else dh0, None, None, None
+
+
+_gdp_fwd.register_autograd(_gdp_backward, setup_context=_gdp_setup)
+
+
+def chunk_gated_delta_product(q, k, v, g, beta, scale, num_householder, initial_state=None,
+                              output_final_state=False):
+    """fla's chunk_gated_delta_product(..., use_qk_l2norm_in_kernel=True) as a custom op: (o, final state
+    or None). q (B, T, H, K); k, v, beta over the T * n_h sub-steps; g (B, T, H) fp32 or None."""
+    q, k, v, beta = (t.contiguous() for t in (q, k, v, beta))
+    g = None if g is None else g.contiguous()
+    h0 = None if initial_state is None else initial_state.contiguous()
+    o, ht = _gdp_fwd(q, k, v, g, beta, h0, scale, num_householder, output_final_state)[:2]
+    return o, ht if output_final_state else None

@@ -1,0 +1,128 @@
+"""fla_ops: fla's kernels as custom ops. On CUDA: outputs and every gradient equal the direct fla call bit for
+bit, torch.library.opcheck accepts each op (fake shapes, schema, autograd), and torch.compile traces each
+compiled model's training step as one graph (torch._dynamo.explain). On CPU: the ops are registered without
+importing fla."""
+import sys
+
+import pytest
+import torch
+
+import fla_ops
+import model
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA (fla\'s Triton kernels)')
+
+
+def test_ops_register_without_fla():
+    """Importing fla_ops (every model file does) registers the ops and imports neither fla nor triton."""
+    assert hasattr(torch.ops.bakeoff, 'chunk_delta_rule_fwd') and hasattr(torch.ops.bakeoff, 'chunk_gated_delta_product_bwd')
+    if not torch.cuda.is_available():
+        assert 'fla.ops' not in sys.modules
+
+
+def _inputs(B, T, H, K, V, n=1, gated=False, h0=False, seed=0):
+    g = torch.Generator(device='cuda').manual_seed(seed)
+    r = lambda *s, dt=torch.bfloat16: torch.randn(*s, device='cuda', generator=g).to(dt)  # noqa: E731
+    x = dict(q=r(B, T, H, K), k=r(B, T * n, H, K), v=r(B, T * n, H, V),
+             beta=torch.rand(B, T * n, H, device='cuda', generator=g).to(torch.bfloat16))
+    if gated:
+        x['g'] = -torch.rand(B, T, H, device='cuda', generator=g)  # log decay, fp32
+    if h0:
+        x['h0'] = r(B, H, K, V, dt=torch.float32)
+    return {k: t.requires_grad_() for k, t in x.items()}
+
+
+def _run(fn, x, do, dht):
+    """fn(x) -> (o, ht); o and ht, and the gradient of <o, do> + <ht, dht> for every input."""
+    xs = {k: t.detach().clone().requires_grad_() for k, t in x.items()}
+    o, ht = fn(xs)
+    loss = (o.float() * do).sum() + ((ht * dht).sum() if dht is not None else 0)
+    loss.backward()
+    return {'o': o, 'ht': ht, **{f'd{k}': t.grad for k, t in xs.items()}}
+
+
+def _assert_bitwise(got, want):
+    for name in want:
+        a, b = got[name], want[name]
+        assert (a is None) == (b is None), name
+        if b is not None:
+            assert a.dtype == b.dtype and a.shape == b.shape, (name, a.dtype, b.dtype, a.shape, b.shape)
+            assert torch.equal(a, b), f"{name}: max |diff| {(a.float() - b.float()).abs().max().item():.3g}"
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize('T', [63, 256])
+@pytest.mark.parametrize('h0', [False, True])
+def test_chunk_delta_rule_op_is_fla_bitwise(T, h0):
+    from fla.ops.delta_rule import chunk_delta_rule
+    B, H, D = 2, 4, 64
+    x = _inputs(B, T, H, D, D, h0=h0, seed=T)
+    do = torch.randn(B, T, H, D, device='cuda')
+    dht = torch.randn(B, H, D, D, device='cuda') if h0 else None
+    direct = lambda a: chunk_delta_rule(a['q'], a['k'], a['v'], a['beta'], scale=D ** -0.5,  # noqa: E731
+                                        initial_state=a.get('h0'), output_final_state=h0,
+                                        use_qk_l2norm_in_kernel=True)
+    op = lambda a: fla_ops.chunk_delta_rule(a['q'], a['k'], a['v'], a['beta'], D ** -0.5, a.get('h0'), h0)  # noqa: E731
+    _assert_bitwise(_run(op, x, do, dht), _run(direct, x, do, dht))
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize('T', [63, 256])
+@pytest.mark.parametrize('gated,h0', [(True, False), (True, True), (False, False)])
+def test_chunk_gated_delta_product_op_is_fla_bitwise(T, gated, h0):
+    import model_delta_product as dp
+    from fla.ops.gated_delta_product import chunk_gated_delta_product
+    if gated and dp.fla_gated_backward_problem():
+        pytest.skip(dp.fla_gated_backward_problem())
+    B, H, D, n = 2, 4, 64, 2
+    x = _inputs(B, T, H, D, D, n=n, gated=gated, h0=h0, seed=T)
+    do = torch.randn(B, T, H, D, device='cuda')
+    dht = torch.randn(B, H, D, D, device='cuda') if h0 else None
+    direct = lambda a: chunk_gated_delta_product(  # noqa: E731
+        q=a['q'], k=a['k'], v=a['v'], g=a.get('g'), beta=a['beta'], num_householder=n, scale=D ** -0.5,
+        initial_state=a.get('h0'), output_final_state=h0, use_qk_l2norm_in_kernel=True)
+    op = lambda a: fla_ops.chunk_gated_delta_product(a['q'], a['k'], a['v'], a.get('g'), a['beta'],  # noqa: E731
+                                                    D ** -0.5, n, a.get('h0'), h0)
+    _assert_bitwise(_run(op, x, do, dht), _run(direct, x, do, dht))
+
+
+@cuda
+@pytest.mark.cuda
+def test_opcheck():
+    """torch.library.opcheck: the fake implementations' shapes, dtypes and strides against the kernels', the
+    schemas, and the autograd registrations (forward op with its backward op)."""
+    import model_delta_product as dp
+    D = 64
+    x = _inputs(2, 100, 4, D, D, h0=True)
+    torch.library.opcheck(torch.ops.bakeoff.chunk_delta_rule_fwd.default,
+                          (x['q'], x['k'], x['v'], x['beta'], x['h0'], D ** -0.5, True))
+    gated = not dp.fla_gated_backward_problem()
+    y = _inputs(2, 100, 4, D, D, n=2, gated=gated, h0=True)
+    torch.library.opcheck(torch.ops.bakeoff.chunk_gated_delta_product_fwd.default,
+                          (y['q'], y['k'], y['v'], y.get('g'), y['beta'], y['h0'], D ** -0.5, 2, True))
+
+
+SMALL = dict(n_layer=2, n_embd=128, n_head=2, block_size=128, vocab_size=65, dropout=0.1)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize('model_type', ['vanilla', 'delta', 'delta_product'])
+def test_compiled_training_step_has_no_graph_breaks(model_type):
+    """The training step's forward and loss as torch.compile sees it (autocast bf16, dropout on): one graph,
+    no breaks; AOTAutograd then builds the backward from the ops' registered backwards. NSA is not compiled
+    (model_nsa.GPT.compile_problem)."""
+    mod = model.get_model_module(model_type)
+    kw = dict(SMALL, d_ff=256) if model_type != 'vanilla' else dict(SMALL)
+    if model_type == 'delta_product' and mod.fla_gated_backward_problem():
+        pytest.skip(mod.fla_gated_backward_problem())
+    m = mod.GPT(mod.GPTConfig(**kw)).cuda().train()
+    idx = torch.randint(0, 65, (4, 128), device='cuda')
+    torch._dynamo.reset()
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        explanation = torch._dynamo.explain(m)(idx, idx)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+    torch._dynamo.reset()
