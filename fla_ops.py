@@ -59,6 +59,13 @@ def _or_none(t):
     return None if t is None or t.numel() == 0 else t
 
 
+def _state_grad(dht):
+    """The final state's gradient for fla's backward: None where no state was returned. Autograd hands
+    the 0-element stand-in a 0-element zero gradient, which fla would read as a (B, H, K, V) one, out of
+    bounds (an illegal memory access on the H200)."""
+    return None if dht is None or dht.numel() == 0 else dht.contiguous()
+
+
 # ----------------------------------------------------------------------------- DeltaNet: chunk_delta_rule
 
 @torch.library.custom_op(f'{NS}::chunk_delta_rule_fwd', mutates_args=(), device_types='cuda')
@@ -106,7 +113,7 @@ def _delta_setup(ctx, inputs, output):
 
 def _delta_backward(ctx, do, dht, *_saved_grads):
     qn, q_rstd, kn, k_rstd, v, beta, A, h0 = ctx.saved_tensors
-    dq, dk, dv, db, dh0 = _delta_bwd(do.contiguous(), None if dht is None else dht.contiguous(), qn, q_rstd, kn,
+    dq, dk, dv, db, dh0 = _delta_bwd(do.contiguous(), _state_grad(dht), qn, q_rstd, kn,
                                      k_rstd, v, beta, A, h0, ctx.scale, ctx.autocast)
     return dq, dk, dv, db, None if h0 is None else dh0, None, None
 
@@ -181,7 +188,7 @@ def _gdp_setup(ctx, inputs, output):
 
 def _gdp_backward(ctx, do, dht, *_saved_grads):
     qn, q_rstd, kn, k_rstd, v, g_cum, beta, A, h0 = ctx.saved_tensors
-    dq, dk, dv, dg, db, dh0 = _gdp_bwd(do.contiguous(), None if dht is None else dht.contiguous(), qn, q_rstd, kn,
+    dq, dk, dv, dg, db, dh0 = _gdp_bwd(do.contiguous(), _state_grad(dht), qn, q_rstd, kn,
                                        k_rstd, v, g_cum, beta, A, h0, ctx.scale, ctx.n, ctx.autocast)
     return dq, dk, dv, dg if ctx.gated else None, db, None if h0 is None else dh0, None, None, None
 
