@@ -24,6 +24,8 @@ The short convs need no op: their shifted-sum form (model_delta.short_conv) is p
 Inductor fuses with the projections' split and the SiLU once the graph is whole. Vanilla attention is
 PyTorch's SDPA. fla is imported inside the implementations, on CUDA only.
 """
+import functools
+import os
 from typing import Optional
 
 import torch
@@ -132,6 +134,40 @@ def chunk_delta_rule(q, k, v, beta, scale, initial_state=None, output_final_stat
 
 # ----------------------------------------------------------------------------- Gated DeltaProduct
 
+@torch.compiler.disable
+def gated_backward_problem():
+    """None if fla's gated chunk backward can run here, else why not and how to fix it. Mirrors fla's
+    own rule: on Hopper with Triton >= 3.4.0 and < 3.7.1 its Triton chunk_bwd_dqkwg raises (wrong
+    results, fla issue #640) unless the dispatcher picks the TileLang backend instead. Cached per value
+    of the two environment variables fla reads at call time."""
+    return _fla_gated_backward_problem_cached(os.environ.get('FLA_TILELANG'),
+                                              os.environ.get('FLA_DISABLE_BACKEND_DISPATCH'))
+
+
+@functools.lru_cache(maxsize=None)
+def _fla_gated_backward_problem_cached(fla_tilelang_env, fla_disable_dispatch_env):
+    from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
+    if not (IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1):
+        return None
+    import triton
+    from fla.ops.common.backends.tilelang import CommonTileLangBackend
+    from fla.utils import find_spec_cached, has_usable_nvcc
+    if fla_disable_dispatch_env == '1':
+        why = 'FLA_DISABLE_BACKEND_DISPATCH=1 turns fla\'s TileLang backend off'
+    elif find_spec_cached('tilelang') is None:
+        why = 'the tilelang package is not installed'
+    elif not has_usable_nvcc():
+        why = 'tilelang is installed but fla finds no nvcc for its JIT (set CUDA_HOME, or put nvcc on PATH)'
+    elif not CommonTileLangBackend().is_enabled():
+        why = 'FLA_TILELANG=0 turns fla\'s TileLang backend off'
+    else:
+        return None
+    return (f"fla's gated chunk backward cannot run here: Triton {triton.__version__} on a Hopper GPU computes "
+            f"wrong gradients in chunk_bwd_dqkwg, and fla's TileLang replacement is unusable because {why}. "
+            f"Fix: `pip install tilelang` (with a CUDA toolkit's nvcc), or upgrade to Triton >= 3.7.1, "
+            f"or use backend='torch' (slow reference), or run without gradients (inference).")
+
+
 @torch.library.custom_op(f'{NS}::chunk_gated_delta_product_fwd', mutates_args=(), device_types='cuda')
 def _gdp_fwd(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], beta: Tensor, h0: Optional[Tensor],
              scale: float, num_householder: int,
@@ -159,9 +195,8 @@ def _gdp_bwd(do: Tensor, dht: Optional[Tensor], qn: Tensor, q_rstd: Tensor, kn: 
              g_cum: Tensor, beta: Tensor, A: Tensor, h0: Optional[Tensor], scale: float, num_householder: int,
              autocast: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     from fla.ops.gated_delta_product.chunk import ChunkGatedDeltaProductFunction
-    import model_delta_product
     if _or_none(g_cum) is not None:
-        problem = model_delta_product.fla_gated_backward_problem()  # say why, rather than fla's assert
+        problem = gated_backward_problem()  # say why, rather than fla's assert
         if problem:
             raise RuntimeError(problem)
     ctx = _Ctx((qn, q_rstd, kn, k_rstd, v, _or_none(g_cum), beta, A, h0, None, None), scale=scale,

@@ -41,9 +41,7 @@ fla/ops/common/backends/tilelang). This mixer checks that up front and raises a 
 the fixes rather than failing later inside loss.backward().
 """
 
-import functools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -177,40 +175,6 @@ def _check_shapes(q, k, v, g, beta, initial_state, n):
 
 # ----------------------------------------------------------------------------- fla (CUDA) path
 
-@torch.compiler.disable
-def fla_gated_backward_problem():
-    """None if fla's gated chunk backward can run here, else why not and how to fix it. Mirrors fla's
-    own rule: on Hopper with Triton >= 3.4.0 and < 3.7.1 its Triton chunk_bwd_dqkwg raises (wrong
-    results, fla issue #640) unless the dispatcher picks the TileLang backend instead. Cached per value
-    of the two environment variables fla reads at call time."""
-    return _fla_gated_backward_problem_cached(os.environ.get('FLA_TILELANG'),
-                                              os.environ.get('FLA_DISABLE_BACKEND_DISPATCH'))
-
-
-@functools.lru_cache(maxsize=None)
-def _fla_gated_backward_problem_cached(fla_tilelang_env, fla_disable_dispatch_env):
-    from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
-    if not (IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1):
-        return None
-    import triton
-    from fla.ops.common.backends.tilelang import CommonTileLangBackend
-    from fla.utils import find_spec_cached, has_usable_nvcc
-    if fla_disable_dispatch_env == '1':
-        why = 'FLA_DISABLE_BACKEND_DISPATCH=1 turns fla\'s TileLang backend off'
-    elif find_spec_cached('tilelang') is None:
-        why = 'the tilelang package is not installed'
-    elif not has_usable_nvcc():
-        why = 'tilelang is installed but fla finds no nvcc for its JIT (set CUDA_HOME, or put nvcc on PATH)'
-    elif not CommonTileLangBackend().is_enabled():
-        why = 'FLA_TILELANG=0 turns fla\'s TileLang backend off'
-    else:
-        return None
-    return (f"fla's gated chunk backward cannot run here: Triton {triton.__version__} on a Hopper GPU computes "
-            f"wrong gradients in chunk_bwd_dqkwg, and fla's TileLang replacement is unusable because {why}. "
-            f"Fix: `pip install tilelang` (with a CUDA toolkit's nvcc), or upgrade to Triton >= 3.7.1, "
-            f"or use backend='torch' (slow reference), or run without gradients (inference).")
-
-
 def fla_gated_delta_product(q, k, v, g, beta, scale, initial_state=None, output_final_state=False, num_householder=1):
     """fla's chunk kernel, with q/k l2-normalised inside it, through its custom op (fla_ops.py), which
     torch.compile traces without a graph break. q, k, v, beta are cast to a 16-bit dtype (fla's chunk
@@ -219,7 +183,7 @@ def fla_gated_delta_product(q, k, v, g, beta, scale, initial_state=None, output_
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state))
     if needs_grad and g is not None and not torch.compiler.is_compiling():  # compiled: the backward op checks
-        problem = fla_gated_backward_problem()
+        problem = fla_ops.gated_backward_problem()
         if problem:
             raise RuntimeError(problem)
     return fla_ops.chunk_gated_delta_product(

@@ -20,6 +20,7 @@ the reference's own is asserted small."""
 import pytest
 import torch
 
+import fla_ops
 import model_delta as md
 import model_delta_product as dp
 import model_nsa as M
@@ -143,7 +144,7 @@ def test_gated_delta_product_equals_fla_layer(fla_layers, T):
     ignore the model width), 2 Householder steps, the forget gate, the SiLU output gate with its fused
     RMSNorm, and allow_neg_eigval=False as in our config (fla's default is True). The k, v, beta layouts
     ((n h d), (n h)) are fla's, so the weights copy as they are."""
-    problem = dp.fla_gated_backward_problem()
+    problem = fla_ops.gated_backward_problem()
     if problem:
         pytest.skip(problem)
     cfg = dp.GPTConfig(n_embd=C, n_head=4, head_dim=64, expand_v=1.0, num_householder=2, allow_neg_eigval=False,

@@ -72,10 +72,9 @@ def test_chunk_delta_rule_op_is_fla_bitwise(T, h0):
 @pytest.mark.parametrize('T', [63, 256])
 @pytest.mark.parametrize('gated,h0', [(True, False), (True, True), (False, False)])
 def test_chunk_gated_delta_product_op_is_fla_bitwise(T, gated, h0):
-    import model_delta_product as dp
     from fla.ops.gated_delta_product import chunk_gated_delta_product
-    if gated and dp.fla_gated_backward_problem():
-        pytest.skip(dp.fla_gated_backward_problem())
+    if gated and fla_ops.gated_backward_problem():
+        pytest.skip(fla_ops.gated_backward_problem())
     B, H, D, n = 2, 4, 64, 2
     x = _inputs(B, T, H, D, D, n=n, gated=gated, h0=h0, seed=T)
     do = torch.randn(B, T, H, D, device='cuda')
@@ -93,12 +92,11 @@ def test_chunk_gated_delta_product_op_is_fla_bitwise(T, gated, h0):
 def test_opcheck():
     """torch.library.opcheck: the fake implementations' shapes, dtypes and strides against the kernels', the
     schemas, and the autograd registrations (forward op with its backward op)."""
-    import model_delta_product as dp
     D = 64
     x = _inputs(2, 100, 4, D, D, h0=True)
     torch.library.opcheck(torch.ops.bakeoff.chunk_delta_rule_fwd.default,
                           (x['q'], x['k'], x['v'], x['beta'], x['h0'], D ** -0.5, True))
-    gated = not dp.fla_gated_backward_problem()
+    gated = not fla_ops.gated_backward_problem()
     y = _inputs(2, 100, 4, D, D, n=2, gated=gated, h0=True)
     torch.library.opcheck(torch.ops.bakeoff.chunk_gated_delta_product_fwd.default,
                           (y['q'], y['k'], y['v'], y.get('g'), y['beta'], y['h0'], D ** -0.5, 2, True))
@@ -116,8 +114,8 @@ def test_compiled_training_step_has_no_graph_breaks(model_type):
     (model_nsa.GPT.compile_problem)."""
     mod = model.get_model_module(model_type)
     kw = dict(SMALL, d_ff=256) if model_type != 'vanilla' else dict(SMALL)
-    if model_type == 'delta_product' and mod.fla_gated_backward_problem():
-        pytest.skip(mod.fla_gated_backward_problem())
+    if model_type == 'delta_product' and fla_ops.gated_backward_problem():
+        pytest.skip(fla_ops.gated_backward_problem())
     m = mod.GPT(mod.GPTConfig(**kw)).cuda().train()
     idx = torch.randint(0, 65, (4, 128), device='cuda')
     torch._dynamo.reset()
