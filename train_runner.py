@@ -992,13 +992,13 @@ def _sweep(overrides, log):
     t0, lm = time.time(), {}
     if 'lm' in stages:
         lm = _lm_stage(planner, opts, overrides, label, results_dir, cuda, preset, gpus, (shard_k, shard_n), t0)
-        if opts['plan']:
-            return lm
     grids = {}
     for stage in (st for st in stages if st in GRIDS):
         print(f"\n=== stage {stage} -> {os.path.join(grids_dir, stage)} ===", flush=True)
         grids[stage] = grid_stage(stage, opts[GRIDS[stage]], os.path.join(grids_dir, stage), grid_overrides,
-                                  gpus, procs_per_gpu, (shard_k, shard_n))
+                                  gpus, procs_per_gpu, (shard_k, shard_n), opts['plan'])
+    if opts['plan']:  # the lm stage's plan (if it ran) and each grid stage's finished runs; nothing trained
+        return {**lm, 'stages': stages, 'grids': grids}
     length_gen = None
     if 'length_gen' in stages:
         print(f"\n=== stage length_gen -> {results_dir} ===", flush=True)
@@ -1136,15 +1136,15 @@ def _run_tokens(cfg):
         cfg['train_len'] if cfg['task'] == 'word_problem' else tasks.max_len(cfg))
 
 
-def grid_stage(stage, grid_file, out, overrides=None, gpus=1, procs_per_gpu=1, shard=(0, 1)):
+def grid_stage(stage, grid_file, out, overrides=None, gpus=1, procs_per_gpu=1, shard=(0, 1), plan=False):
     """Train a grid's runs into <out>/runs/<name>/ (resumable: a finished run with the same config is skipped,
     an interrupted one resumes from its checkpoint), gpus x procs_per_gpu at a time as separate processes
     (1: in this process), then write its CSVs, plots and REPORT.md (`python bench.py <stage> --out=<out>`).
     Every run's console output goes to <run>/train.log; here one line per run, with the stage's progress
     and ETA (runtime.Progress over the runs to train, weighted by their tokens). overrides: keys for every
     run (how it executes: device, compile, ...). shard (K, N): train only the runs i with i % N == K (the
-    lm stage's --shard: N machines share the grid; the tables cover whatever has finished). Returns the
-    finished runs' summaries in grid order."""
+    lm stage's --shard: N machines share the grid; the tables cover whatever has finished). plan: say what
+    would train, and train nothing. Returns the finished runs' summaries in grid order."""
     base, entries = read_grid(grid_file)
     overrides = dict(overrides or {})
     todo, summaries, weights = [], {}, []
@@ -1170,6 +1170,10 @@ def grid_stage(stage, grid_file, out, overrides=None, gpus=1, procs_per_gpu=1, s
           + (f"shard {shard[0]}/{shard[1]}: " if shard[1] > 1 else '')
           + f"{len(todo)} to train, {min(workers, max(len(todo), 1))} at a time"
           + (f" ({procs_per_gpu} per GPU on {gpus} GPU(s))" if cuda else " (processes on the CPU)"), flush=True)
+    if plan:
+        for i, run_cfg in todo:
+            print(f"  {entries[i]['name']}" + ('  (resumes)' if run_cfg['init_from'] == 'resume' else ''))
+        return [summaries[i] for i in sorted(summaries)]
     progress = Progress(len(todo), stage, weights=weights)
 
     def finished(i, run_cfg, s, weight):

@@ -319,3 +319,13 @@ def test_length_gen_on_trained_runs(prepared, tmp_path):
     report.report(str(tmp_path))
     md = (tmp_path / 'REPORT.md').read_text()
     assert '## Length generalisation (loss against position)' in md and 'vanilla (sliding 16)' in md
+
+
+def test_plan_trains_no_grid_run(tmp_path, capsys):
+    """--plan with grid stages lists the runs each stage would train and trains none of them."""
+    import train_runner
+    out = train_runner.sweep(dict(stages='mqar,state_tracking', plan=True, grids_dir=str(tmp_path), device='cpu'))
+    assert out['grids'] == {'mqar': [], 'state_tracking': []}
+    assert not any(tmp_path.rglob('*.json'))  # no run started: no config.json, no summary.json
+    printed = capsys.readouterr().out
+    assert 'vanilla-d64-L64-kv4-lr0.0001-s1337' in printed and 'Z2-delta-pos-s1337' in printed
