@@ -769,6 +769,9 @@ class BaseConfig:
                                       "or 'rope' (rotary, applied by a mixer that has it: vanilla attention)")
     mlp: bool = setting(True, "False: no MLP, the identity state mixer (Zoology's MQAR models); d_ff is not solved")
     embd_dropout: float = setting(-1.0, "dropout on the embeddings; < 0: dropout")
+    loss_positions: int = setting(0, "0: the training loss over every position; K: each row's K targets (the "
+                                     "positions not -100, which must be at most K) alone through the LM head, the "
+                                     "same loss; the mqar task sets num_kv_pairs")
 
 
 @dataclass
@@ -864,7 +867,8 @@ class GPT(nn.Module):
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, idx, targets=None, state=None, last_only=False, static_pos=None):
-        """idx (B, T) -> (logits, loss). logits are (B, T, V), or (B, 1, V) with last_only.
+        """idx (B, T) -> (logits, loss). logits are (B, T, V), or (B, 1, V) with last_only, or (B, K, V) at the
+        target positions with targets and config.loss_positions = K.
         With a DecodeState, idx continues the sequence the state holds, and the state advances.
         static_pos: for a one-token step that a CUDA graph can capture (see GraphedDecodeStep), a 0-d
         long tensor equal to state.pos, which the mixers then read instead of the Python int."""
@@ -883,6 +887,13 @@ class GPT(nn.Module):
             x = self._trunk(idx, layer_states, pos)
             if last_only:
                 x = x[:, -1:, :]
+            elif targets is not None and self.config.loss_positions:
+                # the LM head at each row's K target positions alone (MQAR: kv queries of L tokens; the head
+                # and the loss over a vocabulary of 8192 at every position cost more than the whole mixer):
+                # topk of a 0/1 mask finds them with a static shape (no host sync, graph-capturable)
+                at = (targets != -100).float().topk(self.config.loss_positions, dim=1, sorted=False).indices
+                x = x.gather(1, at[..., None].expand(-1, -1, x.size(-1)))  # (B, K, C)
+                targets = targets.gather(1, at)                           # (B, K)
             logits = self.lm_head(self.transformer.ln_f(x))
         if state is not None:
             state.pos += T

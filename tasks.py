@@ -102,6 +102,8 @@ def check_config(cfg):
     task = cfg['task']
     task_keys(task)
     if task == 'lm':  # block_size: train_runner's MINIMUM
+        if cfg.get('loss_positions', 0):
+            raise ConfigError("loss_positions must be 0 for lm: it has a target at every position")
         return cfg
     if task == 'mqar':
         L, kv, V = cfg['seq_len'], cfg['num_kv_pairs'], cfg['vocab']
@@ -114,7 +116,12 @@ def check_config(cfg):
                               f"of every key), got {kv}")
         if not cfg['power_a'] > 0:
             raise ConfigError(f"power_a must be > 0, got {cfg['power_a']}")
+        if cfg.get('loss_positions', 0) not in (0, kv):  # every example has exactly kv targets
+            raise ConfigError(f"loss_positions is num_kv_pairs ({kv}) for mqar (0: set so), got {cfg['loss_positions']}")
+        cfg['loss_positions'] = kv
     else:
+        if cfg.get('loss_positions', 0):
+            raise ConfigError(f"loss_positions must be 0 for {task}: it has a target at every position")
         lens = cfg['test_lens']  # a list (train_runner's check_value makes the command line's tuple one)
         if not lens or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in lens):
             raise ConfigError(f"test_lens must be positive ints (e.g. [128, 256, 512]), got {cfg['test_lens']!r}")

@@ -336,6 +336,34 @@ def test_examples_task_serves_each_example_once_per_epoch(tmp_path):
     assert x.dtype == y.dtype == torch.long and (y == -100).any()
 
 
+@pytest.mark.parametrize('model_type', ['vanilla', 'delta'])
+def test_loss_at_the_target_positions_is_the_full_loss(model_type):
+    """loss_positions = kv (what the mqar task sets): the LM head at each example's kv query positions alone
+    gives the loss and every gradient of the head over all positions with the others ignored (an fp64 model;
+    the loss itself is taken in fp32, as in training)."""
+    import model
+    x, y = (torch.from_numpy(a).long() for a in tasks.mqar_examples(6, 32, 4, 64, seed=3))
+    mod = model.get_model_module(model_type)
+    losses, grads = [], []
+    for k in (0, 4):
+        torch.manual_seed(0)
+        m = mod.GPT(mod.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=64, mlp=False,
+                                  loss_positions=k)).double()
+        logits, loss = m(x, y)
+        assert logits.shape == ((6, 32, 64) if k == 0 else (6, 4, 64))
+        loss.backward()
+        losses.append(loss)
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    assert torch.allclose(losses[0], losses[1], rtol=1e-6, atol=0)
+    for n, g in grads[0].items():
+        assert torch.allclose(g, grads[1][n], rtol=1e-5, atol=1e-9), n
+    cfg = train_runner.resolve_config('config/mqar.py', {'seq_len': 64, 'num_kv_pairs': 4, 'batch_size': 16, 'n_train': 64})
+    assert cfg['loss_positions'] == 4
+    for bad in ({'task': 'mqar', 'loss_positions': 3}, {'loss_positions': 3}):  # mqar's is kv; lm has every position
+        with pytest.raises(ConfigError, match='loss_positions'):
+            train_runner.resolve_config('config/mqar.py' if bad.get('task') else None, bad)
+
+
 def test_sweep_keeps_runs_recorded_before_the_task_and_model_keys(prepared, tmp_path):
     """A run recorded before a key existed ran with its default: the sweep must not train it again (the
     committed results/full runs have no task, mlp, embd_dropout, n_kv_head, ... in their config.json)."""
@@ -344,7 +372,7 @@ def test_sweep_keeps_runs_recorded_before_the_task_and_model_keys(prepared, tmp_
     run = train_runner.sweep(dict(opts))['runs'][0]
     path = os.path.join(run['out_dir'], 'config.json')
     rec = json.load(open(path))
-    for k in ('task', 'mlp', 'embd_dropout', 'n_kv_head', 'head_dim', 'attn_dropout', 'rope_theta'):
+    for k in ('task', 'mlp', 'embd_dropout', 'n_kv_head', 'head_dim', 'attn_dropout', 'rope_theta', 'loss_positions'):
         del rec['config'][k]
     json.dump(rec, open(path, 'w'))
     stamp = os.path.getmtime(os.path.join(run['out_dir'], 'summary.json'))
