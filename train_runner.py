@@ -1147,7 +1147,7 @@ def grid_stage(stage, grid_file, out, overrides=None, gpus=1, procs_per_gpu=1, s
     would train, and train nothing. Returns the finished runs' summaries in grid order."""
     base, entries = read_grid(grid_file)
     overrides = dict(overrides or {})
-    todo, summaries, weights = [], {}, []
+    todo, summaries, weights, defaults = [], {}, [], {}
     mine = {id(e) for e in shard_of(entries, *shard)}
     for i, e in enumerate(entries):
         run_cfg = {**{k: v for k, v in e.items() if k != 'name'}, **overrides,
@@ -1155,7 +1155,9 @@ def grid_stage(stage, grid_file, out, overrides=None, gpus=1, procs_per_gpu=1, s
         wanted = resolve_config(base, run_cfg)  # every run's keys checked before anything trains
         prev = load_json(os.path.join(run_cfg['out_dir'], 'summary.json'))
         prev_cfg = (load_json(os.path.join(run_cfg['out_dir'], 'config.json')) or {}).get('config', {})
-        same = same_config(wanted, prev_cfg)
+        if wanted['model_type'] not in defaults:  # what a key missing from an older record had (its default)
+            defaults[wanted['model_type']] = resolve_config(None, {'model_type': wanted['model_type']})
+        same = same_config(wanted, prev_cfg, defaults[wanted['model_type']])
         if prev and prev.get('status') in ('done', 'diverged') and same:
             summaries[i] = prev
             continue

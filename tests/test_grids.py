@@ -329,3 +329,23 @@ def test_plan_trains_no_grid_run(tmp_path, capsys):
     assert not any(tmp_path.rglob('*.json'))  # no run started: no config.json, no summary.json
     printed = capsys.readouterr().out
     assert 'vanilla-d64-L64-kv4-lr0.0001-s1337' in printed and 'Z2-delta-pos-s1337' in printed
+
+
+def test_a_key_newer_than_a_grid_record_retrains_only_where_its_value_differs(tmp_path, capsys):
+    """A grid run recorded before a key existed ran with the key's default: kept where the grid wants the
+    default (a word problem's loss_positions 0), trained again where it wants another value (MQAR's
+    loss_positions = num_kv_pairs: the earlier run took its loss at every position)."""
+    for name, text, stage in (('st.py', TINY_ST, 'state_tracking'), ('mq.py', TINY_MQAR, 'mqar')):
+        grid = _grid(tmp_path, name, text, models=('vanilla',))
+        out = str(tmp_path / stage)
+        train_runner.grid_stage(stage, grid, out)
+        for d in os.listdir(os.path.join(out, 'runs')):
+            path = os.path.join(out, 'runs', d, 'config.json')
+            rec = json.load(open(path))
+            del rec['config']['loss_positions']
+            json.dump(rec, open(path, 'w'))
+        capsys.readouterr()
+        train_runner.grid_stage(stage, grid, out, plan=True)
+        n = len(os.listdir(os.path.join(out, 'runs')))
+        want = f"{n} already finished, 0 to train" if stage == 'state_tracking' else f"0 already finished, {n} to train"
+        assert want in capsys.readouterr().out
