@@ -109,8 +109,9 @@ def test_cli_overrides_parse():
                                    '--learning_rate=3e-3'])
     assert f == 'config/x.py' and o == {'max_iters': 2, 'wandb_log': False, 'model_type': 'delta',
                                          'learning_rate': 3e-3}
-    with pytest.raises(ValueError):
-        train_runner.parse_cli(['--max_iters'])
+    assert train_runner.parse_cli(['--tune', '--controls'])[1] == {'tune': True, 'controls': True}  # bare flag: True
+    with pytest.raises(ValueError, match='max_iters must be an int'):  # ConfigError is a ValueError
+        train_runner.resolve_config(None, train_runner.parse_cli(['--max_iters'])[1])
 
 
 def test_cli_error_exits_nonzero_with_message():
