@@ -47,9 +47,16 @@ class _Ctx:
         self.saved_tensors = tensors
 
 
+def _forward_autocast():
+    """The forward's autocast dtype on CUDA, or None: what fla's custom_fwd records for its backward. It
+    is passed to the backward op explicitly: autograd may run the backward on another thread, whose
+    autocast state is not the forward's."""
+    return torch.get_autocast_dtype('cuda') if torch.is_autocast_enabled('cuda') else None
+
+
 def _autocast_attrs(autocast):
-    # custom_bwd re-enters the forward's autocast state from these
-    return dict(_fwd_used_autocast=autocast, _dtype=torch.get_autocast_dtype('cuda'))
+    # torch.amp.custom_bwd re-enters the forward's autocast state from these
+    return dict(_fwd_used_autocast=autocast is not None, _dtype=autocast or torch.bfloat16)
 
 
 def _or_empty(t, like):
@@ -92,7 +99,7 @@ def _(q, k, v, beta, h0, scale, output_final_state):
 @torch.library.custom_op(f'{NS}::chunk_delta_rule_bwd', mutates_args=(), device_types='cuda')
 def _delta_bwd(do: Tensor, dht: Optional[Tensor], qn: Tensor, q_rstd: Tensor, kn: Tensor, k_rstd: Tensor,
                v: Tensor, beta: Tensor, A: Tensor, h0: Optional[Tensor], scale: float,
-               autocast: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+               autocast: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     from fla.ops.delta_rule.chunk import ChunkDeltaRuleFunction
     ctx = _Ctx((qn, q_rstd, kn, k_rstd, v, beta, A, h0, None, None), scale=scale, chunk_size=64,
                use_qk_l2norm_in_kernel=True, **_autocast_attrs(autocast))
@@ -110,7 +117,7 @@ def _delta_setup(ctx, inputs, output):
     q, k, v, beta, h0, scale, _ = inputs
     _, _, qn, q_rstd, kn, k_rstd, A = output
     ctx.save_for_backward(qn, q_rstd, kn, k_rstd, v, beta, A, h0)
-    ctx.scale, ctx.autocast = scale, torch.is_autocast_enabled('cuda')
+    ctx.scale, ctx.autocast = scale, _forward_autocast()
 
 
 def _delta_backward(ctx, do, dht, *_saved_grads):
@@ -193,7 +200,7 @@ def _(q, k, v, g, beta, h0, scale, num_householder, output_final_state):
 @torch.library.custom_op(f'{NS}::chunk_gated_delta_product_bwd', mutates_args=(), device_types='cuda')
 def _gdp_bwd(do: Tensor, dht: Optional[Tensor], qn: Tensor, q_rstd: Tensor, kn: Tensor, k_rstd: Tensor, v: Tensor,
              g_cum: Tensor, beta: Tensor, A: Tensor, h0: Optional[Tensor], scale: float, num_householder: int,
-             autocast: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+             autocast: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     from fla.ops.gated_delta_product.chunk import ChunkGatedDeltaProductFunction
     if _or_none(g_cum) is not None:
         problem = gated_backward_problem()  # say why, rather than fla's assert
@@ -218,7 +225,7 @@ def _gdp_setup(ctx, inputs, output):
     q, k, v, g, beta, h0, scale, n, _ = inputs
     _, _, qn, q_rstd, kn, k_rstd, g_cum, A = output
     ctx.save_for_backward(qn, q_rstd, kn, k_rstd, v, g_cum, beta, A, h0)
-    ctx.scale, ctx.n, ctx.autocast, ctx.gated = scale, n, torch.is_autocast_enabled('cuda'), g is not None
+    ctx.scale, ctx.n, ctx.autocast, ctx.gated = scale, n, _forward_autocast(), g is not None
 
 
 def _gdp_backward(ctx, do, dht, *_saved_grads):

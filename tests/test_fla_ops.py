@@ -32,10 +32,12 @@ def _inputs(B, T, H, K, V, n=1, gated=False, h0=False, seed=0):
     return {k: t.requires_grad_() for k, t in x.items()}
 
 
-def _run(fn, x, do, dht):
-    """fn(x) -> (o, ht); o and ht, and the gradient of <o, do> + <ht, dht> for every input."""
+def _run(fn, x, do, dht, autocast=False):
+    """fn(x) -> (o, ht); o and ht, and the gradient of <o, do> + <ht, dht> for every input; the forward
+    under bf16 autocast if asked (as the models run it; fla's backward then re-enters it)."""
     xs = {k: t.detach().clone().requires_grad_() for k, t in x.items()}
-    o, ht = fn(xs)
+    with torch.autocast('cuda', dtype=torch.bfloat16, enabled=autocast):
+        o, ht = fn(xs)
     loss = (o.float() * do).sum() + ((ht * dht).sum() if dht is not None else 0)
     loss.backward()
     return {'o': o, 'ht': ht, **{f'd{k}': t.grad for k, t in xs.items()}}
@@ -53,8 +55,8 @@ def _assert_bitwise(got, want):
 @cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize('T', [63, 256])
-@pytest.mark.parametrize('h0', [False, True])
-def test_chunk_delta_rule_op_is_fla_bitwise(T, h0):
+@pytest.mark.parametrize('h0,autocast', [(False, False), (True, False), (False, True)])
+def test_chunk_delta_rule_op_is_fla_bitwise(T, h0, autocast):
     from fla.ops.delta_rule import chunk_delta_rule
     B, H, D = 2, 4, 64
     x = _inputs(B, T, H, D, D, h0=h0, seed=T)
@@ -64,7 +66,7 @@ def test_chunk_delta_rule_op_is_fla_bitwise(T, h0):
                                         initial_state=a.get('h0'), output_final_state=h0,
                                         use_qk_l2norm_in_kernel=True)
     op = lambda a: fla_ops.chunk_delta_rule(a['q'], a['k'], a['v'], a['beta'], D ** -0.5, a.get('h0'), h0)  # noqa: E731
-    _assert_bitwise(_run(op, x, do, dht), _run(direct, x, do, dht))
+    _assert_bitwise(_run(op, x, do, dht, autocast), _run(direct, x, do, dht, autocast))
 
 
 @cuda
