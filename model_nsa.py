@@ -100,8 +100,8 @@ def masked_attention(q, k, v, mask, scale):
     gets p = 0 and o = 0 (instead of 0/0).
     Query head h uses KV head h // G. The scores are taken on q viewed as (B, T, H, G, D) against the H
     KV heads, and the mask broadcasts over the G axis, rather than K, V and the mask repeated G times:
-    the same products and sums, and on the CPU preset's NSA (16 query heads on 1 KV head) a third of the
-    forward's time went into those copies and the full-size masks."""
+    the same products and sums without the copies (the CPU preset's NSA has 16 query heads on 1 KV head;
+    its one-seed run, results/cpu-reproduction, went from 5.0x vanilla's time to 2.4x)."""
     B, T, HQ, D = q.shape
     H = k.size(2)
     G = HQ // H
