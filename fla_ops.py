@@ -8,6 +8,7 @@ builds one forward+backward graph in which Inductor fuses the elementwise glue a
 
   chunk_delta_rule(q, k, v, beta, scale, h0, output_final_state)        DeltaNet (fla's ChunkDeltaRuleFunction)
   chunk_gated_delta_product(q, k, v, g, beta, scale, n_h, h0, final)    Gated DeltaProduct
+  causal_conv1d_silu(x, weight)                                         both models' short convs (CausalConv1dFunction)
 
 Each runs fla's own Function.forward and Function.backward with a stand-in ctx, so outputs and gradients
 are fla's bit for bit (tests/test_fla_ops.py checks it on CUDA). What fla's forward saves and its backward
@@ -20,9 +21,11 @@ selection, and flash-attn's or fla's window), and a backward op cannot re-run th
 custom op autograd is off), so NSA needs each of the five wrapped like the two above; until then it runs
 eagerly under the CUDA graph (model_nsa.GPT.compile_problem says why).
 
-The short convs need no op: their shifted-sum form (model_delta.short_conv) is plain PyTorch, which
-Inductor fuses with the projections' split and the SiLU once the graph is whole. Vanilla attention is
-PyTorch's SDPA. fla is imported inside the implementations, on CUDA only.
+The short convs are an op too. Their shifted-sum form (model_delta.short_conv) is plain PyTorch, which
+Inductor fuses; but in the compiled step it was slower than fla's conv kernel: with the shifted sums and
+the two ops above, DeltaNet's step went from 9.26 to 9.71 ms and Gated DeltaProduct's from 12.87 to 14.93
+(results/training-speedups/custom-ops/), about what moving to fla's conv had once saved. Vanilla
+attention is PyTorch's SDPA. fla is imported inside the implementations, on CUDA only.
 """
 import functools
 import os
@@ -247,3 +250,53 @@ def chunk_gated_delta_product(q, k, v, g, beta, scale, num_householder, initial_
     h0 = None if initial_state is None else initial_state.contiguous()
     o, ht = _gdp_fwd(q, k, v, g, beta, h0, scale, num_householder, output_final_state)[:2]
     return o, ht if output_final_state else None
+
+
+# ----------------------------------------------------------------------------- the short convs: causal_conv1d
+
+def _conv_ctx(x, weight):
+    from fla.modules.causal_conv1d.ops import _has_non_standard_layout
+    return _Ctx((x, weight, None, None, None), activation='silu', cu_seqlens=None, cu_seqlens_cpu=None,
+                chunk_indices=None, layout_fallback=_has_non_standard_layout(x=x))
+
+
+@torch.library.custom_op(f'{NS}::causal_conv1d_silu_fwd', mutates_args=(), device_types='cuda')
+def _conv_fwd(x: Tensor, weight: Tensor) -> Tensor:
+    from fla.modules.causal_conv1d.ops import CausalConv1dFunction
+    y, _ = CausalConv1dFunction.forward(_Ctx(), x, weight, None, None, None, False, 'silu')
+    return y.contiguous()  # fla allocates it contiguous; said here, since the fake must promise the same
+
+
+@_conv_fwd.register_fake
+def _(x, weight):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op(f'{NS}::causal_conv1d_silu_bwd', mutates_args=(), device_types='cuda')
+def _conv_bwd(dy: Tensor, x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    from fla.modules.causal_conv1d.ops import CausalConv1dFunction
+    dx, dw = CausalConv1dFunction.backward(_conv_ctx(x, weight), dy, None)[:2]
+    return dx.contiguous(), dw  # dx: empty_like(x), contiguous for a strided x, and so in the fake
+
+
+@_conv_bwd.register_fake
+def _(dy, x, weight):
+    return x.new_empty(x.shape), torch.empty_like(weight)
+
+
+def _conv_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _conv_backward(ctx, dy):
+    x, weight = ctx.saved_tensors
+    return _conv_bwd(dy, x, weight)
+
+
+_conv_fwd.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+def causal_conv1d_silu(x, weight):
+    """fla's causal_conv1d(x, weight, activation='silu') (Triton, the SiLU fused) as a custom op: x (B, T, C),
+    which may be a strided view (a slice of a wider matmul's output); weight (C, K). Returns (B, T, C)."""
+    return _conv_fwd(x, weight.contiguous())

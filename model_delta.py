@@ -134,16 +134,6 @@ def _fla_chunk_delta_rule():
     return chunk_delta_rule
 
 
-def _fla_causal_conv1d():
-    """fla's Triton causal_conv1d (x (B, T, C), weight (C, K), fused SiLU), imported on first use."""
-    try:
-        from fla.modules.causal_conv1d import causal_conv1d
-    except ImportError as e:
-        raise ImportError("the fla backend needs flash-linear-attention (pip install fla-core) and Triton; "
-                          "use backend='torch' to run the PyTorch reference instead") from e
-    return causal_conv1d
-
-
 def delta_rule_fla(q, k, v, beta, scale, initial_state=None, output_final_state=False, kernel_dtype=torch.bfloat16):
     """fla's chunk_delta_rule on raw (not yet normalised) q, k: the kernel L2-normalises them itself
     (use_qk_l2norm_in_kernel=True, as fla's DeltaNet layer does; same formula as l2norm() above), called
@@ -182,18 +172,17 @@ def short_conv(x, weight, cache=None, fla=False):
     the previous K-1 inputs, updated in place. x may be a view with strides (a slice of a wider matmul's
     output).
 
-    y_t = silu(sum_j w_j * x_{t-K+1+j}). fla=True (CUDA, no cache: eager training and uncached forwards):
-    fla's Triton causal_conv1d, one kernel forward and one backward with the SiLU fused. Otherwise, and
-    whenever torch.compile traces it (fla's conv would be a graph break), K
-    shifted multiply-adds in the (B, T, C) layout, not F.conv1d: on the H200 the depthwise conv kernels
-    (and the (B, C, T) transposes around them) took 24% of DeltaNet's GPU time per training step
-    (bench.py profile), while torch.compile fuses the shifted sums, the SiLU and their backward into a
-    few elementwise kernels (and the decoding step, T = 1 with a cache, into one or two)."""
+    y_t = silu(sum_j w_j * x_{t-K+1+j}). fla=True (CUDA, no cache: training and uncached forwards):
+    fla's Triton causal_conv1d, one kernel forward and one backward with the SiLU fused, through its
+    custom op (fla_ops.py), so compiled too: Inductor's fusion of the shifted sums below was slower in the
+    compiled training step (results/training-speedups/custom-ops/). Otherwise (the CPU reference, and
+    decoding with a cache) K shifted multiply-adds in the (B, T, C) layout, not F.conv1d, whose
+    (B, C, T) transposes cost copies; torch.compile fuses them, and the decoding step (T = 1 with a
+    cache) into one or two kernels."""
     B, T, C = x.shape
     K = weight.size(-1)
-    if fla and cache is None and not torch.compiler.is_compiling():  # compiled, the sums below fuse
-        y, _ = _fla_causal_conv1d()(x, weight[:, 0, :], activation='silu')  # weight (C, K)
-        return y
+    if fla and cache is None:
+        return fla_ops.causal_conv1d_silu(x, weight[:, 0, :])  # weight (C, K)
     if cache is None:
         xp = F.pad(x, (0, 0, K - 1, 0))                     # (B, K-1+T, C), zeros before the start
     else:

@@ -15,7 +15,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA (fla
 
 def test_ops_register_without_fla():
     """Importing fla_ops (every model file does) registers the ops and imports neither fla nor triton."""
-    assert hasattr(torch.ops.bakeoff, 'chunk_delta_rule_fwd') and hasattr(torch.ops.bakeoff, 'chunk_gated_delta_product_bwd')
+    for op in ('chunk_delta_rule_fwd', 'chunk_gated_delta_product_bwd', 'causal_conv1d_silu_fwd', 'causal_conv1d_silu_bwd'):
+        assert hasattr(torch.ops.bakeoff, op), op
     if not torch.cuda.is_available():
         assert 'fla.ops' not in sys.modules
 
@@ -89,6 +90,34 @@ def test_chunk_gated_delta_product_op_is_fla_bitwise(T, gated, h0):
     _assert_bitwise(_run(op, x, do, dht), _run(direct, x, do, dht))
 
 
+def _conv_inputs(B, T, C, K, seed):
+    """x as the models pass it, a strided view: the first C channels of a wider matmul output (B, T, C + 6)."""
+    g = torch.Generator(device='cuda').manual_seed(seed)
+    return dict(wide=torch.randn(B, T, C + 6, device='cuda', generator=g).to(torch.bfloat16),
+                w=torch.randn(C, K, device='cuda', generator=g) / K)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize('T', [63, 256])
+def test_causal_conv1d_op_is_fla_bitwise(T):
+    """The short conv's op against fla's causal_conv1d(activation='silu'): the output, dx and dw, on a
+    strided x (fla's layout fallback) under bf16 autocast, as DeltaNet's fused q, k, v conv calls it."""
+    from fla.modules.causal_conv1d import causal_conv1d
+    B, C, K = 2, 384, 4
+    x = _conv_inputs(B, T, C, K, seed=T)
+    dy = torch.randn(B, T, C, device='cuda')
+
+    def run(fn):
+        wide, w = x['wide'].clone().requires_grad_(), x['w'].clone().requires_grad_()
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            y = fn(wide[..., :C], w)
+        (y.float() * dy).sum().backward()
+        return {'o': y, 'dx': wide.grad, 'dw': w.grad}
+
+    _assert_bitwise(run(fla_ops.causal_conv1d_silu), run(lambda a, w: causal_conv1d(a, w, activation='silu')[0]))
+
+
 @cuda
 @pytest.mark.cuda
 def test_opcheck():
@@ -102,6 +131,9 @@ def test_opcheck():
     y = _inputs(2, 100, 4, D, D, n=2, gated=gated, h0=True)
     torch.library.opcheck(torch.ops.bakeoff.chunk_gated_delta_product_fwd.default,
                           (y['q'], y['k'], y['v'], y.get('g'), y['beta'], y['h0'], D ** -0.5, 2, True))
+    c = _conv_inputs(2, 100, 96, 4, seed=1)
+    torch.library.opcheck(torch.ops.bakeoff.causal_conv1d_silu_fwd.default,
+                          (c['wide'].requires_grad_()[..., :96], c['w'].requires_grad_()))
 
 
 SMALL = dict(n_layer=2, n_embd=128, n_head=2, block_size=128, vocab_size=65, dropout=0.1)
