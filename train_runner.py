@@ -42,8 +42,8 @@ import torch
 import model as model_lib
 import tasks
 from runtime import (TRISTATE, ConfigError, GraphedStep, Progress, as_list, atomic_torch_save,
-                     atomic_write_json, check_minimum, check_value, execution_modes, fmt_time, key_table, load_json,
-                     parse_value, peak_flops, pick_device, run_metadata, user_error)
+                     atomic_write_json, check_minimum, check_value, device_name, execution_modes, fmt_time,
+                     key_table, load_json, parse_value, peak_flops, pick_device, run_metadata, user_error)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -1018,6 +1018,7 @@ def _lm_stage(planner, opts, overrides, label, results_dir, cuda, preset, gpus, 
     'bench': bench's {step: status} or None, 'choices', 'waiting'}, or with --plan the plan itself."""
     shard_k, shard_n = shard
     results, eta, trained, first = {}, _SweepEta(), [], None
+    here = device_name('cuda' if cuda else 'cpu')  # finished records of this device are the ETA's first source
     while True:  # plan, train what is planned and not done, plan again (tuning rounds, then seeds, controls)
         plan, waiting = planner.plan()
         mine = shard_of(plan, shard_k, shard_n)
@@ -1026,6 +1027,7 @@ def _lm_stage(planner, opts, overrides, label, results_dir, cuda, preset, gpus, 
             prev = planner.record(r)
             if prev is not None:
                 results[r['out_dir']] = (r, prev)
+                eta.from_record(r['name'], r['out_dir'], prev, here)
             else:
                 resume = r['same'] and os.path.exists(os.path.join(r['out_dir'], 'ckpt_last.pt'))
                 todo.append((r, {**r['cfg'], 'init_from': 'resume' if resume else 'scratch'}))
@@ -1033,19 +1035,20 @@ def _lm_stage(planner, opts, overrides, label, results_dir, cuda, preset, gpus, 
         # a few timed iterations of each model to train (not worth it for a smoke test, nor the full size on CPU)
         for _, c in todo:
             m = c.get('variant') or c['model_type']
-            if m not in eta.probe and resolve_config(None, c)['max_iters'] >= 10 * PROBE_ITERS and (
-                    cuda or preset != 'full'):
+            if m not in eta.probe and not eta.known(m) and resolve_config(None, c)['max_iters'] >= 10 * PROBE_ITERS \
+                    and (cuda or preset != 'full'):
                 eta.probe[m] = _probe(c)
-        if todo and eta.probe:
+        if todo and (eta.probe or eta.recorded):
             names = [r['name'] for r, _ in todo]
             left, later = eta.left(names), eta.left(planner.later) if planner.later else 0.0
             first = first or (left / gpus if left else None)
             print(f"training estimate: {fmt_time(left / gpus) if left else 'unknown'} for these {len(todo)} runs on "
-                  f"{gpus} GPU(s)" + (f", then {fmt_time(later / gpus) if later else 'unknown'} for at least "
+                  + (f"{gpus} GPU(s)" if cuda else "this CPU") + (f", then {fmt_time(later / gpus) if later else 'unknown'} for at least "
                                       f"{len(planner.later)} runs planned once the tuning is done"
                                       if planner.later else '')
-                  + " (per run: " + ', '.join(f"{m} {fmt_time(v) if v else 'unknown'}" for m, v in eta.probe.items())
-                  + f"; from an eager run of {PROBE_ITERS} iterations of each model)")
+                  + " (per run: " + ', '.join(f"{m} {fmt_time(eta.run(m)) if eta.run(m) else 'unknown'}"
+                                              for m in dict.fromkeys(names))
+                  + f"; {eta.sources(names)})")
         elif todo:
             print(f"training estimate: none ({'the full preset on CPU' if preset == 'full' else 'runs too short'})"
                   + (f"; at least {len(planner.later)} runs follow once the tuning is done" if planner.later else ''))
@@ -1312,17 +1315,22 @@ def _probe(run_cfg):
     until a run of the model finishes) with an evaluation of PROBE_EVAL_ITERS batches per split at the start
     and the end, in a scratch folder, output hidden: its ms/iter and time per eval batch, times the run's
     iterations and eval batches. (Not its startup: the first train() of a process pays one-time costs,
-    imports and data loading, that the runs don't.) None if the probe fails (the run will say why)."""
+    imports and data loading, that the runs don't.) On CUDA a one-iteration warm-up goes first: the first
+    call of each kernel shape autotunes (30-110 s for an fla kernel on the H200), and timed, that made a
+    DeltaNet run of 3000 steps read 11m41s where it took 40-60 s. None if the probe fails (the run will say
+    why)."""
     import io
     import shutil
     import tempfile
     from contextlib import redirect_stdout
     cfg, tmp = resolve_config(None, run_cfg), tempfile.mkdtemp(prefix='eta-probe-')
     try:
+        probe = {**run_cfg, 'out_dir': tmp, 'init_from': 'scratch', 'eval_iters': PROBE_EVAL_ITERS, 'log_interval': 1,
+                 'compile': False, 'cuda_graphs': False, 'wandb_log': False}
         with redirect_stdout(io.StringIO()):
-            s = train(None, {**run_cfg, 'out_dir': tmp, 'init_from': 'scratch', 'max_iters': PROBE_ITERS,
-                             'eval_interval': PROBE_ITERS, 'eval_iters': PROBE_EVAL_ITERS, 'log_interval': 1,
-                             'compile': False, 'cuda_graphs': False, 'wandb_log': False})
+            if pick_device(cfg['device']).startswith('cuda'):  # untimed: every kernel's first call
+                train(None, {**probe, 'out_dir': os.path.join(tmp, 'warmup'), 'max_iters': 1, 'eval_interval': 1})
+            s = train(None, {**probe, 'max_iters': PROBE_ITERS, 'eval_interval': PROBE_ITERS})
     except Exception as e:
         print(f"ETA probe of {run_cfg['model_type']} failed ({type(e).__name__}: {model_lib.first_line(e)})")
         return None
@@ -1336,20 +1344,34 @@ def _probe(run_cfg):
 
 
 class _SweepEta:
-    """The sweep's ETA: each run to come estimated from its own model's speed: the mean time of that model's
-    runs finished in this sweep; before one has, its probe, scaled by how the finished runs of other models
-    compared with theirs (on CUDA the probe runs eagerly, the runs compiled); without a probe, the mean of
-    all finished runs."""
+    """The sweep's ETA: each run to come estimated from its own model's speed. First the mean time of that
+    model's runs finished in this sweep; else of its finished runs recorded on this device by an earlier
+    sweep (a resumed sweep: results_dir's records, whole runs only); else its probe, scaled by how the
+    finished runs of other models compared with theirs (on CUDA the probe runs eagerly, the runs compiled);
+    without a probe, the mean of all finished runs."""
 
     def __init__(self):
-        self.probe, self.measured = {}, {}
+        self.probe, self.measured, self.recorded, self._seen = {}, {}, {}, set()
 
     def add(self, model_type, seconds):
         self.measured.setdefault(model_type, []).append(seconds)
 
+    def from_record(self, model_type, out_dir, summary, device):
+        """A finished run's summary.json, counted once, if it ran on `device` in one piece (not resumed)."""
+        if out_dir in self._seen:
+            return
+        self._seen.add(out_dir)
+        rec = load_json(os.path.join(out_dir, 'config.json')) or {}
+        if rec.get('device') == device and summary.get('segments', 1) == 1 and summary.get('wall_s'):
+            self.recorded.setdefault(model_type, []).append(float(summary['wall_s']))
+
+    def known(self, model_type):
+        return model_type in self.measured or model_type in self.recorded
+
     def run(self, model_type):
-        if model_type in self.measured:
-            return float(np.mean(self.measured[model_type]))
+        for times in (self.measured, self.recorded):
+            if model_type in times:
+                return float(np.mean(times[model_type]))
         scale = [np.mean(v) / self.probe[m] for m, v in self.measured.items() if self.probe.get(m)]
         if self.probe.get(model_type):
             return self.probe[model_type] * (float(np.mean(scale)) if scale else 1.0)
@@ -1360,6 +1382,15 @@ class _SweepEta:
         """Seconds for runs of these model types, one after another (None while any is unknown)."""
         est = [self.run(m) for m in model_types]
         return None if any(e is None for e in est) else sum(est)
+
+    def sources(self, model_types):
+        """Where the estimate of these model types comes from, in words."""
+        models = list(dict.fromkeys(model_types))
+        rec = [m for m in models if m not in self.measured and m in self.recorded]
+        probed = [m for m in models if not self.known(m) and self.probe.get(m)]
+        parts = ([f"{', '.join(rec)}: the mean of its finished runs on this device"] if rec else []) + \
+                ([f"{', '.join(probed)}: a probe of {PROBE_ITERS} eager iterations"] if probed else [])
+        return '; '.join(parts) or 'from the runs finished in this sweep'
 
 
 class _Tee:

@@ -39,6 +39,30 @@ def test_the_sweep_estimates_each_run_from_its_own_models_speed():
     assert train_runner._SweepEta().left(['vanilla']) is None  # nothing known: no number
 
 
+def test_a_resumed_sweep_estimates_from_the_records_of_this_device(tmp_path):
+    """Finished runs of an earlier sweep on the same device are the estimate before any probe: whole runs only
+    (a resumed run's wall time is a part), each record counted once however often the sweep plans again."""
+    import json
+    def record(name, device, wall_s, segments=1):
+        d = tmp_path / name
+        d.mkdir()
+        (d / 'config.json').write_text(json.dumps({'device': device}))
+        return str(d), {'status': 'done', 'wall_s': wall_s, 'segments': segments}
+    eta = train_runner._SweepEta()
+    for name, device, wall, seg in (('a', 'NVIDIA H200', 40.0, 1), ('b', 'NVIDIA H200', 60.0, 1),
+                                    ('c', 'NVIDIA A100', 500.0, 1), ('d', 'NVIDIA H200', 5.0, 2)):
+        out_dir, summary = record(name, device, wall, seg)
+        eta.from_record('delta', out_dir, summary, 'NVIDIA H200')
+        eta.from_record('delta', out_dir, summary, 'NVIDIA H200')  # planned again: not counted twice
+    assert eta.known('delta') and not eta.known('nsa')
+    assert eta.run('delta') == 50.0  # a and b: not the other device's run, nor the resumed one's part
+    eta.probe['delta'] = 700.0  # an eager probe does not override what was measured
+    assert eta.left(['delta', 'delta']) == 100.0
+    assert eta.sources(['delta']) == 'delta: the mean of its finished runs on this device'
+    eta.add('delta', 30.0)
+    assert eta.run('delta') == 30.0  # this sweep's own runs come first
+
+
 def test_the_probe_estimates_a_run_with_heavy_evaluations(prepared, tmp_path):
     # evaluation takes two thirds of this run (9 evals of 2 x 8 batches against 40 small steps): the estimate
     # must count it (without it, the estimate would be a third of the time)
