@@ -49,9 +49,9 @@ import torch
 from torch.nn import functional as F
 
 import model
-from report import (DECODE_COL, GENERATE_COL, add_vs_vanilla, bakeoff, load_runs, model_kw_from_runs, mqar,
-                    plot_decode_throughput, plot_latency, plot_length_gen, plot_memory, plot_scaling, plot_throughput,
-                    report, resolve_runs_dir, runs, state_tracking)
+from report import (DECODE_COL, GENERATE_COL, add_vs_vanilla, bakeoff, bakeoff_cells, has_test_split, load_runs,
+                    model_kw_from_runs, mqar, plot_decode_throughput, plot_latency, plot_length_gen, plot_memory,
+                    plot_scaling, plot_throughput, report, resolve_runs_dir, run_model_name, runs, state_tracking)
 from runtime import (TRISTATE, GraphedStep, Progress, act_dtype, as_list, autocast_for, check_value, device_name,
                      execution_modes, failure_status, fmt_cell, fmt_time, free_memory, is_oom, key_table, load_dataset,
                      load_split, median, parse_value, peak_flops, read_csv, resolve_device, sync, write_csv, write_meta)
@@ -1232,8 +1232,9 @@ def bucket_rows(name, context, sums, n_windows, bucket, mode):
 def length_gen(out='results/full', runs_dir=None, contexts=None, split='test', bucket=256, max_windows=None,
                batch_size=8, device='auto', models=None, preset=None):
     """Loss against position past the training context (<out>/length_generalization.csv, .png, .meta.json):
-    each model's checkpoints (ckpt_best.pt of every seed at its tuned learning rate, the bake-off's: lowest mean
-    best val loss, ties to the smaller) evaluated on the dataset's `split` at each context (256 .. 4096), the
+    each model's and variant's checkpoints (ckpt_best.pt of every seed at the bake-off's chosen (lr, dropout),
+    report.bakeoff_cells; a seed whose checkpoint is absent, trained elsewhere, is left out and named in the
+    .meta.json) evaluated on the dataset's `split` at each context (256 .. 4096), the
     next-token loss per position bucket (0-255, 256-511, ...) over non-overlapping windows of the split (all
     that fit, or max_windows), pooled over seeds (n_tokens counts them). Models without learned positions
     (DeltaNet, Gated DeltaProduct, NSA with its RoPE, a RoPE or no-position vanilla) run the whole context;
@@ -1246,24 +1247,30 @@ def length_gen(out='results/full', runs_dir=None, contexts=None, split='test', b
                          f"{batch_size}")
     rdir, preset = resolve_runs_dir(out, preset, runs_dir)
     runs, _ = load_runs(rdir)
+    runs = [r for r in runs if has_test_split(r)]  # the bake-off's protocol: older records measured another split
     if models is not None:
-        runs = [r for r in runs if r['summary']['model_type'] in as_list(models, str)]
+        want = as_list(models, str)
+        runs = [r for r in runs if r['summary']['model_type'] in want or run_model_name(r) in want]
     if not runs:
-        raise ValueError(f"length_gen: no finished runs under {rdir}" + (f" of models {models}" if models else ''))
-    by_model = {}
-    for r in runs:
-        s = r['summary']
-        by_model.setdefault(s['model_type'], {}).setdefault(float(s['learning_rate']), []).append(r)
-    picked = {}
-    for mt, by_lr in by_model.items():
-        mean = {lr: sum(float(r['summary']['best_val_loss']) for r in rs) / len(rs) for lr, rs in by_lr.items()}
-        best_lr = min(sorted(mean), key=lambda lr: mean[lr])
-        ckpts = [os.path.join(rdir, r['name'], 'ckpt_best.pt') for r in by_lr[best_lr]]
-        missing = [c for c in ckpts if not os.path.exists(c)]
-        if missing:
-            raise FileNotFoundError(f"length_gen: {mt}'s checkpoints are missing ({', '.join(missing)}); they are "
-                                    f"not committed: run where the sweep trained them")
-        picked[mt] = (best_lr, by_lr[best_lr], ckpts)
+        raise ValueError(f"length_gen: no finished runs with a test split under {rdir}"
+                         + (f" of models {models}" if models else ''))
+    # each model and variant at the bake-off's chosen (lr, dropout), from validation alone (report.bakeoff_cells)
+    names, cells, _ = bakeoff_cells(runs)
+    picked, absent = {}, {}
+    for name in names:
+        cell, rs = cells[name]
+        ckpts = [os.path.join(rdir, r['name'], 'ckpt_best.pt') for r in rs]
+        have = [(r, c) for r, c in zip(rs, ckpts) if os.path.exists(c)]
+        absent[name] = [r['name'] for r, c in zip(rs, ckpts) if not os.path.exists(c)]
+        if absent[name]:  # a seed trained on another machine or session: its checkpoint is not here
+            print(f"[length_gen] {name}: no checkpoint for {', '.join(absent[name])}"
+                  + ("; scoring the other seeds" if have else "; skipped"))
+        if have:
+            picked[name] = (cell, [r for r, _ in have], [c for _, c in have])
+    if not picked:
+        raise FileNotFoundError(f"length_gen: none of the chosen runs under {rdir} has its checkpoint; they are not "
+                                f"committed: run where the sweep trained them")
+    runs = [r for _, rs, _ in picked.values() for r in rs]
     datasets = {r['config']['config']['dataset'] for r in runs}
     if len(datasets) != 1:
         raise ValueError(f"length_gen: the runs trained on several datasets {sorted(datasets)}")
@@ -1277,8 +1284,8 @@ def length_gen(out='results/full', runs_dir=None, contexts=None, split='test', b
     units = [(mt, ck, c) for mt, (_, _, cks) in picked.items() for ck in cks for c in contexts]
     progress = Progress(len(units), 'length_gen', weights=[c * n_win[c] for _, _, c in units], bar=True)
     rows = []
-    for mt in sorted(picked, key=lambda m: list(model.MODEL_TYPES).index(m) if m in model.MODEL_TYPES else 99):
-        lr, rs, ckpts = picked[mt]
+    for mt in picked:  # table order (report.bakeoff_cells)
+        (lr, dropout), rs, ckpts = picked[mt]
         for c in contexts:
             sums, mode = torch.zeros(c, dtype=torch.float64), None
             for ck in ckpts:
@@ -1288,7 +1295,8 @@ def length_gen(out='results/full', runs_dir=None, contexts=None, split='test', b
                 progress.update(c * n_win[c])
                 del m, state
             rows += bucket_rows(mt, c, sums, n_win[c] * len(ckpts), bucket, mode)
-            print(f"[length_gen] {mt} (lr {lr:g}, {len(ckpts)} seed(s)) at context {c} ({mode}, {n_win[c]} windows): "
+            print(f"[length_gen] {mt} (lr {lr:g}, dropout {dropout:g}, {len(ckpts)} seed(s)) at context {c} "
+                  f"({mode}, {n_win[c]} windows): "
                   f"loss {float(sums.sum()) / (c * n_win[c] * len(ckpts)):.4f} | {progress.text()}", flush=True)
     progress.close()
     write_csv(os.path.join(out, 'length_generalization.csv'), rows, LENGTH_COLS)
@@ -1296,7 +1304,8 @@ def length_gen(out='results/full', runs_dir=None, contexts=None, split='test', b
     write_meta(out, 'length_generalization', device, dict(contexts=contexts, split=split, bucket=bucket,
                                                          max_windows=max_windows, batch_size=batch_size),
                runs_dir=rdir, checkpoints={mt: [os.path.relpath(c, rdir) for c in v[2]] for mt, v in picked.items()},
-               learning_rates={mt: v[0] for mt, v in picked.items()})
+               cells={mt: {'lr': v[0][0], 'dropout': v[0][1]} for mt, v in picked.items()},
+               without_checkpoint={mt: v for mt, v in absent.items() if v})
     return rows
 
 

@@ -389,12 +389,12 @@ def _source_meta(out, name):
     return {'file': f'{name}.csv', **{k: meta.get(k) for k in ('git_commit', 'device', 'command')}}
 
 
-def _has_test_split(run):
+def has_test_split(run):
     """Whether a run record carries the test split's losses (recorded since the 90/5/5 split)."""
     return run['summary'].get('test_loss') is not None
 
 
-def _name(run):
+def run_model_name(run):
     """The model's name as the sweep wrote it (a variant's, e.g. vanilla+attn_dropout=0), else its model type."""
     return run['summary'].get('model') or run['summary']['model_type']
 
@@ -404,13 +404,46 @@ def _dropout(run):
 
 
 def _name_order(run_or_name, types=None):
-    name = run_or_name if isinstance(run_or_name, str) else _name(run_or_name)
+    name = run_or_name if isinstance(run_or_name, str) else run_model_name(run_or_name)
     mt = name.split('+')[0]
     return (_model_order(mt), name != mt, name)
 
 
 def _bool(x):
     return '-' if x is None else str(bool(x))
+
+
+def _cell(run):
+    return float(run['summary']['learning_rate']), _dropout(run)
+
+
+def bakeoff_cells(runs):
+    """Each model's chosen (lr, dropout) cell, from validation alone: (names in table order, {name: ((lr,
+    dropout), that cell's runs by seed)}, {name: (tuning seed, its grid runs by cell)}). A model with tuning
+    runs chooses the lowest best val loss of its grid at the tuning seed (the first of ties); one without
+    (a control, or a sweep of the tuned configs) has the cell with the most seeds, then the lowest mean best
+    val loss. Names are the sweep's (a variant's, e.g. vanilla+attn_dropout=0, is a model of its own)."""
+    from runtime import mean_std
+    by_model = {}
+    for r in runs:
+        by_model.setdefault(run_model_name(r), []).append(r)
+    names = sorted(by_model, key=_name_order)
+    cells, grids = {}, {}
+    for name in names:
+        rs, groups = by_model[name], {}
+        for r in rs:
+            groups.setdefault(_cell(r), []).append(r)
+        tuned = [r for r in rs if str(r['config']['config'].get('sweep_stage', '')).startswith('tune')]
+        if tuned:
+            seed = min(int(r['summary']['seed']) for r in tuned)
+            grid = sorted((r for r in rs if int(r['summary']['seed']) == seed), key=_cell)
+            grids[name] = (seed, grid)
+            c = _cell(min(grid, key=lambda r: float(r['summary']['best_val_loss'])))
+        else:
+            c = min(sorted(groups), key=lambda c: (-len(groups[c]),
+                                                   mean_std([float(r['summary']['best_val_loss']) for r in groups[c]])[0]))
+        cells[name] = (c, sorted(groups[c], key=lambda r: int(r['summary']['seed'])))
+    return names, cells, grids
 
 
 def bakeoff_tested(out, runs_dir, preset, runs, skipped):
@@ -420,47 +453,24 @@ def bakeoff_tested(out, runs_dir, preset, runs, skipped):
     lowest best val loss of the tuning runs (validation alone; test is only reported); a model without tuning
     runs (a control, or a sweep of the tuned configs) has the (lr, dropout) with the most seeds."""
     from runtime import mean_std, welch
-    old = [r['name'] for r in runs if not _has_test_split(r)]
+    old = [r['name'] for r in runs if not has_test_split(r)]
     skipped = skipped + [f"{n}: recorded before the test split (no test loss)" for n in old]
-    runs = [r for r in runs if _has_test_split(r)]
+    runs = [r for r in runs if has_test_split(r)]
     for s in skipped:
         print(f"[bakeoff] skipped run {s}")
     print(f"[bakeoff] {len(runs)} finished runs with a test split from {runs_dir}")
-    by_model = {}
-    for r in runs:
-        by_model.setdefault(_name(r), []).append(r)
-    names = sorted(by_model, key=_name_order)
-
-    def cell(r):
-        return float(r['summary']['learning_rate']), _dropout(r)
-
-    tuning_rows, chosen = [], {}
+    names, cells, grids = bakeoff_cells(runs)
+    tuning_rows = []
     for name in names:
-        rs = by_model[name]
-        tuned = [r for r in rs if str(r['config']['config'].get('sweep_stage', '')).startswith('tune')]
-        if tuned:
-            seed = min(int(r['summary']['seed']) for r in tuned)
-            grid = sorted((r for r in rs if int(r['summary']['seed']) == seed), key=cell)
-            chosen[name] = min(grid, key=lambda r: float(r['summary']['best_val_loss']))  # first of ties
-            for r in grid:
-                s = r['summary']
-                tuning_rows.append(dict(
-                    model=name, lr=f"{cell(r)[0]:g}", dropout=f"{cell(r)[1]:g}", seed=str(seed),
-                    best_val_loss=_f(float(s['best_val_loss']), '.4f'), best_iter=str(s['best_iter']),
-                    test_loss=_f(float(s['test_loss']), '.4f'), train_loss_at_best=_f(s.get('train_loss_at_best'), '.4f'),
-                    extended=str(r['config']['config'].get('sweep_stage') == 'tune-extended'),
-                    chosen=str(r is chosen[name])))
-    cells = {}
-    for name in names:
-        groups = {}
-        for r in by_model[name]:
-            groups.setdefault(cell(r), []).append(r)
-        if name in chosen:
-            c = cell(chosen[name])
-        else:  # the most seeds; then the lowest mean best val loss
-            c = min(sorted(groups), key=lambda c: (-len(groups[c]),
-                                                   mean_std([float(r['summary']['best_val_loss']) for r in groups[c]])[0]))
-        cells[name] = (c, sorted(groups[c], key=lambda r: int(r['summary']['seed'])))
+        seed, grid = grids.get(name, (None, []))
+        for r in grid:
+            s = r['summary']
+            tuning_rows.append(dict(
+                model=name, lr=f"{_cell(r)[0]:g}", dropout=f"{_cell(r)[1]:g}", seed=str(seed),
+                best_val_loss=_f(float(s['best_val_loss']), '.4f'), best_iter=str(s['best_iter']),
+                test_loss=_f(float(s['test_loss']), '.4f'), train_loss_at_best=_f(s.get('train_loss_at_best'), '.4f'),
+                extended=str(r['config']['config'].get('sweep_stage') == 'tune-extended'),
+                chosen=str(_cell(r) == cells[name][0])))
 
     van = cells.get('vanilla')
     van_test = [float(r['summary']['test_loss']) for r in van[1]] if van else []
@@ -618,7 +628,7 @@ def bakeoff(out='results', preset=None, runs_dir=None):
     Deterministic: the files depend only on the records (and on <out>/memory.csv and latency.csv when present)."""
     runs_dir, preset = resolve_runs_dir(out, preset, runs_dir)
     runs, skipped = load_runs(runs_dir)
-    if any(_has_test_split(r) for r in runs):  # the records of the test split: the bake-off with seeds and CIs
+    if any(has_test_split(r) for r in runs):  # the records of the test split: the bake-off with seeds and CIs
         return bakeoff_tested(out, runs_dir, preset, runs, skipped)
     # records from before the test split (one seed, val loss only): the tables they always rendered to
     for s in skipped:
@@ -1509,7 +1519,8 @@ def length_gen_body(rows, out):
                          lambda r: f"{float(r['loss']):.3f}")
     trained = sorted({r['mode'] for r in rows})
     return [f"Next-token loss per position bucket at context {longest} (the test split's non-overlapping "
-            f"windows; each model's checkpoints at its tuned learning rate, pooled over seeds). Models without "
+            f"windows; each model's and variant's checkpoints at its chosen (lr, dropout), pooled over the seeds "
+            f"whose checkpoints were there: the .meta.json names them). Models without "
             f"learned positions run the whole context ('full'); vanilla with learned positions slides its "
             f"training window ('sliding N': each token predicted from the N before it), which makes it the "
             f"reference line: it never sees a position past N. Modes here: {', '.join(trained)}.", "",
@@ -1520,17 +1531,19 @@ def length_gen_body(rows, out):
 
 
 def plot_length_gen(rows, path):
-    """Loss against position (bucket midpoints), a panel per context, a line per model."""
+    """Loss against position (bucket midpoints), a panel per context, a line per model and variant (in the
+    rows' order, one colour each across the panels)."""
     plt = pyplot()
     contexts = sorted({int(r['context']) for r in rows})
+    names = list(dict.fromkeys(r['model'] for r in rows))
     fig, axes = plt.subplots(1, len(contexts), figsize=(3.6 * len(contexts), 3.6), squeeze=False, sharey=True)
     for ax, c in zip(axes[0], contexts):
         at = [r for r in rows if int(r['context']) == c]
-        for mt in sorted({r['model'] for r in at}, key=_model_order):
+        for mt in [n for n in names if any(r['model'] == n for r in at)]:
             pts = [(sum(map(int, r['position_bucket'].split('-'))) / 2, float(r['loss']))  # bucket midpoints
                    for r in at if r['model'] == mt]
             mode = next(r['mode'] for r in at if r['model'] == mt)
-            ax.plot(*zip(*sorted(pts)), 'o-', ms=3, color=color_of(mt),
+            ax.plot(*zip(*sorted(pts)), 'o-', ms=3, color=plt.cm.tab10(names.index(mt) % 10),
                     label=mt + (f" ({mode})" if mode != 'full' else ''))
         ax.set_title(f"context {c}")
         ax.set_xlabel('position')

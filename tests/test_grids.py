@@ -321,6 +321,43 @@ def test_length_gen_on_trained_runs(prepared, tmp_path):
     assert '## Length generalisation (loss against position)' in md and 'vanilla (sliding 16)' in md
 
 
+def test_length_gen_scores_each_models_chosen_cell_and_each_variant(prepared, tmp_path):
+    """On the bake-off's records: each model at its chosen (lr, dropout) of the tuning grid (validation alone,
+    as the bake-off table), never pooled with its other cells; a variant (the dense RoPE twin) as a line of its
+    own, even though its model type is vanilla's; a seed whose checkpoint is absent (trained in another session)
+    left out, scored on the others, and named in the .meta.json."""
+    runs = tmp_path / 'runs'
+    base = dict(max_iters=4, eval_interval=2, eval_iters=1, block_size=16, batch_size=4, n_layer=1, n_embd=32,
+                n_head=2, d_ff=64, device='cpu', compile=False, dropout=0.0)
+    cells = [(1e-3, 0.0), (3e-2, 0.0)]
+    for lr, d in cells:
+        train_runner.train(None, dict(base, model_type='vanilla', learning_rate=lr, dropout=d, sweep_stage='tune',
+                                      out_dir=str(runs / f'vanilla-lr{lr:g}-d{d:g}-s1337')))
+    twin = 'vanilla+pos_emb=rope'
+    for seed in (1337, 1338):
+        train_runner.train(None, dict(base, model_type='vanilla', pos_emb='rope', variant=twin, seed=seed,
+                                      sweep_stage='control', out_dir=str(runs / f'{twin}-lr0.001-d0-s{seed}')))
+    os.remove(runs / f'{twin}-lr0.001-d0-s1338' / 'ckpt_best.pt')
+    loaded, _ = report.load_runs(str(runs))
+    _, chosen, _ = report.bakeoff_cells(loaded)
+    rows = bench.length_gen(out=str(tmp_path), runs_dir=str(runs), contexts=[16, 32], split='val', bucket=16,
+                            max_windows=2)
+    assert [m for m in dict.fromkeys(r['model'] for r in rows)] == ['vanilla', twin]
+    meta = json.load(open(tmp_path / 'length_generalization.meta.json'))
+    lr, d = chosen['vanilla'][0]
+    assert meta['checkpoints']['vanilla'] == [f'vanilla-lr{lr:g}-d{d:g}-s1337/ckpt_best.pt']  # one cell, not both
+    assert meta['cells']['vanilla'] == {'lr': lr, 'dropout': d}
+    assert meta['checkpoints'][twin] == [f'{twin}-lr0.001-d0-s1337/ckpt_best.pt']
+    assert meta['without_checkpoint'] == {twin: [f'{twin}-lr0.001-d0-s1338']}
+    modes = {(r['model'], r['context']): r['mode'] for r in rows}
+    assert modes[('vanilla', 32)] == 'sliding 16' and modes[(twin, 32)] == 'full'  # RoPE runs the whole context
+    for d_ in runs.iterdir():
+        for f in d_.glob('ckpt_*.pt'):
+            f.unlink()
+    with pytest.raises(FileNotFoundError, match='not committed'):
+        bench.length_gen(out=str(tmp_path), runs_dir=str(runs), contexts=[16], split='val')
+
+
 def test_plan_trains_no_grid_run(tmp_path, capsys):
     """--plan with grid stages lists the runs each stage would train and trains none of them."""
     import train_runner
