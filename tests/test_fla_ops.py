@@ -11,6 +11,10 @@ import fla_ops
 import model
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA (fla\'s Triton kernels)')
+# fla autotunes each kernel on its first call per (heads, head dim, flags): 30-110 s each on the H200. The op
+# tests use the heads and head size of the compiled models below (SMALL: 2 heads of 64), so that those
+# models' steps find their kernels tuned (the comparisons are bit for bit: the shape loosens nothing).
+SMALL_HEADS = 2
 
 
 def test_ops_register_without_fla():
@@ -59,7 +63,7 @@ def _assert_bitwise(got, want):
 @pytest.mark.parametrize('h0,autocast', [(False, False), (True, False), (False, True)])
 def test_chunk_delta_rule_op_is_fla_bitwise(T, h0, autocast):
     from fla.ops.delta_rule import chunk_delta_rule
-    B, H, D = 2, 4, 64
+    B, H, D = 2, SMALL_HEADS, 64
     x = _inputs(B, T, H, D, D, h0=h0, seed=T)
     do = torch.randn(B, T, H, D, device='cuda')
     dht = torch.randn(B, H, D, D, device='cuda') if h0 else None
@@ -78,7 +82,7 @@ def test_chunk_gated_delta_product_op_is_fla_bitwise(T, gated, h0):
     from fla.ops.gated_delta_product import chunk_gated_delta_product
     if gated and fla_ops.gated_backward_problem():
         pytest.skip(fla_ops.gated_backward_problem())
-    B, H, D, n = 2, 4, 64, 2
+    B, H, D, n = 2, SMALL_HEADS, 64, 2
     x = _inputs(B, T, H, D, D, n=n, gated=gated, h0=h0, seed=T)
     do = torch.randn(B, T, H, D, device='cuda')
     dht = torch.randn(B, H, D, D, device='cuda') if h0 else None
@@ -124,11 +128,11 @@ def test_opcheck():
     """torch.library.opcheck: the fake implementations' shapes, dtypes and strides against the kernels', the
     schemas, and the autograd registrations (forward op with its backward op)."""
     D = 64
-    x = _inputs(2, 100, 4, D, D, h0=True)
+    x = _inputs(2, 100, SMALL_HEADS, D, D, h0=True)
     torch.library.opcheck(torch.ops.bakeoff.chunk_delta_rule_fwd.default,
                           (x['q'], x['k'], x['v'], x['beta'], x['h0'], D ** -0.5, True))
     gated = not fla_ops.gated_backward_problem()
-    y = _inputs(2, 100, 4, D, D, n=2, gated=gated, h0=True)
+    y = _inputs(2, 100, SMALL_HEADS, D, D, n=2, gated=gated, h0=True)
     torch.library.opcheck(torch.ops.bakeoff.chunk_gated_delta_product_fwd.default,
                           (y['q'], y['k'], y['v'], y.get('g'), y['beta'], y['h0'], D ** -0.5, 2, True))
     c = _conv_inputs(2, 100, 96, 4, seed=1)
@@ -136,7 +140,7 @@ def test_opcheck():
                           (c['wide'].requires_grad_()[..., :96], c['w'].requires_grad_()))
 
 
-SMALL = dict(n_layer=2, n_embd=128, n_head=2, block_size=128, vocab_size=65, dropout=0.1)
+SMALL = dict(n_layer=2, n_embd=128, n_head=SMALL_HEADS, block_size=128, vocab_size=65, dropout=0.1)
 
 
 @cuda
