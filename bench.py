@@ -1167,7 +1167,7 @@ def scaling(out='results', tiny=False, device='auto', models='vanilla,delta', sh
 # length generalisation: the bake-off's checkpoints past their training context
 
 LENGTH_CONTEXTS = [256, 512, 1024, 2048, 4096]
-LENGTH_COLS = ['model', 'context', 'position_bucket', 'loss', 'n_tokens', 'mode']
+LENGTH_COLS = ['model', 'context', 'position_bucket', 'loss', 'n_tokens', 'mode', 'seeds']
 
 
 def extended(run_model_config, state_dict, context, device):
@@ -1218,14 +1218,15 @@ def position_losses(m, data, context, n_windows, batch, device, autocast):
     return sums
 
 
-def bucket_rows(name, context, sums, n_windows, bucket, mode):
-    """Rows of (model, context, position_bucket 'a-b', mean loss, n_tokens) from per-position loss sums."""
+def bucket_rows(name, context, sums, n_windows, bucket, mode, seeds=1):
+    """Rows of (model, context, position_bucket 'a-b', mean loss, n_tokens, mode, seeds) from per-position loss
+    sums; n_windows counts every seed's windows."""
     rows = []
     for a in range(0, context, bucket):
         b = min(a + bucket, context)
         n = n_windows * (b - a)
         rows.append(dict(model=name, context=context, position_bucket=f"{a}-{b - 1}",
-                         loss=float(sums[a:b].sum()) / n, n_tokens=n, mode=mode))
+                         loss=float(sums[a:b].sum()) / n, n_tokens=n, mode=mode, seeds=seeds))
     return rows
 
 
@@ -1247,12 +1248,13 @@ def length_gen(out='results/full', runs_dir=None, contexts=None, split='test', b
                          f"{batch_size}")
     rdir, preset = resolve_runs_dir(out, preset, runs_dir)
     runs, _ = load_runs(rdir)
-    runs = [r for r in runs if has_test_split(r)]  # the bake-off's protocol: older records measured another split
+    if any(has_test_split(r) for r in runs):  # the bake-off's protocol; older records measured another val split
+        runs = [r for r in runs if has_test_split(r)]
     if models is not None:
         want = as_list(models, str)
         runs = [r for r in runs if r['summary']['model_type'] in want or run_model_name(r) in want]
     if not runs:
-        raise ValueError(f"length_gen: no finished runs with a test split under {rdir}"
+        raise ValueError(f"length_gen: no finished runs under {rdir}"
                          + (f" of models {models}" if models else ''))
     # each model and variant at the bake-off's chosen (lr, dropout), from validation alone (report.bakeoff_cells)
     names, cells, _ = bakeoff_cells(runs)
@@ -1294,7 +1296,7 @@ def length_gen(out='results/full', runs_dir=None, contexts=None, split='test', b
                 sums += position_losses(m, data, c, n_win[c], batch_size, device, autocast)
                 progress.update(c * n_win[c])
                 del m, state
-            rows += bucket_rows(mt, c, sums, n_win[c] * len(ckpts), bucket, mode)
+            rows += bucket_rows(mt, c, sums, n_win[c] * len(ckpts), bucket, mode, len(ckpts))
             print(f"[length_gen] {mt} (lr {lr:g}, dropout {dropout:g}, {len(ckpts)} seed(s)) at context {c} "
                   f"({mode}, {n_win[c]} windows): "
                   f"loss {float(sums.sum()) / (c * n_win[c] * len(ckpts)):.4f} | {progress.text()}", flush=True)

@@ -1515,7 +1515,10 @@ def length_gen_body(rows, out):
     """REPORT.md's section: loss per position bucket at the longest context, a row per model, and the plot."""
     longest = max(int(r['context']) for r in rows)
     at = [r for r in rows if int(r['context']) == longest]
-    table, cols = _pivot(at, lambda r: f"{r['model']} ({r['mode']})", lambda r: r['position_bucket'],
+    def label(r):  # the seeds pooled: fewer than the bake-off's where a checkpoint was absent (the .meta.json)
+        n = r.get('seeds')
+        return f"{r['model']} ({r['mode']}" + (f", {n} seed{'' if str(n) == '1' else 's'})" if n else ')')
+    table, cols = _pivot(at, label, lambda r: r['position_bucket'],
                          lambda r: f"{float(r['loss']):.3f}")
     trained = sorted({r['mode'] for r in rows})
     return [f"Next-token loss per position bucket at context {longest} (the test split's non-overlapping "

@@ -1033,25 +1033,30 @@ def _lm_stage(planner, opts, overrides, label, results_dir, cuda, preset, gpus, 
                 todo.append((r, {**r['cfg'], 'init_from': 'resume' if resume else 'scratch'}))
         _print_plan(plan, mine, todo, waiting, planner, shard_n)
         # a few timed iterations of each model to train (not worth it for a smoke test, nor the full size on CPU)
-        for _, c in todo:
+        def probe_worth(c):  # not for a smoke test, nor the full size on CPU
+            return resolve_config(None, c)['max_iters'] >= 10 * PROBE_ITERS and (cuda or preset != 'full')
+        for _, c in todo:  # a few timed iterations of each model to train whose speed nothing recorded
             m = c.get('variant') or c['model_type']
-            if m not in eta.probe and not eta.known(m) and resolve_config(None, c)['max_iters'] >= 10 * PROBE_ITERS \
-                    and (cuda or preset != 'full'):
+            if m not in eta.probe and not eta.known(m) and probe_worth(c):
                 eta.probe[m] = _probe(c)
-        if todo and (eta.probe or eta.recorded):
+        if any(eta.probe.values()) and not eta.scaled():  # eager probes need a compiled run to scale them by:
+            ref = next((r for r in mine if eta.known(r['name']) and probe_worth(r['cfg'])), None)  # a known model's
+            if ref is not None:
+                eta.probe[ref['name']] = _probe(ref['cfg'])
+        if todo:
             names = [r['name'] for r, _ in todo]
             left, later = eta.left(names), eta.left(planner.later) if planner.later else 0.0
             first = first or (left / gpus if left else None)
-            print(f"training estimate: {fmt_time(left / gpus) if left else 'unknown'} for these {len(todo)} runs on "
-                  + (f"{gpus} GPU(s)" if cuda else "this CPU") + (f", then {fmt_time(later / gpus) if later else 'unknown'} for at least "
-                                      f"{len(planner.later)} runs planned once the tuning is done"
-                                      if planner.later else '')
-                  + " (per run: " + ', '.join(f"{m} {fmt_time(eta.run(m)) if eta.run(m) else 'unknown'}"
-                                              for m in dict.fromkeys(names))
-                  + f"; {eta.sources(names)})")
-        elif todo:
-            print(f"training estimate: none ({'the full preset on CPU' if preset == 'full' else 'runs too short'})"
-                  + (f"; at least {len(planner.later)} runs follow once the tuning is done" if planner.later else ''))
+            if left is None and not any(eta.probe.values()) and not eta.recorded:
+                print(f"training estimate: none ({'the full preset on CPU' if preset == 'full' else 'runs too short'})"
+                      + (f"; at least {len(planner.later)} runs follow once the tuning is done" if planner.later else ''))
+            else:
+                print(f"training estimate: {fmt_time(left / gpus) if left else 'unknown'} for these {len(todo)} runs "
+                      + (f"on {gpus} GPU(s)" if cuda else "on this CPU")
+                      + (f", then {fmt_time(later / gpus) if later else 'unknown'} for at least {len(planner.later)} "
+                         f"runs planned once the tuning is done" if planner.later else '')
+                      + " (per run: " + ', '.join(f"{m} {fmt_time(eta.run(m)) if eta.run(m) else 'unknown'} "
+                                                  f"({eta.source(m)})" for m in dict.fromkeys(names)) + ")")
         if opts['plan'] or not todo:
             break
         again = [r['out_dir'] for r, _ in todo if r['out_dir'] in {x['out_dir'] for x, _ in trained}]
@@ -1346,9 +1351,9 @@ def _probe(run_cfg):
 class _SweepEta:
     """The sweep's ETA: each run to come estimated from its own model's speed. First the mean time of that
     model's runs finished in this sweep; else of its finished runs recorded on this device by an earlier
-    sweep (a resumed sweep: results_dir's records, whole runs only); else its probe, scaled by how the
-    finished runs of other models compared with theirs (on CUDA the probe runs eagerly, the runs compiled);
-    without a probe, the mean of all finished runs."""
+    sweep (a resumed sweep: results_dir's records); else its probe, scaled by how the runs of other models,
+    finished or recorded, compared with their probes (on CUDA the probe runs eagerly, the runs compiled);
+    without a probe, the mean of this sweep's finished runs."""
 
     def __init__(self):
         self.probe, self.measured, self.recorded, self._seen = {}, {}, {}, set()
@@ -1357,7 +1362,8 @@ class _SweepEta:
         self.measured.setdefault(model_type, []).append(seconds)
 
     def from_record(self, model_type, out_dir, summary, device):
-        """A finished run's summary.json, counted once, if it ran on `device` in one piece (not resumed)."""
+        """A finished run's summary.json, counted once, if it ran on `device` in one piece (a resumed run's
+        wall_s sums segments that each paid their own start-up and compilation)."""
         if out_dir in self._seen:
             return
         self._seen.add(out_dir)
@@ -1368,29 +1374,41 @@ class _SweepEta:
     def known(self, model_type):
         return model_type in self.measured or model_type in self.recorded
 
+    def _times(self):
+        return {**self.recorded, **self.measured}  # this sweep's own runs over the records
+
+    def _scale(self):
+        return [np.mean(v) / self.probe[m] for m, v in self._times().items() if self.probe.get(m)]
+
+    def scaled(self):
+        """Whether a probe can be scaled to a run: some model has both a probe and run times."""
+        return bool(self._scale())
+
     def run(self, model_type):
-        for times in (self.measured, self.recorded):
-            if model_type in times:
-                return float(np.mean(times[model_type]))
-        scale = [np.mean(v) / self.probe[m] for m, v in self.measured.items() if self.probe.get(m)]
+        times = self._times()
+        if model_type in times:
+            return float(np.mean(times[model_type]))
         if self.probe.get(model_type):
+            scale = self._scale()
             return self.probe[model_type] * (float(np.mean(scale)) if scale else 1.0)
         every = [t for v in self.measured.values() for t in v]
         return float(np.mean(every)) if every else None
+
+    def source(self, model_type):
+        """Where run()'s figure for this model comes from, in a few words."""
+        if model_type in self.measured:
+            return 'its runs in this sweep'
+        if model_type in self.recorded:
+            return 'its recorded runs on this device'
+        if self.probe.get(model_type):
+            return (f"a probe of {PROBE_ITERS} eager iterations, scaled by the other models' runs" if self.scaled()
+                    else f"a probe of {PROBE_ITERS} eager iterations, unscaled")
+        return "the mean of this sweep's finished runs" if self.measured else 'nothing measured yet'
 
     def left(self, model_types):
         """Seconds for runs of these model types, one after another (None while any is unknown)."""
         est = [self.run(m) for m in model_types]
         return None if any(e is None for e in est) else sum(est)
-
-    def sources(self, model_types):
-        """Where the estimate of these model types comes from, in words."""
-        models = list(dict.fromkeys(model_types))
-        rec = [m for m in models if m not in self.measured and m in self.recorded]
-        probed = [m for m in models if not self.known(m) and self.probe.get(m)]
-        parts = ([f"{', '.join(rec)}: the mean of its finished runs on this device"] if rec else []) + \
-                ([f"{', '.join(probed)}: a probe of {PROBE_ITERS} eager iterations"] if probed else [])
-        return '; '.join(parts) or 'from the runs finished in this sweep'
 
 
 class _Tee:

@@ -25,6 +25,12 @@ def test_ops_register_without_fla():
         assert 'fla.ops' not in sys.modules
 
 
+def test_missing_fla_names_the_fix():
+    """An op run without fla (or Triton) says what to install and what runs without it."""
+    with pytest.raises(ImportError, match=r"pip install fla-core.*backend='torch'"):
+        fla_ops._fla('no_such_module_here', 'anything')
+
+
 def _inputs(B, T, H, K, V, n=1, gated=False, h0=False, seed=0):
     g = torch.Generator(device='cuda').manual_seed(seed)
     r = lambda *s, dt=torch.bfloat16: torch.randn(*s, device='cuda', generator=g).to(dt)  # noqa: E731
@@ -106,7 +112,7 @@ def _conv_inputs(B, T, C, K, seed):
 @pytest.mark.parametrize('T', [63, 256])
 def test_causal_conv1d_op_is_fla_bitwise(T):
     """The short conv's op against fla's causal_conv1d(activation='silu'): the output, dx and dw, on a
-    strided x (fla's layout fallback) under bf16 autocast, as DeltaNet's fused q, k, v conv calls it."""
+    strided x (a slice of a wider matmul's output) under bf16 autocast, as DeltaNet's fused q, k, v conv calls it."""
     from fla.modules.causal_conv1d import causal_conv1d
     B, C, K = 2, 384, 4
     x = _conv_inputs(B, T, C, K, seed=T)
@@ -135,9 +141,9 @@ def test_opcheck():
     y = _inputs(2, 100, SMALL_HEADS, D, D, n=2, gated=gated, h0=True)
     torch.library.opcheck(torch.ops.bakeoff.chunk_gated_delta_product_fwd.default,
                           (y['q'], y['k'], y['v'], y.get('g'), y['beta'], y['h0'], D ** -0.5, 2, True))
-    c = _conv_inputs(2, 100, 96, 4, seed=1)
+    c = _conv_inputs(2, 100, 384, 4, seed=1)  # 384 channels: the compiled DeltaNet's q, k, v conv (its autotune key)
     torch.library.opcheck(torch.ops.bakeoff.causal_conv1d_silu_fwd.default,
-                          (c['wide'].requires_grad_()[..., :96], c['w'].requires_grad_()))
+                          (c['wide'].requires_grad_()[..., :384], c['w'].requires_grad_()))
 
 
 SMALL = dict(n_layer=2, n_embd=128, n_head=SMALL_HEADS, block_size=128, vocab_size=65, dropout=0.1)

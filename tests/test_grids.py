@@ -318,7 +318,7 @@ def test_length_gen_on_trained_runs(prepared, tmp_path):
                                           int(r['position_bucket'].split('-')[0]) + 1) for r in csv)
     report.report(str(tmp_path))
     md = (tmp_path / 'REPORT.md').read_text()
-    assert '## Length generalisation (loss against position)' in md and 'vanilla (sliding 16)' in md
+    assert '## Length generalisation (loss against position)' in md and 'vanilla (sliding 16, 1 seed)' in md
 
 
 def test_length_gen_scores_each_models_chosen_cell_and_each_variant(prepared, tmp_path):
@@ -349,6 +349,7 @@ def test_length_gen_scores_each_models_chosen_cell_and_each_variant(prepared, tm
     assert meta['cells']['vanilla'] == {'lr': lr, 'dropout': d}
     assert meta['checkpoints'][twin] == [f'{twin}-lr0.001-d0-s1337/ckpt_best.pt']
     assert meta['without_checkpoint'] == {twin: [f'{twin}-lr0.001-d0-s1338']}
+    assert {r['seeds'] for r in rows if r['model'] == twin} == {1}  # pooled over the seed that is here
     modes = {(r['model'], r['context']): r['mode'] for r in rows}
     assert modes[('vanilla', 32)] == 'sliding 16' and modes[(twin, 32)] == 'full'  # RoPE runs the whole context
     for d_ in runs.iterdir():

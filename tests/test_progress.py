@@ -40,8 +40,9 @@ def test_the_sweep_estimates_each_run_from_its_own_models_speed():
 
 
 def test_a_resumed_sweep_estimates_from_the_records_of_this_device(tmp_path):
-    """Finished runs of an earlier sweep on the same device are the estimate before any probe: whole runs only
-    (a resumed run's wall time is a part), each record counted once however often the sweep plans again."""
+    """Finished runs of an earlier sweep on the same device are the estimate before any probe: runs trained in
+    one piece only (a resumed run's segments each paid their own start-up), each record counted once however
+    often the sweep plans again; and they scale the probe of a model new to the sweep."""
     import json
     def record(name, device, wall_s, segments=1):
         d = tmp_path / name
@@ -58,9 +59,13 @@ def test_a_resumed_sweep_estimates_from_the_records_of_this_device(tmp_path):
     assert eta.run('delta') == 50.0  # a and b: not the other device's run, nor the resumed one's part
     eta.probe['delta'] = 700.0  # an eager probe does not override what was measured
     assert eta.left(['delta', 'delta']) == 100.0
-    assert eta.sources(['delta']) == 'delta: the mean of its finished runs on this device'
+    assert eta.source('delta') == 'its recorded runs on this device'
+    eta.probe['nsa'] = 1400.0  # a model new to the resumed sweep: its eager probe, scaled by delta's records
+    assert eta.scaled() and eta.run('nsa') == 1400.0 * 50.0 / 700.0
+    assert 'scaled' in eta.source('nsa') and 'unscaled' not in eta.source('nsa')
     eta.add('delta', 30.0)
-    assert eta.run('delta') == 30.0  # this sweep's own runs come first
+    assert eta.run('delta') == 30.0 and eta.source('delta') == 'its runs in this sweep'  # this sweep's own first
+    assert train_runner._SweepEta().source('vanilla') == 'nothing measured yet'
 
 
 def test_the_probe_estimates_a_run_with_heavy_evaluations(prepared, tmp_path):
