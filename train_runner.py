@@ -43,7 +43,8 @@ import model as model_lib
 import tasks
 from runtime import (TRISTATE, ConfigError, GraphedStep, Progress, as_list, atomic_torch_save,
                      atomic_write_json, check_minimum, check_value, device_name, execution_modes, fmt_time,
-                     key_table, load_json, parse_value, peak_flops, pick_device, run_metadata, user_error)
+                     git_commit, key_table, load_json, parse_value, peak_flops, pick_device, run_metadata,
+                     user_error)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -989,27 +990,58 @@ def _sweep(overrides, log):
     log_dir = results_dir if {'lm', 'length_gen'} & set(stages) else os.path.join(grids_dir, stages[0])
     if not opts['plan']:
         log.open(os.path.join(log_dir, 'sweep.log'), called)
-    t0, lm = time.time(), {}
+    t0, lm, took, counts = time.time(), {}, {}, {}
     if 'lm' in stages:
         lm = _lm_stage(planner, opts, overrides, label, results_dir, cuda, preset, gpus, (shard_k, shard_n), t0)
+        if not opts['plan']:
+            took['lm'] = time.time() - t0 - (lm.get('bench_s') or 0.0)  # the training, its plan and probes
+            if lm.get('bench_s') is not None:
+                took['benchmarks'] = lm['bench_s']
+            counts['lm'] = lm.get('counts', {})
     grids = {}
     for stage in (st for st in stages if st in GRIDS):
         print(f"\n=== stage {stage} -> {os.path.join(grids_dir, stage)} ===", flush=True)
+        t_stage, counts[stage] = time.time(), {}
         grids[stage] = grid_stage(stage, opts[GRIDS[stage]], os.path.join(grids_dir, stage), grid_overrides,
-                                  gpus, procs_per_gpu, (shard_k, shard_n), opts['plan'])
+                                  gpus, procs_per_gpu, (shard_k, shard_n), opts['plan'], counts[stage])
+        took[stage] = time.time() - t_stage
     if opts['plan']:  # the lm stage's plan (if it ran) and each grid stage's finished runs; nothing trained
         return {**lm, 'stages': stages, 'grids': grids}
     length_gen = None
     if 'length_gen' in stages:
         print(f"\n=== stage length_gen -> {results_dir} ===", flush=True)
+        t_stage = time.time()
         length_gen = run_length_gen(results_dir, overrides.get('device', 'auto'))
+        took['length_gen'] = time.time() - t_stage
     total = time.time() - t0
+    _write_reproduction_record(log_dir, (shard_k, shard_n), total, took, counts, lm.get('waiting', []),
+                               overrides.get('device', 'auto'))
     where = ([results_dir] if {'lm', 'length_gen'} & set(stages) else []) + [os.path.join(grids_dir, st)
                                                                               for st in grids]
     print(f"\nreproduction finished in {fmt_time(total)} ({total:.0f}s); results in {', '.join(where)}")
     return {'preset': label, 'results_dir': results_dir, 'runs': lm.get('runs', []), 'wall_s': total,
             'bench': lm.get('bench'), 'choices': lm.get('choices', {}), 'waiting': lm.get('waiting', []),
             'stages': stages, 'grids': grids, 'length_gen': length_gen}
+
+
+def _write_reproduction_record(folder, shard, total, took, counts, waiting, device):
+    """<folder>/reproduction.json (reproduction.shard-K-of-N.json for a shard): this command's wall time, each
+    stage's seconds (lm: its training; benchmarks: bench.py all and the report), the runs each stage trained
+    (of them, resumed from a checkpoint) and found already finished, and whether the wall time is the whole
+    reproduction's: `uninterrupted` only when every planned run was trained from scratch by this command and
+    nothing is left waiting for other machines."""
+    k, n = shard
+    uninterrupted = n == 1 and not waiting and all(c.get('already_done', 0) == 0 and c.get('resumed', 0) == 0
+                                                   for c in counts.values())
+    rec = {'wall_s': round(total, 1), 'stages': {st: round(t, 1) for st, t in took.items()},
+           'runs': counts, 'uninterrupted': uninterrupted, 'commit': git_commit(),
+           'device': device_name(pick_device(device)), 'command': ' '.join(sys.argv),
+           'date': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}
+    name = 'reproduction.json' if n == 1 else f'reproduction.shard-{k}-of-{n}.json'
+    atomic_write_json(rec, os.path.join(folder, name))
+    print(f"wrote {os.path.join(folder, name)}: " + ', '.join(f"{st} {fmt_time(t)}" for st, t in took.items())
+          + ('' if uninterrupted else ' (not the whole reproduction: some runs were already finished, or other '
+                                      'machines have runs left)'))
 
 
 def _lm_stage(planner, opts, overrides, label, results_dir, cuda, preset, gpus, shard, t0):
@@ -1076,7 +1108,7 @@ def _lm_stage(planner, opts, overrides, label, results_dir, cuda, preset, gpus, 
         took = time.time() - t0
         print(f"training: {len(trained)} runs in {fmt_time(took)}; the first estimate was {fmt_time(first)}, "
               f"{first / took:.2f}x")
-    bench_out = None
+    bench_out = bench_s = None
     if opts['plan']:
         return {'preset': label, 'results_dir': results_dir, 'plan': plan, 'shard': mine, 'waiting': waiting}
     if opts['bench'] and (shard_n > 1 or waiting):
@@ -1087,11 +1119,15 @@ def _lm_stage(planner, opts, overrides, label, results_dir, cuda, preset, gpus, 
         print(f"\n=== benchmarks and report -> {results_dir} ===", flush=True)
         t_bench = time.time()
         bench_out = run_benchmarks(results_dir, label, overrides.get('wandb_log', False))
-        print(f"benchmarks and report: {fmt_time(time.time() - t_bench)}")
+        bench_s = time.time() - t_bench
+        print(f"benchmarks and report: {fmt_time(bench_s)}")
         failed = {k: v for k, v in bench_out.items() if str(v).startswith('failed')}
         if failed:
             raise RuntimeError(f"benchmark step(s) failed: {failed}")
-    return {'runs': summaries, 'bench': bench_out, 'choices': dict(planner.choices), 'waiting': waiting}
+    trained_dirs = {r['out_dir'] for r, _ in trained}
+    return {'runs': summaries, 'bench': bench_out, 'choices': dict(planner.choices), 'waiting': waiting,
+            'bench_s': bench_s, 'counts': {'trained': len(trained_dirs), 'already_done': len(set(results) - trained_dirs),
+                                           'resumed': sum(c['init_from'] == 'resume' for _, c in trained)}}
 
 
 def parse_stages(value, full):
@@ -1144,7 +1180,7 @@ def _run_tokens(cfg):
         cfg['train_len'] if cfg['task'] == 'word_problem' else tasks.max_len(cfg))
 
 
-def grid_stage(stage, grid_file, out, overrides=None, gpus=1, procs_per_gpu=1, shard=(0, 1), plan=False):
+def grid_stage(stage, grid_file, out, overrides=None, gpus=1, procs_per_gpu=1, shard=(0, 1), plan=False, counts=None):
     """Train a grid's runs into <out>/runs/<name>/ (resumable: a finished run with the same config is skipped,
     an interrupted one resumes from its checkpoint), gpus x procs_per_gpu at a time as separate processes
     (1: in this process), then write its CSVs, plots and REPORT.md (`python bench.py <stage> --out=<out>`).
@@ -1152,7 +1188,8 @@ def grid_stage(stage, grid_file, out, overrides=None, gpus=1, procs_per_gpu=1, s
     and ETA (runtime.Progress over the runs to train, weighted by their tokens). overrides: keys for every
     run (how it executes: device, compile, ...). shard (K, N): train only the runs i with i % N == K (the
     lm stage's --shard: N machines share the grid; the tables cover whatever has finished). plan: say what
-    would train, and train nothing. Returns the finished runs' summaries in grid order."""
+    would train, and train nothing. counts (a dict): filled with the runs found finished and the runs to train.
+    Returns the finished runs' summaries in grid order."""
     base, entries = read_grid(grid_file)
     overrides = dict(overrides or {})
     todo, summaries, weights, defaults = [], {}, [], {}
@@ -1174,6 +1211,9 @@ def grid_stage(stage, grid_file, out, overrides=None, gpus=1, procs_per_gpu=1, s
         resume = same and os.path.exists(os.path.join(run_cfg['out_dir'], 'ckpt_last.pt'))
         todo.append((i, {**run_cfg, 'init_from': 'resume' if resume else 'scratch'}))
         weights.append(_run_tokens(wanted))
+    if counts is not None:
+        counts.update(already_done=len(summaries), trained=len(todo),
+                      resumed=sum(c['init_from'] == 'resume' for _, c in todo))
     cuda = pick_device(overrides.get('device', 'auto')).startswith('cuda')
     workers = gpus * procs_per_gpu
     print(f"[{stage}] {len(entries)} runs ({grid_file}), {len(summaries)} already finished, "

@@ -120,3 +120,20 @@ def test_the_evaluation_shows_progress_in_a_log(prepared, tmp_path, monkeypatch,
     out = capsys.readouterr().out
     assert 'eval at iter 0: 1/4, ' in out and 'eval at iter 2: 3/4, ' in out and ', eta ' in out
     assert '\r' not in out
+
+
+def test_a_sweep_records_its_wall_time_per_stage_and_whether_it_was_the_whole_reproduction(prepared, tmp_path):
+    """<results_dir>/reproduction.json: the command's wall time, each stage's, the runs it trained and found done;
+    `uninterrupted` only when this command trained every planned run itself (a rerun that finds them done is
+    not a timing of the reproduction)."""
+    import json
+    opts = dict(models='vanilla,delta', lrs='1e-3', seeds=1, bench=False, results_dir=str(tmp_path), max_iters=2,
+                eval_iters=1, device='cpu')
+    out = train_runner.sweep(dict(opts))
+    rec = json.loads((tmp_path / 'reproduction.json').read_text())
+    assert set(rec) >= {'wall_s', 'stages', 'runs', 'uninterrupted', 'commit', 'device', 'command', 'date'}
+    assert list(rec['stages']) == ['lm'] and 0 < rec['stages']['lm'] <= rec['wall_s'] <= out['wall_s'] + 0.1
+    assert rec['runs'] == {'lm': {'trained': 2, 'already_done': 0, 'resumed': 0}} and rec['uninterrupted'] is True
+    train_runner.sweep(dict(opts))  # everything is done: nothing trains, and the record says so
+    rec = json.loads((tmp_path / 'reproduction.json').read_text())
+    assert rec['runs'] == {'lm': {'trained': 0, 'already_done': 2, 'resumed': 0}} and rec['uninterrupted'] is False
