@@ -963,7 +963,7 @@ def run_all(out='results', tiny=None, device='auto', models=None, preset=None, r
              ('vs_nanogpt', lambda: vs_nanogpt(out, tiny=tiny, device=device, iters=60 if tiny else 500)),
              ('bakeoff', lambda: bakeoff(out, preset, rdir)),
              ('report', lambda: report(out))]
-    status, t_all = {}, time.time()
+    status, seconds, t_all = {}, {}, time.time()
     for k, (name, fn) in enumerate(steps, 1):
         # each benchmark's lines end with its own progress and ETA; here: where the whole stands
         print(f"===== bench {name} (step {k}/{len(steps)}, {fmt_time(time.time() - t_all)} elapsed) =====", flush=True)
@@ -982,9 +982,11 @@ def run_all(out='results', tiny=None, device='auto', models=None, preset=None, r
             traceback.print_exc()
             status[name] = f'failed: {type(e).__name__}: {e}'
             print(f"[bench] {name} {status[name]}")
-        print(f"[bench] {name}: {status[name].split(':')[0]} in {fmt_time(time.time() - t_step)}", flush=True)
+        seconds[name] = round(time.time() - t_step, 1)
+        print(f"[bench] {name}: {status[name].split(':')[0]} in {fmt_time(seconds[name])}", flush=True)
     if wandb_log:
         _wandb_log(out, wandb_project, f'bench-{preset or os.path.basename(os.path.normpath(out))}')
+    print(f"[bench] seconds {json.dumps(seconds)}")  # each step's wall time (train_runner's reproduction.json)
     print(f"[bench] {json.dumps(status)}")
     return status
 

@@ -1015,7 +1015,7 @@ def _sweep(overrides, log):
         took['length_gen'] = time.time() - t_stage
     total = time.time() - t0
     _write_reproduction_record(log_dir, (shard_k, shard_n), total, took, counts, lm.get('waiting', []),
-                               overrides.get('device', 'auto'))
+                               overrides.get('device', 'auto'), lm.get('bench_steps_s') or {})
     where = ([results_dir] if {'lm', 'length_gen'} & set(stages) else []) + [os.path.join(grids_dir, st)
                                                                               for st in grids]
     print(f"\nreproduction finished in {fmt_time(total)} ({total:.0f}s); results in {', '.join(where)}")
@@ -1024,9 +1024,10 @@ def _sweep(overrides, log):
             'stages': stages, 'grids': grids, 'length_gen': length_gen}
 
 
-def _write_reproduction_record(folder, shard, total, took, counts, waiting, device):
+def _write_reproduction_record(folder, shard, total, took, counts, waiting, device, bench_steps=None):
     """<folder>/reproduction.json (reproduction.shard-K-of-N.json for a shard): this command's wall time, each
-    stage's seconds (lm: its training; benchmarks: bench.py all and the report), the runs each stage trained
+    stage's seconds (lm: its training; benchmarks: bench.py all and the report, each of its steps in
+    benchmark_steps), the runs each stage trained
     (of them, resumed from a checkpoint) and found already finished, and whether the wall time is the whole
     reproduction's: `uninterrupted` only when every planned run was trained from scratch by this command and
     nothing is left waiting for other machines."""
@@ -1034,7 +1035,8 @@ def _write_reproduction_record(folder, shard, total, took, counts, waiting, devi
     uninterrupted = n == 1 and not waiting and all(c.get('already_done', 0) == 0 and c.get('resumed', 0) == 0
                                                    for c in counts.values())
     rec = {'wall_s': round(total, 1), 'stages': {st: round(t, 1) for st, t in took.items()},
-           'runs': counts, 'uninterrupted': uninterrupted, 'commit': git_commit(),
+           **({'benchmark_steps': bench_steps} if bench_steps else {}), 'runs': counts,
+           'uninterrupted': uninterrupted, 'commit': git_commit(),
            'device': device_name(pick_device(device)), 'command': ' '.join(sys.argv),
            'date': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}
     name = 'reproduction.json' if n == 1 else f'reproduction.shard-{k}-of-{n}.json'
@@ -1109,6 +1111,7 @@ def _lm_stage(planner, opts, overrides, label, results_dir, cuda, preset, gpus, 
         print(f"training: {len(trained)} runs in {fmt_time(took)}; the first estimate was {fmt_time(first)}, "
               f"{first / took:.2f}x")
     bench_out = bench_s = None
+    bench_steps = {}
     if opts['plan']:
         return {'preset': label, 'results_dir': results_dir, 'plan': plan, 'shard': mine, 'waiting': waiting}
     if opts['bench'] and (shard_n > 1 or waiting):
@@ -1118,7 +1121,7 @@ def _lm_stage(planner, opts, overrides, label, results_dir, cuda, preset, gpus, 
     elif opts['bench']:
         print(f"\n=== benchmarks and report -> {results_dir} ===", flush=True)
         t_bench = time.time()
-        bench_out = run_benchmarks(results_dir, label, overrides.get('wandb_log', False))
+        bench_out, bench_steps = run_benchmarks(results_dir, label, overrides.get('wandb_log', False))
         bench_s = time.time() - t_bench
         print(f"benchmarks and report: {fmt_time(bench_s)}")
         failed = {k: v for k, v in bench_out.items() if str(v).startswith('failed')}
@@ -1126,7 +1129,8 @@ def _lm_stage(planner, opts, overrides, label, results_dir, cuda, preset, gpus, 
             raise RuntimeError(f"benchmark step(s) failed: {failed}")
     trained_dirs = {r['out_dir'] for r, _ in trained}
     return {'runs': summaries, 'bench': bench_out, 'choices': dict(planner.choices), 'waiting': waiting,
-            'bench_s': bench_s, 'counts': {'trained': len(trained_dirs), 'already_done': len(set(results) - trained_dirs),
+            'bench_s': bench_s, 'bench_steps_s': bench_steps,
+            'counts': {'trained': len(trained_dirs), 'already_done': len(set(results) - trained_dirs),
                                            'resumed': sum(c['init_from'] == 'resume' for _, c in trained)}}
 
 
@@ -1552,19 +1556,21 @@ def _option_int(name, value, minimum):
 def run_benchmarks(results_dir, preset, wandb_log=False):
     """`python bench.py all` over the sweep's results, in a process of its own (bench and train_runner don't
     import each other, and the benchmarks start with a fresh CUDA context). Its output is passed through
-    line by line (so it reaches whatever sys.stdout is); returns bench's {step: status}."""
+    line by line (so it reaches whatever sys.stdout is); returns bench's ({step: status}, {step: seconds})."""
     cmd = [sys.executable, os.path.join(HERE, 'bench.py'), 'all', f'--out={results_dir}',
            f"--runs_dir={os.path.join(results_dir, 'runs')}", f'--preset={preset}', f'--wandb_log={wandb_log}']
-    status = None
+    status, seconds = None, {}
     with subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           bufsize=1) as p:
         for line in p.stdout:
             print(line, end='', flush=True)
             if line.startswith('[bench] {'):
                 status = json.loads(line[len('[bench] '):])
+            elif line.startswith('[bench] seconds {'):
+                seconds = json.loads(line[len('[bench] seconds '):])
     if status is None:
         status = {'bench': f'failed: exit {p.returncode} before reporting its steps'}
-    return status
+    return status, seconds
 
 
 def _pin_gpu(free_gpus):

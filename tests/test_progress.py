@@ -132,8 +132,10 @@ def test_a_sweep_records_its_wall_time_per_stage_and_whether_it_was_the_whole_re
     out = train_runner.sweep(dict(opts))
     rec = json.loads((tmp_path / 'reproduction.json').read_text())
     assert set(rec) >= {'wall_s', 'stages', 'runs', 'uninterrupted', 'commit', 'device', 'command', 'date'}
-    assert list(rec['stages']) == ['lm'] and 0 < rec['stages']['lm'] <= rec['wall_s'] <= out['wall_s'] + 0.1
+    assert set(rec['stages']) == {'lm'} and 0 < rec['stages']['lm'] <= rec['wall_s'] <= out['wall_s'] + 0.1
     assert rec['runs'] == {'lm': {'trained': 2, 'already_done': 0, 'resumed': 0}} and rec['uninterrupted'] is True
-    train_runner.sweep(dict(opts))  # everything is done: nothing trains, and the record says so
+    train_runner.sweep({**opts, 'bench': True})  # everything is done: nothing trains, and the record says so
     rec = json.loads((tmp_path / 'reproduction.json').read_text())
     assert rec['runs'] == {'lm': {'trained': 0, 'already_done': 2, 'resumed': 0}} and rec['uninterrupted'] is False
+    assert set(rec['stages']) == {'lm', 'benchmarks'} and {'params', 'memory', 'report'} <= set(rec['benchmark_steps'])
+    assert sum(rec['benchmark_steps'].values()) <= rec['stages']['benchmarks']
