@@ -58,16 +58,34 @@ from runtime import (TRISTATE, GraphedStep, Progress, act_dtype, as_list, autoca
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# sizes of each benchmark: (full, tiny)
-MEMORY_CONTEXTS = ([2 ** i for i in range(8, 18)], [32, 64])           # 256 -> 131072
-MEMORY_BATCHES = ((1, 4), (1, 2))
-LATENCY_CONTEXTS = ([2 ** i for i in range(7, 16)], [16, 32, 1024])    # 128 -> 32768; 1024: the bake-off's column
-DECODE_CONTEXTS = ([1024, 8192, 32768], [16, 32])                     # decode_throughput: contexts,
-DECODE_BATCHES = ([1, 8, 64, 256], [1, 2])                             # the batch grid,
-DECODE_MAX_BATCH = (1 << 17, 8)                                        # and where doubling stops
+# sizes of each benchmark, per grid. 'default' is the reproduction's: the same curves as 'exhaustive' with
+# fewer points, because a benchmark's time is mostly its per-shape compilation and autotuning, not its timed
+# repeats (a throughput point is 20 steps of 5-20 ms after a compilation of 20-60 s), so the repeats stay.
+# It keeps every point a figure in results/PERF.md or the README quotes: latency at 128, 1024, 8192 and 32768;
+# peak memory and fwd+bwd up to 131072 (65536: the long-context comparison); decode throughput at 1024 and
+# 32768 with the doubling to 16384 (the committed run's cap); training at B 64 x T 256 and at 16384 tokens a
+# step. 'exhaustive' (--grid=exhaustive) is every point; 'tiny' the CPU tests' sizes.
+BENCH_GRIDS = {
+    'exhaustive': dict(memory_contexts=[2 ** i for i in range(8, 18)], memory_batches=(1, 4),
+                       latency_contexts=[2 ** i for i in range(7, 16)],
+                       decode_contexts=[1024, 8192, 32768], decode_batches=[1, 8, 64, 256], decode_max_batch=1 << 17,
+                       throughput_shapes=[(64, 256), (16, 1024), (4, 4096), (1, 16384)]),
+    'default': dict(memory_contexts=[256, 1024, 4096, 16384, 65536, 131072], memory_batches=(1, 4),
+                    latency_contexts=[128, 1024, 8192, 32768],
+                    decode_contexts=[1024, 32768], decode_batches=[1, 64, 256], decode_max_batch=1 << 14,
+                    throughput_shapes=[(64, 256), (4, 4096), (1, 16384)]),
+    'tiny': dict(memory_contexts=[32, 64], memory_batches=(1, 2), latency_contexts=[16, 32, 1024],
+                 decode_contexts=[16, 32], decode_batches=[1, 2], decode_max_batch=8,
+                 throughput_shapes=[(4, 32), (1, 64)]),
+}
 GENERATE_SAMPLING = dict(temperature=0.8, top_k=200)                   # sample.py's defaults (a test checks)
-THROUGHPUT_SHAPES = ([(64, 256), (16, 1024), (4, 4096), (1, 16384)],  # (B, T): training shape, then 16384 tokens/step
-                     [(4, 32), (1, 64)])
+
+
+def grid_sizes(tiny, grid):
+    """The sizes of BENCH_GRIDS for a benchmark call: tiny's, else the named grid's (a ConfigError names the
+    valid grids)."""
+    check_value('grid', grid, None, ('default', 'exhaustive'))
+    return BENCH_GRIDS['tiny' if tiny else grid]
 
 
 # ----------------------------------------------------------------------------- small utilities
@@ -220,15 +238,16 @@ def time_fwd_bwd(m, B, T, device, repeats):
 
 
 def memory(out='results', tiny=False, device='auto', models=None, contexts=None, batches=None, warmup=True,
-           model_kw=None, repeats=3):
+           model_kw=None, repeats=3, grid='default'):
     """Peak training memory vs context (powers of two) at batch 1 and 4, the OOM wall, and decoding-state
     bytes per sequence. Each model is built with block_size = T and fed exactly T tokens (no cropping).
     The same run times fwd+bwd (median of `repeats` passes after the measured one) and reports each
     model's time against vanilla's at the same (B, T): the long-context speed comparison."""
     device = resolve_device(device)
     cuda = torch.device(device).type == 'cuda'
-    contexts = as_list(contexts, int) or MEMORY_CONTEXTS[tiny]
-    batches = as_list(batches, int) or list(MEMORY_BATCHES[tiny])
+    sizes = grid_sizes(tiny, grid)
+    contexts = as_list(contexts, int) or sizes['memory_contexts']
+    batches = as_list(batches, int) or list(sizes['memory_batches'])
     if not cuda:
         print("[memory] peak memory is read from torch.cuda.max_memory_allocated, which CPU lacks: on CPU the "
               "fwd+bwd still runs at every context (a shape check) but peak_bytes stays empty; "
@@ -282,7 +301,7 @@ def memory(out='results', tiny=False, device='auto', models=None, contexts=None,
     write_csv(os.path.join(out, 'memory.csv'), rows, cols)
     total = torch.cuda.get_device_properties(device).total_memory if cuda else None
     write_meta(out, 'memory', device, dict(tiny=tiny, models=models, contexts=contexts, batches=batches,
-                                           warmup=warmup, model_kw=model_kw, repeats=repeats),
+                                           warmup=warmup, model_kw=model_kw, repeats=repeats, grid=grid),
                device_total_bytes=total, state_dtype='bfloat16 (KV caches; recurrent states fp32 in the mixers)')
     plot_memory(rows, os.path.join(out, 'memory.png'), total)
     return rows
@@ -412,7 +431,7 @@ LATENCY_COLS = ['model', 'context', 'status', 'prefill_ms', 'decode_ms_per_token
 
 
 def latency(out='results', tiny=False, device='auto', models=None, contexts=None, n_decode=None, trials=None,
-            nocache=True, cuda_graph='auto', compile_decode=True, model_kw=None):
+            nocache=True, cuda_graph='auto', compile_decode=True, model_kw=None, grid='default'):
     """Batch-1 prefill time vs prompt length and per-token decode time at those contexts (cache/state),
     plus vanilla's no-cache recompute path in the same run, reported as a ratio.
     Decode modes, each timed in the same run where it applies: 'compiled graph' (the step under
@@ -430,7 +449,7 @@ def latency(out='results', tiny=False, device='auto', models=None, contexts=None
     if cuda_graph not in ('auto', False):
         raise ValueError(f"cuda_graph must be 'auto' or False, got {cuda_graph!r}")
     device = resolve_device(device)
-    contexts = as_list(contexts, int) or LATENCY_CONTEXTS[tiny]
+    contexts = as_list(contexts, int) or grid_sizes(tiny, grid)['latency_contexts']
     n = n_decode or (4 if tiny else 32)
     trials = trials or (2 if tiny else 5)
     rows, avail = [], available_models(models)
@@ -492,7 +511,7 @@ def latency(out='results', tiny=False, device='auto', models=None, contexts=None
         write_csv(os.path.join(out, 'latency.csv'), rows, LATENCY_COLS)
     write_meta(out, 'latency', device, dict(tiny=tiny, models=models, contexts=contexts, n_decode=n, trials=trials,
                                             nocache=nocache, cuda_graph=cuda_graph, compile_decode=compile_decode,
-                                            model_kw=model_kw), generate_sampling=GENERATE_SAMPLING,
+                                            model_kw=model_kw, grid=grid), generate_sampling=GENERATE_SAMPLING,
                method=f"batch 1, greedy; prefill = one forward of the L-token prompt into a fresh state of capacity "
                       f"L+n; decode = n={n} one-token steps with the state, ms/token, in each decode mode that "
                       f"applies (compiled graph: torch.compile'd step replayed from a CUDA graph; graph: the eager "
@@ -548,7 +567,7 @@ def time_batched_decode(m, B, L, n, repeats, device, mode):
 
 
 def decode_throughput(out='results', tiny=False, device='auto', models=None, contexts=None, batches=None,
-                      n_tokens=None, repeats=None, max_batch=None, compile='auto', model_kw=None):
+                      n_tokens=None, repeats=None, max_batch=None, compile='auto', model_kw=None, grid='default'):
     """Decoding tokens/s at batch, where a fixed-size state should beat a growing KV cache: for each model and
     context (default 1024, 8192, 32768), the batch grid (default 1, 8, 64, 256), then the largest batch that
     fits, found by doubling from the largest grid batch that ran (or between it and the first that did not),
@@ -559,11 +578,12 @@ def decode_throughput(out='results', tiny=False, device='auto', models=None, con
     uncompiled graph, noted). Writes <out>/decode_throughput.csv, its sidecar and a plot."""
     device = resolve_device(device)
     cuda = torch.device(device).type == 'cuda'
-    contexts = as_list(contexts, int) or DECODE_CONTEXTS[tiny]
-    batches = sorted(as_list(batches, int) or DECODE_BATCHES[tiny])
+    sizes = grid_sizes(tiny, grid)
+    contexts = as_list(contexts, int) or sizes['decode_contexts']
+    batches = sorted(as_list(batches, int) or sizes['decode_batches'])
     n = int(n_tokens or (2 if tiny else 8))
     repeats = int(repeats or (1 if tiny else 3))
-    cap = int(max_batch or DECODE_MAX_BATCH[tiny])
+    cap = int(max_batch or sizes['decode_max_batch'])
     use_compile = cuda if compile == 'auto' else bool(compile)
     if use_compile and not cuda:
         raise ValueError("compile=True compiles the CUDA-graph decoding step: it needs CUDA; "
@@ -641,7 +661,7 @@ def decode_throughput(out='results', tiny=False, device='auto', models=None, con
     spreads = [r['spread_pct'] for r in rows if r.get('spread_pct') is not None]
     write_meta(out, 'decode_throughput', device,
                dict(tiny=tiny, models=models, contexts=contexts, batches=batches, n_tokens=n, repeats=repeats,
-                    max_batch=cap, compile=compile, model_kw=model_kw),
+                    max_batch=cap, compile=compile, model_kw=model_kw, grid=grid),
                method=f"batched decoding with sampling (temperature {GENERATE_SAMPLING['temperature']}, top_k "
                       f"{GENERATE_SAMPLING['top_k']}: sample.py's defaults) at context L: a state of capacity "
                       f"L+{n + 4} "
@@ -831,12 +851,12 @@ def profile(out='results', tiny=False, device='auto', models=None, batch=None, c
 
 
 def throughput(out='results', tiny=False, device='auto', models=None, shapes=None, iters=None, warmup=None,
-               compile='auto', cuda_graphs='auto', model_kw=None):
+               compile='auto', cuda_graphs='auto', model_kw=None, grid='default'):
     """Training ms/iter, tokens/s and MFU per model at the training shape (B 64 x T 256) and at long
-    context with 16384 tokens a step (T = 1024, 4096, 16384)."""
+    context with 16384 tokens a step (T = 4096, 16384; the exhaustive grid also 1024)."""
     device = resolve_device(device)
     if shapes is None:
-        shapes = THROUGHPUT_SHAPES[tiny]
+        shapes = grid_sizes(tiny, grid)['throughput_shapes']
     shapes = [tuple(int(v) for v in s) for s in shapes]
     iters = iters or (10 if tiny else 20)  # enough to state a spread (min_ms, max_ms)
     warmup = warmup or (1 if tiny else (10 if compile else 5))
@@ -879,7 +899,7 @@ def throughput(out='results', tiny=False, device='auto', models=None, shapes=Non
             'vs_vanilla', 'tokens_per_s', 'mfu', 'flops_per_token', 'compile', 'cuda_graphs']
     write_csv(os.path.join(out, 'throughput.csv'), rows, cols)
     write_meta(out, 'throughput', device, dict(tiny=tiny, models=models, shapes=shapes, iters=iters, warmup=warmup,
-                                               compile=compile, cuda_graphs=cuda_graphs, model_kw=model_kw),
+                                               compile=compile, cuda_graphs=cuda_graphs, model_kw=model_kw, grid=grid),
                peak_flops=peak, method=f"median ms of {iters} iterations after {warmup} warm-up ones (min_ms, max_ms: "
                                        f"their spread); an iteration "
                                        f"= fwd+bwd ({'bf16 autocast' if 'cuda' in device else 'fp32'}), grad clip "
@@ -936,7 +956,7 @@ def selfcheck(out='results', device='auto', models=None):
 
 
 def run_all(out='results', tiny=None, device='auto', models=None, preset=None, runs_dir=None, compile='auto',
-            model_kw=None, wandb_log=False, wandb_project='attention-bakeoff'):
+            model_kw=None, wandb_log=False, wandb_project='attention-bakeoff', grid='default'):
     """params, memory, latency, decode_throughput, throughput, vs_nanogpt (when .nanogpt/ holds karpathy/nanoGPT),
     bakeoff,
     report (what train_runner's sweep calls at its end).
@@ -955,11 +975,13 @@ def run_all(out='results', tiny=None, device='auto', models=None, preset=None, r
         model_kw = model_kw_from_runs(rdir) or None
         if model_kw:
             print(f"[bench] benchmarking the models of the run records in {rdir}: {model_kw}")
+    grid_sizes(tiny, grid)  # a wrong grid fails before any step runs
     steps = [('params', lambda: params(out, tiny, device, models, model_kw=model_kw)),
-             ('memory', lambda: memory(out, tiny, device, models, model_kw=model_kw)),
-             ('latency', lambda: latency(out, tiny, device, models, model_kw=model_kw)),
-             ('decode_throughput', lambda: decode_throughput(out, tiny, device, models, model_kw=model_kw)),
-             ('throughput', lambda: throughput(out, tiny, device, models, compile=compile, model_kw=model_kw)),
+             ('memory', lambda: memory(out, tiny, device, models, model_kw=model_kw, grid=grid)),
+             ('latency', lambda: latency(out, tiny, device, models, model_kw=model_kw, grid=grid)),
+             ('decode_throughput', lambda: decode_throughput(out, tiny, device, models, model_kw=model_kw, grid=grid)),
+             ('throughput', lambda: throughput(out, tiny, device, models, compile=compile, model_kw=model_kw,
+                                               grid=grid)),
              ('vs_nanogpt', lambda: vs_nanogpt(out, tiny=tiny, device=device, iters=60 if tiny else 500)),
              ('bakeoff', lambda: bakeoff(out, preset, rdir)),
              ('report', lambda: report(out))]
@@ -1010,8 +1032,8 @@ def _wandb_log(out, project, name):
 
 
 def _all_cli(out='results', tiny=None, device='auto', models=None, preset=None, runs_dir=None, compile='auto',
-             model_kw=None, wandb_log=False):
-    status = run_all(out, tiny, device, models, preset, runs_dir, compile, model_kw, wandb_log)
+             model_kw=None, wandb_log=False, grid='default'):
+    status = run_all(out, tiny, device, models, preset, runs_dir, compile, model_kw, wandb_log, grid=grid)
     return 1 if any(v.startswith('failed') for v in status.values()) else 0
 
 
@@ -1334,23 +1356,30 @@ HELP = {
     'preset': "the sweep preset whose run records to use (None: the only one there)",
     'runs_dir': "folder of the run folders (None: <out>/runs, or <out>/runs/<preset>)",
     'readme': "also replace the README's generated block with the table",
-    'shapes': "training shapes (B, T) (None: the sub-command's own list)",
+    'shapes': "training shapes (B, T) (None: the grid's: default (64, 256), (4, 4096), (1, 16384); exhaustive also "
+              "(16, 1024); tiny (4, 32), (1, 64))",
     'iters': "timed iterations (None: 20; tiny: 2)",
-    'memory.contexts': "contexts T (None: 256 -> 131072 in powers of two; tiny: 32, 64)",
+    'grid': "the sizes when contexts, shapes or batches are not given: 'default' (the reproduction's points, "
+            "BENCH_GRIDS) or 'exhaustive' (every point); tiny overrides both",
+    'memory.contexts': "contexts T (None: the grid's: default 256, 1024, 4096, 16384, 65536, 131072; exhaustive "
+                       "256 -> 131072 in powers of two; tiny: 32, 64)",
     'memory.batches': "batch sizes (None: 1, 4; tiny: 1, 2)",
     'memory.warmup': "CUDA: one pass before the measured one (the first autotunes kernels, with extra buffers)",
     'memory.repeats': "fwd+bwd passes timed after the measured one (their median); 0: memory only",
-    'latency.contexts': "prompt lengths (None: 128 -> 32768 in powers of two; tiny: 16, 32)",
+    'latency.contexts': "prompt lengths (None: the grid's: default 128, 1024, 8192, 32768; exhaustive 128 -> 32768 "
+                        "in powers of two; tiny: 16, 32, 1024)",
     'latency.n_decode': "tokens decoded per timing (None: 32; tiny: 4)",
     'latency.trials': "timings per context, the first a warm-up (None: 5; tiny: 2)",
     'latency.nocache': "also time vanilla's no-cache path (the whole context recomputed per token)",
     'latency.cuda_graph': "'auto': also the CUDA-graph decode modes on CUDA; False: eager steps only",
     'latency.compile_decode': "also time the torch.compile'd graphed decode step (compiled in the warm-up)",
-    'decode_throughput.contexts': "contexts the state or KV cache holds (None: 1024, 8192, 32768; tiny: 16, 32)",
-    'decode_throughput.batches': "the batch grid (None: 1, 8, 64, 256; tiny: 1, 2)",
+    'decode_throughput.contexts': "contexts the state or KV cache holds (None: the grid's: default 1024, 32768; "
+                                  "exhaustive 1024, 8192, 32768; tiny: 16, 32)",
+    'decode_throughput.batches': "the batch grid (None: default 1, 64, 256; exhaustive 1, 8, 64, 256; tiny: 1, 2)",
     'decode_throughput.n_tokens': "tokens decoded per timed run (None: 8; tiny: 2)",
     'decode_throughput.repeats': "timed runs per shape after one untimed (None: 3; tiny: 1); their median",
-    'decode_throughput.max_batch': "where doubling the batch stops looking for the largest that fits (None: 2^17; tiny: 8)",
+    'decode_throughput.max_batch': "where doubling the batch stops looking for the largest that fits (None: default "
+                                   "2^14, exhaustive 2^17; tiny: 8)",
     'throughput.warmup': "untimed iterations first (None: 10 compiled, 5 eager; tiny: 1)",
     'profile.batch': "batch size of the training step (None: 64; tiny: 4)",
     'profile.context': "context of the training step, or the decode modes' prompt (None: 256 / 1024; tiny: 32)",
@@ -1382,7 +1411,8 @@ HELP = {
     'all.wandb_log': "also log the tables and plots to Weights & Biases (needs wandb)",
 }
 # keys that take only these values (any string passes where the default is 'auto', and bool('no') is True)
-CHOICES = {'compile': TRISTATE, 'cuda_graphs': TRISTATE, 'tiny': (None, True, False), 'cuda_graph': ('auto', False)}
+CHOICES = {'compile': TRISTATE, 'cuda_graphs': TRISTATE, 'tiny': (None, True, False), 'cuda_graph': ('auto', False),
+           'grid': ('default', 'exhaustive')}
 
 
 def key_help(command, key):

@@ -706,6 +706,8 @@ SWEEP_TABLE = dict(
     plan=(False, "print the planned runs and the estimated training time, and stop"),
     results_dir=('', "output folder ('': results/<preset>, results/<preset>-custom with other overrides)"),
     bench=(True, "run the benchmarks and write the report after training"),
+    bench_grid=('default', "the benchmarks' sizes: 'default' (the same curves with fewer points: bench.BENCH_GRIDS) "
+                           "or 'exhaustive' (every point)"),
     gpus=(1, "train this many runs at a time, one per GPU (each run's log: <run>/train.log)"),
     stages=('auto', "comma-separated stages to run (in the order lm, mqar, state_tracking, length_gen, whatever "
                     "the order given): " + '; '.join(f"{k}: {v}" for k, v in STAGES.items()) + ". 'auto': all of "
@@ -940,6 +942,7 @@ def _sweep(overrides, log):
     opts = {k: overrides.pop(k, v) for k, v in SWEEP_KEYS.items()}
     for k in ('preset', 'results_dir', 'bench', 'tune', 'controls', 'plan'):
         check_value(k, opts[k], SWEEP_KEYS[k])
+    check_value('bench_grid', opts['bench_grid'], None, ('default', 'exhaustive'))
     owned = sorted(set(overrides) & {'model_type', 'learning_rate', 'dropout', 'seed', 'out_dir', 'preset',
                                      'init_from', 'variant', 'sweep_stage'})
     if owned:
@@ -1121,7 +1124,8 @@ def _lm_stage(planner, opts, overrides, label, results_dir, cuda, preset, gpus, 
     elif opts['bench']:
         print(f"\n=== benchmarks and report -> {results_dir} ===", flush=True)
         t_bench = time.time()
-        bench_out, bench_steps = run_benchmarks(results_dir, label, overrides.get('wandb_log', False))
+        bench_out, bench_steps = run_benchmarks(results_dir, label, overrides.get('wandb_log', False),
+                                                opts['bench_grid'])
         bench_s = time.time() - t_bench
         print(f"benchmarks and report: {fmt_time(bench_s)}")
         failed = {k: v for k, v in bench_out.items() if str(v).startswith('failed')}
@@ -1553,12 +1557,13 @@ def _option_int(name, value, minimum):
     return value
 
 
-def run_benchmarks(results_dir, preset, wandb_log=False):
+def run_benchmarks(results_dir, preset, wandb_log=False, grid='default'):
     """`python bench.py all` over the sweep's results, in a process of its own (bench and train_runner don't
     import each other, and the benchmarks start with a fresh CUDA context). Its output is passed through
     line by line (so it reaches whatever sys.stdout is); returns bench's ({step: status}, {step: seconds})."""
     cmd = [sys.executable, os.path.join(HERE, 'bench.py'), 'all', f'--out={results_dir}',
-           f"--runs_dir={os.path.join(results_dir, 'runs')}", f'--preset={preset}', f'--wandb_log={wandb_log}']
+           f"--runs_dir={os.path.join(results_dir, 'runs')}", f'--preset={preset}', f'--wandb_log={wandb_log}',
+           f'--grid={grid}']
     status, seconds = None, {}
     with subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           bufsize=1) as p:

@@ -18,6 +18,7 @@ import bench  # noqa: E402
 import report  # noqa: E402
 import model as model_lib  # noqa: E402
 from model import CaptureError  # noqa: E402
+from runtime import ConfigError  # noqa: E402
 
 # tiny benchmark sizes: all four models where their modules import, a few seconds each on one thread
 SIZES = dict(
@@ -430,3 +431,21 @@ def test_scaling_ddp_against_one_process(prepared, tmp_path):
     assert '![loss curves, DDP vs one GPU](scaling_loss.png)' in md
     with pytest.raises(ValueError, match='gpus must be >= 2'):
         bench.scaling(out=str(tmp_path), tiny=True, device='cpu', gpus=1)
+
+
+def test_the_default_benchmark_grid_is_the_exhaustive_ones_curves_with_fewer_points():
+    """--grid=default (the reproduction's) keeps a subset of the exhaustive grid's points, and every point the
+    results quote: latency at 128 (flat in context), 1024 (the bake-off's column), 8192 and 32768; memory's
+    wall up to 131072 and the 65536 comparison; decode throughput at 1024 and 32768; training at the
+    training shape and at 16384 tokens in one sequence."""
+    d, e = bench.BENCH_GRIDS['default'], bench.BENCH_GRIDS['exhaustive']
+    for k in ('memory_contexts', 'latency_contexts', 'decode_contexts', 'decode_batches', 'throughput_shapes'):
+        assert set(map(tuple, d[k]) if k == 'throughput_shapes' else d[k]) <= \
+            set(map(tuple, e[k]) if k == 'throughput_shapes' else e[k]), k
+        assert len(d[k]) <= len(e[k]), k
+    assert {128, 1024, 8192, 32768} <= set(d['latency_contexts'])
+    assert {65536, 131072} <= set(d['memory_contexts']) and tuple(d['memory_batches']) == (1, 4)
+    assert {1024, 32768} <= set(d['decode_contexts']) and d['decode_max_batch'] >= 16384
+    assert {(64, 256), (1, 16384)} <= set(d['throughput_shapes'])
+    with pytest.raises(ConfigError, match='default, exhaustive'):
+        bench.grid_sizes(False, 'huge')
