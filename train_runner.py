@@ -1368,10 +1368,10 @@ def _probe(run_cfg):
     until a run of the model finishes) with an evaluation of PROBE_EVAL_ITERS batches per split at the start
     and the end, in a scratch folder, output hidden: its ms/iter and time per eval batch, times the run's
     iterations and eval batches. (Not its startup: the first train() of a process pays one-time costs,
-    imports and data loading, that the runs don't.) On CUDA a one-iteration warm-up goes first: the first
-    call of each kernel shape autotunes (30-110 s for an fla kernel on the H200), and timed, that made a
-    DeltaNet run of 3000 steps read 11m41s where it took 40-60 s. None if the probe fails (the run will say
-    why)."""
+    imports and data loading, that the runs don't.) An untimed one-iteration warm-up goes first: first calls
+    pay one-time costs, above all on CUDA, where each new kernel shape autotunes (30-110 s for an fla kernel
+    on the H200); timed, that made a DeltaNet run of 3000 steps read 11m41s where it took 40-60 s. None if
+    the probe fails (the run will say why)."""
     import io
     import shutil
     import tempfile
@@ -1381,8 +1381,7 @@ def _probe(run_cfg):
         probe = {**run_cfg, 'out_dir': tmp, 'init_from': 'scratch', 'eval_iters': PROBE_EVAL_ITERS, 'log_interval': 1,
                  'compile': False, 'cuda_graphs': False, 'wandb_log': False}
         with redirect_stdout(io.StringIO()):
-            if pick_device(cfg['device']).startswith('cuda'):  # untimed: every kernel's first call
-                train(None, {**probe, 'out_dir': os.path.join(tmp, 'warmup'), 'max_iters': 1, 'eval_interval': 1})
+            train(None, {**probe, 'out_dir': os.path.join(tmp, 'warmup'), 'max_iters': 1, 'eval_interval': 1})
             s = train(None, {**probe, 'max_iters': PROBE_ITERS, 'eval_interval': PROBE_ITERS})
     except Exception as e:
         print(f"ETA probe of {run_cfg['model_type']} failed ({type(e).__name__}: {model_lib.first_line(e)})")
