@@ -1288,7 +1288,7 @@ def length_gen(out='results/full', runs_dir=None, contexts=None, split='test', b
         ckpts = [os.path.join(rdir, r['name'], 'ckpt_best.pt') for r in rs]
         have = [(r, c) for r, c in zip(rs, ckpts) if os.path.exists(c)]
         absent[name] = [r['name'] for r, c in zip(rs, ckpts) if not os.path.exists(c)]
-        if absent[name]:  # a seed trained on another machine or session: its checkpoint is not here
+        if absent[name]:  # a seed trained on another machine, or by an earlier sweep there: no checkpoint here
             print(f"[length_gen] {name}: no checkpoint for {', '.join(absent[name])}"
                   + ("; scoring the other seeds" if have else "; skipped"))
         if have:

@@ -324,7 +324,7 @@ def test_length_gen_on_trained_runs(prepared, tmp_path):
 def test_length_gen_scores_each_models_chosen_cell_and_each_variant(prepared, tmp_path):
     """On the bake-off's records: each model at its chosen (lr, dropout) of the tuning grid (validation alone,
     as the bake-off table), never pooled with its other cells; a variant (the dense RoPE twin) as a line of its
-    own, even though its model type is vanilla's; a seed whose checkpoint is absent (trained in another session)
+    own, even though its model type is vanilla's; a seed whose checkpoint is absent (trained on another machine)
     left out, scored on the others, and named in the .meta.json."""
     runs = tmp_path / 'runs'
     base = dict(max_iters=4, eval_interval=2, eval_iters=1, block_size=16, batch_size=4, n_layer=1, n_embd=32,
