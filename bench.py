@@ -52,9 +52,10 @@ import model
 from report import (DECODE_COL, GENERATE_COL, add_vs_vanilla, bakeoff, bakeoff_cells, has_test_split, load_runs,
                     model_kw_from_runs, mqar, plot_decode_throughput, plot_latency, plot_length_gen, plot_memory,
                     plot_scaling, plot_throughput, report, resolve_runs_dir, run_model_name, runs, state_tracking)
-from runtime import (TRISTATE, GraphedStep, Progress, act_dtype, as_list, autocast_for, check_value, device_name,
-                     execution_modes, failure_status, fmt_cell, fmt_time, free_memory, is_oom, key_table, load_dataset,
-                     load_split, median, parse_value, peak_flops, read_csv, resolve_device, sync, write_csv, write_meta)
+from runtime import (BENCH_GRID_NAMES, TRISTATE, GraphedStep, Progress, act_dtype, as_list, autocast_for, check_value,
+                     device_name, execution_modes, failure_status, fmt_cell, fmt_time, free_memory, is_oom, key_table,
+                     load_dataset, load_split, median, parse_value, peak_flops, read_csv, resolve_device, sync,
+                     write_csv, write_meta)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -84,7 +85,7 @@ GENERATE_SAMPLING = dict(temperature=0.8, top_k=200)                   # sample.
 def grid_sizes(tiny, grid):
     """The sizes of BENCH_GRIDS for a benchmark call: tiny's, else the named grid's (a ConfigError names the
     valid grids)."""
-    check_value('grid', grid, None, ('default', 'exhaustive'))
+    check_value('grid', grid, None, BENCH_GRID_NAMES)
     return BENCH_GRIDS['tiny' if tiny else grid]
 
 
@@ -569,10 +570,11 @@ def time_batched_decode(m, B, L, n, repeats, device, mode):
 def decode_throughput(out='results', tiny=False, device='auto', models=None, contexts=None, batches=None,
                       n_tokens=None, repeats=None, max_batch=None, compile='auto', model_kw=None, grid='default'):
     """Decoding tokens/s at batch, where a fixed-size state should beat a growing KV cache: for each model and
-    context (default 1024, 8192, 32768), the batch grid (default 1, 8, 64, 256), then the largest batch that
+    context (the grid's: default 1024, 32768; exhaustive 1024, 8192, 32768), the batch grid (default 1, 64, 256;
+    exhaustive 1, 8, 64, 256), then the largest batch that
     fits, found by doubling from the largest grid batch that ran (or between it and the first that did not),
-    until out of memory, an error, or max_batch (default 2^17). A shape that fails skips the larger grid
-    batches. Each shape: time_batched_decode, n_tokens steps (8) x repeats (3) after one untimed run, one
+    until out of memory, an error, or max_batch (default 2^14, exhaustive 2^17). A shape that fails skips the
+    larger grid batches. Each shape: time_batched_decode, n_tokens steps (8) x repeats (3) after one untimed run, one
     CUDA graph per shape; tokens/s = B x n_tokens / the median run, spread_pct = (slowest - fastest) / median
     run. compile='auto': the compiled graph on CUDA (a model whose compilation fails goes on with the
     uncompiled graph, noted). Writes <out>/decode_throughput.csv, its sidecar and a plot."""
@@ -1285,14 +1287,14 @@ def length_gen(out='results/full', runs_dir=None, contexts=None, split='test', b
     picked, absent = {}, {}
     for name in names:
         cell, rs = cells[name]
-        ckpts = [os.path.join(rdir, r['name'], 'ckpt_best.pt') for r in rs]
-        have = [(r, c) for r, c in zip(rs, ckpts) if os.path.exists(c)]
-        absent[name] = [r['name'] for r, c in zip(rs, ckpts) if not os.path.exists(c)]
+        ckpt = {r['name']: os.path.join(rdir, r['name'], 'ckpt_best.pt') for r in rs}
+        absent[name] = [n for n, c in ckpt.items() if not os.path.exists(c)]
+        have = [r for r in rs if r['name'] not in absent[name]]
         if absent[name]:  # a seed trained on another machine, or by an earlier sweep there: no checkpoint here
             print(f"[length_gen] {name}: no checkpoint for {', '.join(absent[name])}"
                   + ("; scoring the other seeds" if have else "; skipped"))
         if have:
-            picked[name] = (cell, [r for r, _ in have], [c for _, c in have])
+            picked[name] = (cell, have, [ckpt[r['name']] for r in have])
     if not picked:
         raise FileNotFoundError(f"length_gen: none of the chosen runs under {rdir} has its checkpoint; they are not "
                                 f"committed: run where the sweep trained them")
@@ -1412,7 +1414,7 @@ HELP = {
 }
 # keys that take only these values (any string passes where the default is 'auto', and bool('no') is True)
 CHOICES = {'compile': TRISTATE, 'cuda_graphs': TRISTATE, 'tiny': (None, True, False), 'cuda_graph': ('auto', False),
-           'grid': ('default', 'exhaustive')}
+           'grid': BENCH_GRID_NAMES}
 
 
 def key_help(command, key):

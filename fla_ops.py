@@ -37,7 +37,7 @@ from torch import Tensor
 NS = 'bakeoff'  # the ops' namespace: torch.ops.bakeoff.*
 
 
-def _fla(module, name):
+def import_fla(module, name):
     """fla's `name` from `module`, imported when an op first runs (on CUDA only: fla.ops needs Triton), or an
     ImportError that says what to install and what runs without it."""
     import importlib
@@ -94,7 +94,7 @@ def _state_grad(dht):
 @torch.library.custom_op(f'{NS}::chunk_delta_rule_fwd', mutates_args=(), device_types='cuda')
 def _delta_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Optional[Tensor], scale: float,
                output_final_state: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    ChunkDeltaRuleFunction = _fla('fla.ops.delta_rule.chunk', 'ChunkDeltaRuleFunction')
+    ChunkDeltaRuleFunction = import_fla('fla.ops.delta_rule.chunk', 'ChunkDeltaRuleFunction')
     ctx = _Ctx()
     o, ht = ChunkDeltaRuleFunction.forward(ctx, q, k, v, beta, scale, h0, output_final_state, True)
     qn, q_rstd, kn, k_rstd, _v, _beta, A = ctx.saved_tensors[:7]
@@ -114,7 +114,7 @@ def _(q, k, v, beta, h0, scale, output_final_state):
 def _delta_bwd(do: Tensor, dht: Optional[Tensor], qn: Tensor, q_rstd: Tensor, kn: Tensor, k_rstd: Tensor,
                v: Tensor, beta: Tensor, A: Tensor, h0: Optional[Tensor], scale: float,
                autocast: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    ChunkDeltaRuleFunction = _fla('fla.ops.delta_rule.chunk', 'ChunkDeltaRuleFunction')
+    ChunkDeltaRuleFunction = import_fla('fla.ops.delta_rule.chunk', 'ChunkDeltaRuleFunction')
     ctx = _Ctx((qn, q_rstd, kn, k_rstd, v, beta, A, h0, None, None), scale=scale, chunk_size=64,
                use_qk_l2norm_in_kernel=True, **_autocast_attrs(autocast))
     dq, dk, dv, db, _, dh0 = ChunkDeltaRuleFunction.backward(ctx, do, dht)[:6]
@@ -193,7 +193,7 @@ def _fla_gated_backward_problem_cached(fla_tilelang_env, fla_disable_dispatch_en
 def _gdp_fwd(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], beta: Tensor, h0: Optional[Tensor],
              scale: float, num_householder: int,
              output_final_state: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    ChunkGatedDeltaProductFunction = _fla('fla.ops.gated_delta_product.chunk', 'ChunkGatedDeltaProductFunction')
+    ChunkGatedDeltaProductFunction = import_fla('fla.ops.gated_delta_product.chunk', 'ChunkGatedDeltaProductFunction')
     ctx = _Ctx()
     o, ht = ChunkGatedDeltaProductFunction.forward(ctx, q, k, v, g, beta, scale, num_householder, h0,
                                                    output_final_state, True)
@@ -215,7 +215,7 @@ def _(q, k, v, g, beta, h0, scale, num_householder, output_final_state):
 def _gdp_bwd(do: Tensor, dht: Optional[Tensor], qn: Tensor, q_rstd: Tensor, kn: Tensor, k_rstd: Tensor, v: Tensor,
              g_cum: Tensor, beta: Tensor, A: Tensor, h0: Optional[Tensor], scale: float, num_householder: int,
              autocast: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    ChunkGatedDeltaProductFunction = _fla('fla.ops.gated_delta_product.chunk', 'ChunkGatedDeltaProductFunction')
+    ChunkGatedDeltaProductFunction = import_fla('fla.ops.gated_delta_product.chunk', 'ChunkGatedDeltaProductFunction')
     if _or_none(g_cum) is not None:
         problem = gated_backward_problem()  # say why, rather than fla's assert
         if problem:
@@ -266,14 +266,14 @@ def chunk_gated_delta_product(q, k, v, g, beta, scale, num_householder, initial_
 # ----------------------------------------------------------------------------- the short convs: causal_conv1d
 
 def _conv_ctx(x, weight):
-    _has_non_standard_layout = _fla('fla.modules.causal_conv1d.ops', '_has_non_standard_layout')
+    _has_non_standard_layout = import_fla('fla.modules.causal_conv1d.ops', '_has_non_standard_layout')
     return _Ctx((x, weight, None, None, None), activation='silu', cu_seqlens=None, cu_seqlens_cpu=None,
                 chunk_indices=None, layout_fallback=_has_non_standard_layout(x=x))
 
 
 @torch.library.custom_op(f'{NS}::causal_conv1d_silu_fwd', mutates_args=(), device_types='cuda')
 def _conv_fwd(x: Tensor, weight: Tensor) -> Tensor:
-    CausalConv1dFunction = _fla('fla.modules.causal_conv1d.ops', 'CausalConv1dFunction')
+    CausalConv1dFunction = import_fla('fla.modules.causal_conv1d.ops', 'CausalConv1dFunction')
     y, _ = CausalConv1dFunction.forward(_Ctx(), x, weight, None, None, None, False, 'silu')
     return y.contiguous()  # fla allocates it contiguous; said here, since the fake must promise the same
 
@@ -285,7 +285,7 @@ def _(x, weight):
 
 @torch.library.custom_op(f'{NS}::causal_conv1d_silu_bwd', mutates_args=(), device_types='cuda')
 def _conv_bwd(dy: Tensor, x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    CausalConv1dFunction = _fla('fla.modules.causal_conv1d.ops', 'CausalConv1dFunction')
+    CausalConv1dFunction = import_fla('fla.modules.causal_conv1d.ops', 'CausalConv1dFunction')
     dx, dw = CausalConv1dFunction.backward(_conv_ctx(x, weight), dy, None)[:2]
     return dx.contiguous(), dw  # dx: empty_like(x), contiguous for a strided x, and so in the fake
 

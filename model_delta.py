@@ -124,16 +124,6 @@ def delta_rule_chunk_ref(q, k, v, beta, scale=None, initial_state=None, chunk_si
 
 # ----------------------------------------------------------------------------- delta rule, fla kernel
 
-def _fla_chunk_delta_rule():
-    """fla's chunk_delta_rule, imported on first use (fla.ops needs Triton, which CPU machines lack)."""
-    try:
-        from fla.ops.delta_rule import chunk_delta_rule
-    except ImportError as e:
-        raise ImportError("DeltaNet's fla backend needs flash-linear-attention (pip install fla-core) and "
-                          "Triton; use backend='torch' to run the PyTorch reference instead") from e
-    return chunk_delta_rule
-
-
 def delta_rule_fla(q, k, v, beta, scale, initial_state=None, output_final_state=False, kernel_dtype=torch.bfloat16):
     """fla's chunk_delta_rule on raw (not yet normalised) q, k: the kernel L2-normalises them itself
     (use_qk_l2norm_in_kernel=True, as fla's DeltaNet layer does; same formula as l2norm() above), called
@@ -377,7 +367,7 @@ def compare_chunk_kernel(B=2, T=1000, H=4, D=64, l2norm_in_kernel=True, dtype=to
     reference on l2norm(q), l2norm(k); else both get pre-normalised q, k. neg_eigval: beta in (0, 2)
     (2 * sigmoid, as allow_neg_eigval makes it) instead of (0, 1).
     Returns {name: rel RMS} for o, final state, dq, dk, dv, dbeta, dh0."""
-    chunk_delta_rule = _fla_chunk_delta_rule()
+    chunk_delta_rule = fla_ops.import_fla('fla.ops.delta_rule', 'chunk_delta_rule')
     g = torch.Generator(device=device).manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g, device=device)
     q, k, v = rnd(B, T, H, D), rnd(B, T, H, D), rnd(B, T, H, D)

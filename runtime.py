@@ -40,6 +40,8 @@ def parse_value(s):
 
 # the values of a tri-state key such as compile or cuda_graphs
 TRISTATE = (True, False, 'auto')
+# the benchmarks' grids (bench.BENCH_GRIDS; bench.py --grid, the sweep's --bench_grid)
+BENCH_GRID_NAMES = ('default', 'exhaustive')
 
 
 def show_value(v):

@@ -25,6 +25,7 @@ JSON object per log/eval line; the examples tasks' eval lines add their accuraci
 train() returns), ckpt_best.pt (best val loss so far) and ckpt_last.pt (for resume).
 """
 
+import functools
 import importlib.util
 import json
 import math
@@ -41,7 +42,7 @@ import torch
 
 import model as model_lib
 import tasks
-from runtime import (TRISTATE, ConfigError, GraphedStep, Progress, as_list, atomic_torch_save,
+from runtime import (BENCH_GRID_NAMES, TRISTATE, ConfigError, GraphedStep, Progress, as_list, atomic_torch_save,
                      atomic_write_json, check_minimum, check_value, device_name, execution_modes, fmt_time,
                      git_commit, key_table, load_json, parse_value, peak_flops, pick_device, run_metadata,
                      user_error)
@@ -835,7 +836,7 @@ class _Planner:
         for d in self.dropouts or []:
             if not DROPOUT_BOUNDS[0] <= d < 1:
                 raise ConfigError(f"--dropouts must be in [0, 1); got {d}")
-        self._resolved, self._default = {}, {}
+        self._resolved = {}
         self.choices, self.notes = {}, {}
 
     def run(self, name, lr, dropout, seed, stage):
@@ -851,14 +852,11 @@ class _Planner:
         key = r['out_dir']
         if key not in self._resolved:
             self._resolved[key] = resolve_config(None, r['cfg'])
-        mt = r['cfg']['model_type']
-        if mt not in self._default:
-            self._default[mt] = resolve_config(None, {'model_type': mt})
         prev = load_json(os.path.join(r['out_dir'], 'summary.json'))
         rec = load_json(os.path.join(r['out_dir'], 'config.json')) or {}
         # a key missing from an older record did not exist then: that run had its default's behaviour; but a
         # record from before the test split (no 'splits' in config.json) measured another val set
-        same = same_config(self._resolved[key], rec.get('config', {}), self._default[mt]) and \
+        same = same_config(self._resolved[key], rec.get('config', {})) and \
             (rec.get('splits') is not None or r['cfg'].get('task', 'lm') != 'lm')
         r['same'] = same
         return prev if prev and prev.get('status') in ('done', 'diverged') and same else None
@@ -942,7 +940,7 @@ def _sweep(overrides, log):
     opts = {k: overrides.pop(k, v) for k, v in SWEEP_KEYS.items()}
     for k in ('preset', 'results_dir', 'bench', 'tune', 'controls', 'plan'):
         check_value(k, opts[k], SWEEP_KEYS[k])
-    check_value('bench_grid', opts['bench_grid'], None, ('default', 'exhaustive'))
+    check_value('bench_grid', opts['bench_grid'], None, BENCH_GRID_NAMES)
     owned = sorted(set(overrides) & {'model_type', 'learning_rate', 'dropout', 'seed', 'out_dir', 'preset',
                                      'init_from', 'variant', 'sweep_stage'})
     if owned:
@@ -1056,6 +1054,10 @@ def _lm_stage(planner, opts, overrides, label, results_dir, cuda, preset, gpus, 
     shard_k, shard_n = shard
     results, eta, trained, first = {}, _SweepEta(), [], None
     here = device_name('cuda' if cuda else 'cpu')  # finished records of this device are the ETA's first source
+
+    def probe_worth(c):  # a few timed iterations: not for a smoke test, nor the full size on CPU
+        return resolve_config(None, c)['max_iters'] >= 10 * PROBE_ITERS and (cuda or preset != 'full')
+
     while True:  # plan, train what is planned and not done, plan again (tuning rounds, then seeds, controls)
         plan, waiting = planner.plan()
         mine = shard_of(plan, shard_k, shard_n)
@@ -1069,9 +1071,6 @@ def _lm_stage(planner, opts, overrides, label, results_dir, cuda, preset, gpus, 
                 resume = r['same'] and os.path.exists(os.path.join(r['out_dir'], 'ckpt_last.pt'))
                 todo.append((r, {**r['cfg'], 'init_from': 'resume' if resume else 'scratch'}))
         _print_plan(plan, mine, todo, waiting, planner, shard_n)
-        # a few timed iterations of each model to train (not worth it for a smoke test, nor the full size on CPU)
-        def probe_worth(c):  # not for a smoke test, nor the full size on CPU
-            return resolve_config(None, c)['max_iters'] >= 10 * PROBE_ITERS and (cuda or preset != 'full')
         for _, c in todo:  # a few timed iterations of each model to train whose speed nothing recorded
             m = c.get('variant') or c['model_type']
             if m not in eta.probe and not eta.known(m) and probe_worth(c):
@@ -1135,7 +1134,7 @@ def _lm_stage(planner, opts, overrides, label, results_dir, cuda, preset, gpus, 
     return {'runs': summaries, 'bench': bench_out, 'choices': dict(planner.choices), 'waiting': waiting,
             'bench_s': bench_s, 'bench_steps_s': bench_steps,
             'counts': {'trained': len(trained_dirs), 'already_done': len(set(results) - trained_dirs),
-                                           'resumed': sum(c['init_from'] == 'resume' for _, c in trained)}}
+                       'resumed': sum(c['init_from'] == 'resume' for _, c in trained)}}
 
 
 def parse_stages(value, full):
@@ -1200,7 +1199,7 @@ def grid_stage(stage, grid_file, out, overrides=None, gpus=1, procs_per_gpu=1, s
     Returns the finished runs' summaries in grid order."""
     base, entries = read_grid(grid_file)
     overrides = dict(overrides or {})
-    todo, summaries, weights, defaults = [], {}, [], {}
+    todo, summaries, weights = [], {}, []
     mine = {id(e) for e in shard_of(entries, *shard)}
     for i, e in enumerate(entries):
         run_cfg = {**{k: v for k, v in e.items() if k != 'name'}, **overrides,
@@ -1208,9 +1207,7 @@ def grid_stage(stage, grid_file, out, overrides=None, gpus=1, procs_per_gpu=1, s
         wanted = resolve_config(base, run_cfg)  # every run's keys checked before anything trains
         prev = load_json(os.path.join(run_cfg['out_dir'], 'summary.json'))
         prev_cfg = (load_json(os.path.join(run_cfg['out_dir'], 'config.json')) or {}).get('config', {})
-        if wanted['model_type'] not in defaults:  # what a key missing from an older record had (its default)
-            defaults[wanted['model_type']] = resolve_config(None, {'model_type': wanted['model_type']})
-        same = same_config(wanted, prev_cfg, defaults[wanted['model_type']])
+        same = same_config(wanted, prev_cfg)
         if prev and prev.get('status') in ('done', 'diverged') and same:
             summaries[i] = prev
             continue
@@ -1529,12 +1526,18 @@ class _SweepLog:
         return False
 
 
-def same_config(wanted, prev_cfg, defaults=None):
+@functools.lru_cache(maxsize=None)
+def _model_defaults(model_type):
+    """The resolved default config of a model type (read, never changed: same_config asks once per record)."""
+    return resolve_config(None, {'model_type': model_type})
+
+
+def same_config(wanted, prev_cfg):
     """Whether a run folder's recorded config (config.json's 'config') is the run the sweep wants: every key
     that changes its numbers agrees. Where it runs (out_dir: the folder is the run's name, and a results
     folder may be moved or copied) and how it is executed (NEUTRAL_KEYS) don't count. A key missing from the
-    record did not exist when it was written: that run had the key's value in `defaults` (a resolved config)."""
-    defaults = defaults or {}
+    record did not exist when it was written: that run had the key's default, its model type's."""
+    defaults = _model_defaults(wanted['model_type'])
     return all(prev_cfg.get(k, defaults.get(k)) == v for k, v in wanted.items()
                if k not in NEUTRAL_KEYS | {'init_from', 'out_dir'})
 

@@ -28,7 +28,7 @@ def test_ops_register_without_fla():
 def test_missing_fla_names_the_fix():
     """An op run without fla (or Triton) says what to install and what runs without it."""
     with pytest.raises(ImportError, match=r"pip install fla-core.*backend='torch'"):
-        fla_ops._fla('no_such_module_here', 'anything')
+        fla_ops.import_fla('no_such_module_here', 'anything')
 
 
 def _inputs(B, T, H, K, V, n=1, gated=False, h0=False, seed=0):
