@@ -101,9 +101,9 @@ def check_config(cfg):
     Examples tasks: block_size 0 -> the longest sequence; max_iters from epochs; eval_interval 0 -> one epoch."""
     task = cfg['task']
     task_keys(task)
+    if task != 'mqar' and cfg.get('loss_positions', 0):
+        raise ConfigError(f"loss_positions must be 0 for {task}: it has a target at every position")
     if task == 'lm':  # block_size: train_runner's MINIMUM
-        if cfg.get('loss_positions', 0):
-            raise ConfigError("loss_positions must be 0 for lm: it has a target at every position")
         return cfg
     if task == 'mqar':
         L, kv, V = cfg['seq_len'], cfg['num_kv_pairs'], cfg['vocab']
@@ -120,8 +120,6 @@ def check_config(cfg):
             raise ConfigError(f"loss_positions is num_kv_pairs ({kv}) for mqar (0: set so), got {cfg['loss_positions']}")
         cfg['loss_positions'] = kv
     else:
-        if cfg.get('loss_positions', 0):
-            raise ConfigError(f"loss_positions must be 0 for {task}: it has a target at every position")
         lens = cfg['test_lens']  # a list (train_runner's check_value makes the command line's tuple one)
         if not lens or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in lens):
             raise ConfigError(f"test_lens must be positive ints (e.g. [128, 256, 512]), got {cfg['test_lens']!r}")

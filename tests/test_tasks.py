@@ -202,6 +202,14 @@ def test_task_keys_are_checked():
         train_runner.resolve_config('config/state_tracking.py', {'train_len': 0})
     with pytest.raises(ConfigError, match='test_lens must be positive ints'):
         train_runner.resolve_config('config/state_tracking.py', {'test_lens': [128, -1]})
+    # the loss at K target positions: mqar's K is its num_kv_pairs; the tasks with a target everywhere take none
+    with pytest.raises(ConfigError, match='loss_positions must be 0 for lm'):
+        train_runner.resolve_config(None, {'loss_positions': 4})
+    with pytest.raises(ConfigError, match='loss_positions must be 0 for word_problem'):
+        train_runner.resolve_config('config/state_tracking.py', {'loss_positions': 4})
+    with pytest.raises(ConfigError, match=r'loss_positions is num_kv_pairs \(64\) for mqar'):
+        train_runner.resolve_config('config/mqar.py', {'loss_positions': 4})
+    assert train_runner.resolve_config('config/mqar.py', {})['loss_positions'] == 64
 
 
 def test_examples_task_derived_keys():
