@@ -9,6 +9,7 @@ builds one forward+backward graph in which Inductor fuses the elementwise glue a
   chunk_delta_rule(q, k, v, beta, scale, h0, output_final_state)        DeltaNet (fla's ChunkDeltaRuleFunction)
   chunk_gated_delta_product(q, k, v, g, beta, scale, n_h, h0, final)    Gated DeltaProduct
   causal_conv1d_silu(x, weight)                                         both models' short convs (CausalConv1dFunction)
+  parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, ...)                       NSA (five ops, below)
 
 Each runs fla's own Function.forward and Function.backward with a stand-in ctx, so outputs and gradients
 are fla's bit for bit (tests/test_fla_ops.py checks it on CUDA). What fla's forward saves and its backward
@@ -16,15 +17,23 @@ needs, beyond the op's inputs (the L2-normalised q and k, their rstd, the WY mat
 cumulative sums), leaves the forward op as extra outputs: that keeps both ops functional, which
 torch.compile and CUDA graphs require.
 
-NSA is not here. fla's parallel_nsa chains five autograd Functions (mean pooling, compression, top-k,
-selection, and flash-attn's or fla's window), and a backward op cannot re-run them under autograd (inside a
-custom op autograd is off), so NSA needs each of the five wrapped like the two above; until then it runs
-eagerly under the CUDA graph (model_nsa.GPT.compile_problem says why).
+NSA's parallel_nsa is not one Function but a composition: mean pooling of k and v, the compression
+branch, the top-k choice of blocks, the selection branch, and the window (flash-attn's or fla's
+parallel_attn). Each of its four autograd Functions is an op pair below, the top-k a forward-only op, and
+parallel_nsa() composes them as fla's parallel_nsa does, with the same gating arithmetic, so that its output
+and gradients are fla's bit for bit (tests/test_fla_ops.py).
+
+  mean_pooling(x, block_size)                                          (MeanPoolingFunction)
+  nsa_compression(q, k_cmp, v_cmp, T, block_size, scale) -> o, lse     (ParallelNSACompressionFunction)
+  nsa_topk(q, k_cmp, lse, T, block_counts, block_size, scale)          (parallel_nsa_topk, no gradient)
+  nsa_selection(q, k, v, block_indices, block_counts, block_size, scale) (ParallelNSAFunction)
+  window_attn(q, k, v, scale, window_size)                             (ParallelAttentionFunction)
 
 The short convs are an op too. Their shifted-sum form (model_delta.short_conv) is plain PyTorch, which
 Inductor fuses; but in the compiled step it was slower than fla's conv kernel: with the shifted sums and
 the two ops above, DeltaNet's step went from 9.26 to 9.71 ms and Gated DeltaProduct's from 12.87 to 14.93
-(results/training-speedups/custom-ops/), about what moving to fla's conv had once saved. Vanilla
+(results/training-speedups/custom-ops/), about what moving to fla's conv had once saved. With fla's conv as
+the op below DeltaNet's step is 9.39 ms again (results/training-speedups/conv-op/). Vanilla
 attention is PyTorch's SDPA. fla is imported inside the implementations, on CUDA only.
 """
 import functools
@@ -311,3 +320,229 @@ def causal_conv1d_silu(x, weight):
     """fla's causal_conv1d(x, weight, activation='silu') (Triton, the SiLU fused) as a custom op: x (B, T, C),
     which may be a strided view (a slice of a wider matmul's output); weight (C, K). Returns (B, T, C)."""
     return _conv_fwd(x, weight.contiguous())
+
+
+# ----------------------------------------------------------------------------- NSA: parallel_nsa's pieces
+# fla's Functions below take cu_seqlens=None (no variable-length batches here); their forwards save
+# (q, k, v, o, lse), which leave the forward ops as outputs (o and lse are outputs anyway).
+
+def _nsa(name):
+    return import_fla('fla.ops.nsa.parallel', name)
+
+
+@torch.library.custom_op(f'{NS}::mean_pooling_fwd', mutates_args=(), device_types='cuda')
+def _pool_fwd(x: Tensor, block_size: int) -> Tensor:
+    MeanPoolingFunction = import_fla('fla.ops.utils.pooling', 'MeanPoolingFunction')
+    return MeanPoolingFunction.forward(_Ctx(), x, block_size, None)
+
+
+@_pool_fwd.register_fake
+def _(x, block_size):
+    B, T, H, D = x.shape
+    return x.new_empty(B, -(-T // block_size), H, D)
+
+
+@torch.library.custom_op(f'{NS}::mean_pooling_bwd', mutates_args=(), device_types='cuda')
+def _pool_bwd(do: Tensor, T: int, block_size: int, autocast: Optional[torch.dtype]) -> Tensor:
+    MeanPoolingFunction = import_fla('fla.ops.utils.pooling', 'MeanPoolingFunction')
+    ctx = _Ctx(batch_size=do.size(0), seq_len=T, chunk_size=block_size, cu_seqlens=None, **_autocast_attrs(autocast))
+    return MeanPoolingFunction.backward(ctx, do)[0]
+
+
+@_pool_bwd.register_fake
+def _(do, T, block_size, autocast):
+    B, _, H, D = do.shape
+    return do.new_empty(B, T, H, D)
+
+
+def _pool_setup(ctx, inputs, output):
+    x, block_size = inputs
+    ctx.T, ctx.block_size, ctx.autocast = x.size(1), block_size, _forward_autocast()
+
+
+def _pool_backward(ctx, do):
+    return _pool_bwd(do.contiguous(), ctx.T, ctx.block_size, ctx.autocast), None
+
+
+_pool_fwd.register_autograd(_pool_backward, setup_context=_pool_setup)
+
+
+def _attn_like_fake(q, v):
+    """(o, lse) of an attention kernel: o (B, T, HQ, V) in q's dtype, lse (B, T, HQ) fp32."""
+    B, T, HQ, _ = q.shape
+    return q.new_empty(B, T, HQ, v.size(-1)), q.new_empty(B, T, HQ, dtype=torch.float32)
+
+
+def _grads_fake(q, k, v):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _nsa_ctx(q, k, v, o, lse, block_size, scale, autocast, **attrs):
+    return _Ctx((q, k, v, o, lse), cu_seqlens=None, token_indices=None, block_size=block_size, scale=scale,
+                tq_ne_tk=False, dtype=q.dtype, **attrs, **_autocast_attrs(autocast))
+
+
+@torch.library.custom_op(f'{NS}::nsa_compression_fwd', mutates_args=(), device_types='cuda')
+def _cmp_fwd(q: Tensor, k: Tensor, v: Tensor, T: int, block_size: int, scale: float) -> tuple[Tensor, Tensor]:
+    Function = import_fla('fla.ops.nsa.compression', 'ParallelNSACompressionFunction')
+    o, lse = Function.forward(_Ctx(), q, k, v, T, block_size, scale, None)
+    return o, lse
+
+
+@_cmp_fwd.register_fake
+def _(q, k, v, T, block_size, scale):
+    return _attn_like_fake(q, v)
+
+
+@torch.library.custom_op(f'{NS}::nsa_compression_bwd', mutates_args=(), device_types='cuda')
+def _cmp_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, block_size: int, scale: float,
+             autocast: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor]:
+    Function = import_fla('fla.ops.nsa.compression', 'ParallelNSACompressionFunction')
+    dq, dk, dv = Function.backward(_nsa_ctx(q, k, v, o, lse, block_size, scale, autocast), do)[:3]
+    return dq, dk, dv
+
+
+@_cmp_bwd.register_fake
+def _(do, q, k, v, o, lse, block_size, scale, autocast):
+    return _grads_fake(q, k, v)
+
+
+def _cmp_setup(ctx, inputs, output):
+    q, k, v, _, block_size, scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.block_size, ctx.scale, ctx.autocast = block_size, scale, _forward_autocast()
+
+
+def _cmp_backward(ctx, do, _dlse):  # lse feeds only the top-k, which has no gradient
+    dq, dk, dv = _cmp_bwd(do.contiguous(), *ctx.saved_tensors, ctx.block_size, ctx.scale, ctx.autocast)
+    return dq, dk, dv, None, None, None
+
+
+_cmp_fwd.register_autograd(_cmp_backward, setup_context=_cmp_setup)
+
+
+@torch.library.custom_op(f'{NS}::nsa_topk', mutates_args=(), device_types='cuda')
+def _topk(q: Tensor, k: Tensor, lse: Tensor, T: int, block_counts: int, block_size: int, scale: float) -> Tensor:
+    return _nsa('parallel_nsa_topk')(q=q, k=k, lse=lse, TK=T, block_counts=block_counts, block_size=block_size,
+                                     scale=scale, cu_seqlens=None)
+
+
+@_topk.register_fake
+def _(q, k, lse, T, block_counts, block_size, scale):
+    B, TQ, _, _ = q.shape
+    S = 1 << max(block_counts - 1, 0).bit_length()  # triton.next_power_of_2
+    return q.new_empty(B, TQ, k.size(2), S, dtype=torch.int32)
+
+
+@torch.library.custom_op(f'{NS}::nsa_selection_fwd', mutates_args=(), device_types='cuda')
+def _slc_fwd(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, block_counts: int, block_size: int,
+             scale: float) -> tuple[Tensor, Tensor]:
+    ctx = _Ctx()
+    o = _nsa('ParallelNSAFunction').forward(ctx, q, k, v, block_indices, block_counts, block_size, scale, None)
+    return o, ctx.saved_tensors[4]  # (o, lse); o is the saved o (both in v's dtype, which is q's)
+
+
+@_slc_fwd.register_fake
+def _(q, k, v, block_indices, block_counts, block_size, scale):
+    return _attn_like_fake(q, v)
+
+
+@torch.library.custom_op(f'{NS}::nsa_selection_bwd', mutates_args=(), device_types='cuda')
+def _slc_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, block_indices: Tensor,
+             block_counts: int, block_size: int, scale: float,
+             autocast: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor]:
+    ctx = _nsa_ctx(q, k, v, o, lse, block_size, scale, autocast, block_indices=block_indices,
+                   block_counts=block_counts)
+    dq, dk, dv = _nsa('ParallelNSAFunction').backward(ctx, do)[:3]
+    return dq, dk, dv
+
+
+@_slc_bwd.register_fake
+def _(do, q, k, v, o, lse, block_indices, block_counts, block_size, scale, autocast):
+    return _grads_fake(q, k, v)
+
+
+def _slc_setup(ctx, inputs, output):
+    q, k, v, block_indices, block_counts, block_size, scale = inputs
+    ctx.save_for_backward(q, k, v, *output, block_indices)
+    ctx.block_counts, ctx.block_size, ctx.scale, ctx.autocast = block_counts, block_size, scale, _forward_autocast()
+
+
+def _slc_backward(ctx, do, _dlse):
+    q, k, v, o, lse, block_indices = ctx.saved_tensors
+    dq, dk, dv = _slc_bwd(do.contiguous(), q, k, v, o, lse, block_indices, ctx.block_counts, ctx.block_size,
+                          ctx.scale, ctx.autocast)
+    return dq, dk, dv, None, None, None, None
+
+
+_slc_fwd.register_autograd(_slc_backward, setup_context=_slc_setup)
+
+
+@torch.library.custom_op(f'{NS}::window_attn_fwd', mutates_args=(), device_types='cuda')
+def _swa_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, window_size: int) -> tuple[Tensor, Tensor]:
+    Function = import_fla('fla.ops.attn.parallel', 'ParallelAttentionFunction')
+    ctx = _Ctx()
+    o = Function.forward(ctx, q, k, v, None, None, scale, window_size, None, None)
+    return o, ctx.saved_tensors[5]  # (o, lse)
+
+
+@_swa_fwd.register_fake
+def _(q, k, v, scale, window_size):
+    return _attn_like_fake(q, v)
+
+
+@torch.library.custom_op(f'{NS}::window_attn_bwd', mutates_args=(), device_types='cuda')
+def _swa_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float, window_size: int,
+             autocast: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor]:
+    Function = import_fla('fla.ops.attn.parallel', 'ParallelAttentionFunction')
+    ctx = _Ctx((q, k, v, o, None, lse, None), scale=scale, window_size=window_size, cu_seqlens=None,
+               dtype=q.dtype, **_autocast_attrs(autocast))
+    dq, dk, dv = Function.backward(ctx, do)[:3]
+    return dq, dk, dv
+
+
+@_swa_bwd.register_fake
+def _(do, q, k, v, o, lse, scale, window_size, autocast):
+    return _grads_fake(q, k, v)
+
+
+def _swa_setup(ctx, inputs, output):
+    q, k, v, scale, window_size = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.scale, ctx.window_size, ctx.autocast = scale, window_size, _forward_autocast()
+
+
+def _swa_backward(ctx, do, _dlse):
+    dq, dk, dv = _swa_bwd(do.contiguous(), *ctx.saved_tensors, ctx.scale, ctx.window_size, ctx.autocast)
+    return dq, dk, dv, None, None
+
+
+_swa_fwd.register_autograd(_swa_backward, setup_context=_swa_setup)
+
+
+def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, block_counts, block_size, window_size, scale, block_indices=None,
+                 flash_window=False):
+    """What model_nsa computed with fla's functions, through the ops above: fla's parallel_nsa(q, k, v,
+    g_cmp, g_slc, g_swa if flash_window else None, block_indices, block_counts, block_size, window_size if
+    flash_window else 0, scale), then, without flash-attn, fla's parallel_attn(window_size) times g_swa added
+    last. q (B, T, HQ, D), k and v (B, T, H, D), all of one 16-bit dtype; the gates (B, T, HQ); block_counts
+    an int; block_indices (B, T, H, S) or None (the top-k chooses). The gating arithmetic is fla's, in its
+    order, so the output rounds as fla's does. flash_window: the window through flash-attn's
+    flash_attn_func (its default scale), as parallel_nsa runs it."""
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    q, k, v = (t.contiguous() for t in (q, k, v))  # parallel_nsa's @contiguous
+    T = k.size(1)
+    k_cmp, v_cmp = _pool_fwd(k, block_size), _pool_fwd(v, block_size)
+    o_cmp, lse_cmp = _cmp_fwd(q, k_cmp, v_cmp, T, block_size, scale)
+    if block_indices is None:  # the choice of blocks carries no gradient (in fla neither)
+        block_indices = _topk(q.detach(), k_cmp.detach(), lse_cmp.detach(), T, block_counts, block_size, scale)
+    o_slc = _slc_fwd(q, k, v, block_indices.contiguous(), block_counts, block_size, scale)[0]
+    o = torch.addcmul(o_slc * g_slc.unsqueeze(-1), o_cmp, g_cmp.unsqueeze(-1))
+    if window_size > 0 and flash_window:
+        flash_attn_func = _nsa('flash_attn_func')
+        o = torch.addcmul(o, flash_attn_func(q, k, v, causal=True, window_size=(window_size - 1, 0)),
+                          g_swa.unsqueeze(-1))
+    elif window_size > 0:
+        o = o + _swa_fwd(q, k, v, scale, window_size)[0] * g_swa.unsqueeze(-1)
+    return o

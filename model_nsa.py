@@ -31,9 +31,9 @@ What each branch covers, with the defaults (nsa_block_size=32, nsa_block_counts=
     T = 65536: compression reads 2048 summaries, selection 128 tokens (block 0, the 2 recent blocks,
       1 chosen of the other 2045), the window 64: about 2240 keys per query instead of 65536.
 
-Backends: 'auto' runs fla's Triton kernels on CUDA (parallel_nsa for compression + top-k +
-selection; the window by flash-attn if importable, else fla's parallel_attn) and the PyTorch
-reference elsewhere; 'fla' insists on the kernels; 'torch' always runs the reference. Decoding
+Backends: 'auto' runs fla's Triton kernels on CUDA (parallel_nsa's compression + top-k +
+selection; the window by flash-attn if importable, else fla's parallel_attn; all as custom ops,
+fla_ops.parallel_nsa) and the PyTorch reference elsewhere; 'fla' insists on the kernels; 'torch' always runs the reference. Decoding
 (every T == 1 step and any continuation at pos > 0) is PyTorch on every device, on a KV cache plus a
 cache of compressed blocks, never recomputing the prefix.
 
@@ -73,13 +73,13 @@ row's selected output changes wholesale, so the plain full-path error is ~2%. Wi
 forced-block tie-break alone makes half the rows differ (~22% rel RMS at T=256, block 64).
 """
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+import fla_ops
 import model
 from model import D_FF_HELP, setting
 
@@ -307,22 +307,16 @@ def nsa_cached(q, state, pos, g_cmp, g_slc, g_swa, block_size, block_counts, win
 # ----------------------------------------------------------------------------- fla path (CUDA)
 
 def nsa_fla(q, k, v, g_cmp, g_slc, g_swa, block_size, block_counts, window_size, scale, block_indices=None):
-    """fla's parallel_nsa for compression + top-k + selection, plus the window branch: through
-    parallel_nsa itself when flash-attn is importable (it calls flash_attn_func with the default scale,
-    fp16/bf16 only), else fla's parallel_attn(window_size=w). Imported lazily (needs triton)."""
-    import fla.ops.nsa.parallel as fla_nsa
+    """fla's kernels for compression + top-k + selection, plus the window branch: by flash-attn if importable
+    (as fla's parallel_nsa runs it: flash_attn_func with the default scale, fp16/bf16 only), else fla's
+    parallel_attn(window_size=w). Through the custom ops of fla_ops.parallel_nsa, which compose fla's
+    Functions as parallel_nsa does (its output and gradients bit for bit). Imported lazily (needs triton)."""
+    import fla.ops.nsa.parallel as fla_nsa  # its flash_attn_func is None without flash-attn
     D = q.size(-1)
     use_fa = (window_size > 0 and fla_nsa.flash_attn_func is not None
               and q.dtype in (torch.float16, torch.bfloat16) and abs(scale - D ** -0.5) < 1e-12)
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')  # "block_indices is provided, overriding ..." when given
-        o = fla_nsa.parallel_nsa(q, k, v, g_cmp, g_slc, g_swa if use_fa else None, block_indices=block_indices,
-                                 block_counts=block_counts, block_size=block_size,
-                                 window_size=window_size if use_fa else 0, scale=scale)
-    if window_size > 0 and not use_fa:
-        from fla.ops.attn.parallel import parallel_attn
-        o = o + parallel_attn(q, k, v, scale=scale, window_size=window_size) * g_swa.unsqueeze(-1)
-    return o
+    return fla_ops.parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, block_counts, block_size, window_size, scale,
+                                block_indices, flash_window=use_fa)
 
 
 # ----------------------------------------------------------------------------- mixer
@@ -482,11 +476,12 @@ class GPTConfig(model.BaseConfig):
 
 class GPT(model.GPT):
     mixer_cls = NSAMixer
-    # measured with `bench.py profile` on the H200 (torch 2.11, Triton 3.6, fla-core 0.6.0): the compiled
-    # model's backward crashed the process (SIGSEGV inside autograd's functionalization of a view, while
-    # running fla's parallel_nsa backward); a crash can't be caught and fallen back from, so never compile it
+    # measured with `bench.py profile` on the H200 (torch 2.11, Triton 3.6, fla-core 0.6.0) while fla's functions
+    # were traced: the compiled backward crashed the process (SIGSEGV inside autograd's functionalization of a
+    # view, running fla's parallel_nsa backward). A crash can't be caught and fallen back from, so NSA is not
+    # compiled until its step through the custom ops (fla_ops.parallel_nsa: opaque to Dynamo) is measured.
     compile_problem = ("torch.compile crashed (segfault) in the backward of fla's parallel_nsa on the H200 "
-                       "(torch 2.11, fla 0.6.0)")
+                       "(torch 2.11, fla 0.6.0); NSA's step through the custom ops is not yet measured compiled")
 
 
 # obeys the kernel rules (group 16, head_dim 16, block 16 >= 2*4), so it runs on CUDA too

@@ -1,7 +1,7 @@
 """fla_ops: fla's kernels as custom ops. On CUDA: outputs and every gradient equal the direct fla call bit for
 bit, torch.library.opcheck accepts each op (fake shapes, schema, autograd), and torch.compile traces each
 compiled model's training step as one graph (torch._dynamo.explain). On CPU: the ops are registered without
-importing fla."""
+importing fla, and NSA's composition of five ops computes the reference (stand-in kernels built from it)."""
 import sys
 
 import pytest
@@ -19,7 +19,8 @@ SMALL_HEADS = 2
 
 def test_ops_register_without_fla():
     """Importing fla_ops (every model file does) registers the ops and imports neither fla nor triton."""
-    for op in ('chunk_delta_rule_fwd', 'chunk_gated_delta_product_bwd', 'causal_conv1d_silu_fwd', 'causal_conv1d_silu_bwd'):
+    for op in ('chunk_delta_rule_fwd', 'chunk_gated_delta_product_bwd', 'causal_conv1d_silu_fwd', 'causal_conv1d_silu_bwd',
+               'mean_pooling_fwd', 'nsa_compression_bwd', 'nsa_topk', 'nsa_selection_bwd', 'window_attn_bwd'):
         assert hasattr(torch.ops.bakeoff, op), op
     if not torch.cuda.is_available():
         assert 'fla.ops' not in sys.modules
@@ -128,6 +129,65 @@ def test_causal_conv1d_op_is_fla_bitwise(T):
     _assert_bitwise(run(fla_ops.causal_conv1d_silu), run(lambda a, w: causal_conv1d(a, w, activation='silu')[0]))
 
 
+# NSA at the bake-off model's layout (16 query heads on 1 KV head of 32, blocks of 32, 4 selected, window 64):
+# its kernels' autotune keys are then the training runs' and the compiled NSA model's below
+NSA = dict(HQ=16, H=1, D=32, block_size=32, block_counts=4, window_size=64)
+
+
+def _nsa_inputs(B, T, seed):
+    g = torch.Generator(device='cuda').manual_seed(seed)
+    r = lambda *s: torch.randn(*s, device='cuda', generator=g).to(torch.bfloat16)  # noqa: E731
+    HQ, H, D = NSA['HQ'], NSA['H'], NSA['D']
+    gates = torch.sigmoid(torch.randn(B, T, HQ, 3, device='cuda', generator=g)).to(torch.bfloat16).unbind(-1)
+    return dict(q=r(B, T, HQ, D), k=r(B, T, H, D), v=r(B, T, H, D), g_cmp=gates[0], g_slc=gates[1], g_swa=gates[2])
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize('T', [63, 256])
+@pytest.mark.parametrize('given_blocks', [False, True])
+def test_parallel_nsa_ops_are_fla_bitwise(T, given_blocks):
+    """fla_ops.parallel_nsa (mean pooling, compression, top-k, selection and the window as five ops) against
+    what model_nsa computed with fla's own functions: parallel_nsa for compression + top-k + selection, plus
+    parallel_attn(window) times g_swa. The output and the gradients of q, k, v and the three gates (strided
+    views, as the mixer passes them), with the blocks chosen by the top-k and given: bit for bit wherever two
+    direct calls agree bit for bit."""
+    from fla.ops.attn.parallel import parallel_attn
+    from fla.ops.nsa.parallel import parallel_nsa
+    B, D = 2, NSA['D']
+    bs, S, w, scale = NSA['block_size'], NSA['block_counts'], NSA['window_size'], D ** -0.5
+    x = _nsa_inputs(B, T, seed=T)
+    do = torch.randn(B, T, NSA['HQ'], D, device='cuda')
+    blocks = None
+    if given_blocks:  # every query's first S blocks up to its own (-1 past it), as a caller might give them
+        t = torch.arange(T, device='cuda')
+        blocks = torch.arange(S, device='cuda').expand(B, T, NSA['H'], S).clone()
+        blocks = torch.where(blocks <= (t // bs)[None, :, None, None], blocks, -1).to(torch.int32)
+
+    def run(fn):
+        xs = {k: t.detach().clone().requires_grad_() for k, t in x.items()}
+        o = fn(xs)
+        (o.float() * do).sum().backward()
+        return {'o': o, **{f'd{k}': t.grad for k, t in xs.items()}}
+
+    def direct(a):
+        o = parallel_nsa(a['q'], a['k'], a['v'], a['g_cmp'], a['g_slc'], None, block_indices=blocks,
+                         block_counts=S, block_size=bs, window_size=0, scale=scale)
+        return o + parallel_attn(a['q'], a['k'], a['v'], scale=scale, window_size=w) * a['g_swa'].unsqueeze(-1)
+
+    op = lambda a: fla_ops.parallel_nsa(a['q'], a['k'], a['v'], a['g_cmp'], a['g_slc'], a['g_swa'],  # noqa: E731
+                                        S, bs, w, scale, blocks)
+    want, again, got = run(direct), run(direct), run(op)
+    # NSA's backward on the H200 is not always deterministic (results/cuda-tests/e4f0c43/diag_nsa_det.log): where
+    # two direct calls differ, the op is held to 4x their difference; everywhere else, to fla's bits
+    steady = [n for n in want if torch.equal(want[n], again[n])]
+    _assert_bitwise({n: got[n] for n in steady}, {n: want[n] for n in steady})
+    for n in set(want) - set(steady):
+        spread = (want[n].float() - again[n].float()).abs().max().item()
+        diff = (got[n].float() - want[n].float()).abs().max().item()
+        assert diff <= 4 * spread, f"{n}: max |op - fla| {diff:.3g}, fla against itself {spread:.3g}"
+
+
 @cuda
 @pytest.mark.cuda
 def test_opcheck():
@@ -146,21 +206,184 @@ def test_opcheck():
                           (c['wide'].requires_grad_()[..., :384], c['w'].requires_grad_()))
 
 
+@cuda
+@pytest.mark.cuda
+def test_nsa_opcheck():
+    """opcheck for NSA's five ops, on the inputs parallel_nsa hands them."""
+    n = {k: t.requires_grad_() for k, t in _nsa_inputs(2, 100, seed=2).items()}
+    bs, S, w, scale = NSA['block_size'], NSA['block_counts'], NSA['window_size'], NSA['D'] ** -0.5
+    k_cmp = fla_ops._pool_fwd(n['k'].detach(), bs)
+    _, lse = fla_ops._cmp_fwd(n['q'].detach(), k_cmp, k_cmp, 100, bs, scale)
+    blocks = fla_ops._topk(n['q'].detach(), k_cmp, lse, 100, S, bs, scale)
+    ops = torch.ops.bakeoff
+    for op, args in [(ops.mean_pooling_fwd, (n['k'], bs)),
+                     (ops.nsa_compression_fwd, (n['q'], k_cmp.clone().requires_grad_(), k_cmp.clone().requires_grad_(),
+                                                100, bs, scale)),
+                     (ops.nsa_topk, (n['q'].detach(), k_cmp, lse, 100, S, bs, scale)),
+                     (ops.nsa_selection_fwd, (n['q'], n['k'], n['v'], blocks, S, bs, scale)),
+                     (ops.window_attn_fwd, (n['q'], n['k'], n['v'], scale, w))]:
+        torch.library.opcheck(op.default, args)
+
+
+# ----------------------------------------------------------------------------- NSA's composition on CPU
+# fla's kernels do not run on CPU; stand-ins built from model_nsa's fp64 reference pieces do, registered as the
+# CPU kernels of NSA's five ops for the duration of a test. Then fla_ops.parallel_nsa must compute nsa_ref:
+# which gate scales which branch, what each backward op is handed and which input its gradients reach, that
+# the top-k carries no gradient, and that torch.compile traces the composition whole.
+
+def _vjp(fn, inputs, grad_out):
+    """The gradients of <fn(*inputs), grad_out> for each input: a recomputed forward, as a backward op has.
+    torch.func, since autograd is off inside an op's kernel."""
+    return torch.func.vjp(fn, *inputs)[1](grad_out)
+
+
+def _pool_ref(x, bs):
+    """fla's mean pooling: the mean of each block of bs tokens, the trailing partial block over its own tokens."""
+    T = x.size(1)
+    return torch.stack([x[:, c:c + bs].mean(1) for c in range(0, T, bs)], 1)
+
+
+def _nsa_stand_ins():
+    import model_nsa as M
+    zeros_lse = lambda q: torch.zeros(q.shape[:3], dtype=torch.float32)  # noqa: E731  (read by nothing here)
+    cmp = lambda q, k, v, bs, scale: M.compressed_attention(q, k, v, bs, scale)[0]  # noqa: E731
+    slc = lambda q, k, v, idx, bs, scale: M.selected_attention(q, k, v, idx.long(), bs, scale)  # noqa: E731
+    return {
+        'mean_pooling_fwd': lambda x, bs: _pool_ref(x, bs),
+        'mean_pooling_bwd': lambda do, T, bs, ac: _vjp(lambda x: _pool_ref(x, bs),
+                                                       [do.new_zeros(do.size(0), T, *do.shape[2:])], do)[0],
+        'nsa_compression_fwd': lambda q, k, v, T, bs, scale: (cmp(q, k, v, bs, scale), zeros_lse(q)),
+        'nsa_compression_bwd': lambda do, q, k, v, o, lse, bs, scale, ac: _vjp(
+            lambda *a: cmp(*a, bs, scale), [q, k, v], do),
+        'nsa_topk': lambda q, k, lse, T, bc, bs, scale: M.select_blocks(
+            M.compressed_attention(q, k, k, bs, scale)[1], k.size(2), bs, bc).int(),
+        'nsa_selection_fwd': lambda q, k, v, idx, bc, bs, scale: (slc(q, k, v, idx, bs, scale), zeros_lse(q)),
+        'nsa_selection_bwd': lambda do, q, k, v, o, lse, idx, bc, bs, scale, ac: _vjp(
+            lambda *a: slc(*a, idx, bs, scale), [q, k, v], do),
+        'window_attn_fwd': lambda q, k, v, scale, w: (M.sliding_window_attention(q, k, v, w, scale), zeros_lse(q)),
+        'window_attn_bwd': lambda do, q, k, v, o, lse, scale, w, ac: _vjp(
+            lambda *a: M.sliding_window_attention(*a, w, scale), [q, k, v], do),
+    }
+
+
+def _no_cpu_kernel(*args, **kwargs):
+    raise RuntimeError("fla's kernels are CUDA-only (this CPU kernel stood in for them during a test)")
+
+
+@pytest.fixture
+def nsa_ops_on_cpu():
+    """NSA's ops with the stand-in CPU kernels; afterwards a CPU call fails again. custom_op keeps each
+    device's kernel in _backend_fns and has no unregister: the entry is pointed at a function that raises."""
+    from torch._library.custom_ops import _maybe_get_opdef
+    stand_ins = _nsa_stand_ins()
+    defs = {name: _maybe_get_opdef(f'{fla_ops.NS}::{name}') for name in stand_ins}
+    for name, fn in stand_ins.items():
+        defs[name].register_kernel('cpu', fn)
+    yield
+    for d in defs.values():
+        d._backend_fns['cpu'] = _no_cpu_kernel
+
+
+def _cpu_nsa_inputs(B=2, T=45, HQ=16, H=1, D=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    gates = torch.sigmoid(r(B, T, HQ, 3)).unbind(-1)
+    return [r(B, T, HQ, D), r(B, T, H, D), r(B, T, H, D), *gates]
+
+
+NSA_CPU = dict(block_counts=4, block_size=8, window_size=12)
+
+
+@pytest.mark.parametrize('given_blocks', [False, True])
+def test_parallel_nsa_composition_is_the_reference(nsa_ops_on_cpu, given_blocks):
+    """fla_ops.parallel_nsa through the stand-ins equals nsa_ref: the output and the gradients of q, k, v and
+    the three gates (fp64; only the order of the gating sums differs)."""
+    import model_nsa as M
+    x = _cpu_nsa_inputs()
+    T, D, (bc, bs, w) = x[0].size(1), x[0].size(-1), NSA_CPU.values()
+    scale = D ** -0.5
+    blocks = None
+    if given_blocks:  # a choice the top-k would not make: block 0 and the query's own block, twice padded
+        t = torch.arange(T)
+        blocks = torch.stack([torch.zeros(T, dtype=torch.long), t // bs, torch.full((T,), -1), torch.full((T,), -1)], -1)
+        blocks = torch.where((blocks[:, 1] == 0)[:, None] & (torch.arange(4) == 1), -1, blocks)  # no repeated block
+        blocks = blocks[None, :, None, :].expand(2, T, 1, 4).contiguous()
+    do = torch.randn(x[0].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def run(fn):
+        xs = [t.detach().clone().requires_grad_() for t in x]
+        o = fn(*xs)
+        (o * do).sum().backward()
+        return [o.detach()] + [t.grad for t in xs]
+
+    got = run(lambda *a: fla_ops.parallel_nsa(*a, bc, bs, w, scale, blocks))
+    want = run(lambda *a: M.nsa_ref(*a, bs, bc, w, scale, block_indices=blocks))
+    for name, a, b in zip(['o', 'dq', 'dk', 'dv', 'dg_cmp', 'dg_slc', 'dg_swa'], got, want):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), f"{name}: max |diff| {(a - b).abs().max().item():.3g}"
+
+
+def test_parallel_nsa_composition_compiles_whole(nsa_ops_on_cpu):
+    """torch.compile traces fla_ops.parallel_nsa as one graph with no break (the five ops opaque to Dynamo,
+    their backwards from register_autograd), and the compiled forward and backward equal eager's."""
+    x = _cpu_nsa_inputs(seed=3)
+    bc, bs, w = NSA_CPU.values()
+    scale = x[0].size(-1) ** -0.5
+    fn = lambda *a: fla_ops.parallel_nsa(*a, bc, bs, w, scale)  # noqa: E731
+    explanation = torch._dynamo.explain(fn)(*x)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+
+    def run(f):
+        xs = [t.detach().clone().requires_grad_() for t in x]
+        o = f(*xs)
+        o.pow(2).sum().backward()
+        return [o.detach()] + [t.grad for t in xs]
+
+    torch._dynamo.reset()
+    for a, b in zip(run(torch.compile(fn, fullgraph=True, backend='aot_eager')), run(fn)):
+        assert torch.equal(a, b)
+    torch._dynamo.reset()
+
+
+def test_nsa_ops_fakes_and_autograd_on_cpu(nsa_ops_on_cpu):
+    """opcheck of NSA's five ops with the stand-ins: the fakes' shapes, dtypes and strides against a kernel's,
+    the schemas, and each forward op's autograd registration (CUDA: test_nsa_opcheck against fla's kernels)."""
+    q, k, v, *_ = (t.requires_grad_() for t in _cpu_nsa_inputs(seed=4))
+    bc, bs, _ = NSA_CPU.values()
+    T, scale = q.size(1), q.size(-1) ** -0.5
+    k_cmp = fla_ops._pool_fwd(k.detach(), bs)
+    lse = torch.zeros(q.shape[:3])
+    blocks = fla_ops._topk(q.detach(), k_cmp, lse, T, bc, bs, scale)
+    ops = torch.ops.bakeoff
+    for op, args in [(ops.mean_pooling_fwd, (k, bs)),
+                     (ops.nsa_compression_fwd, (q, k_cmp.clone().requires_grad_(), k_cmp.clone().requires_grad_(),
+                                                T, bs, scale)),
+                     (ops.nsa_topk, (q.detach(), k_cmp, lse, T, bc, bs, scale)),
+                     (ops.nsa_selection_fwd, (q, k, v, blocks, bc, bs, scale)),
+                     (ops.window_attn_fwd, (q, k, v, scale, 12))]:
+        torch.library.opcheck(op.default, args)
+
+
 SMALL = dict(n_layer=2, n_embd=128, n_head=SMALL_HEADS, block_size=128, vocab_size=65, dropout=0.1)
+SMALL_NSA = dict(SMALL, n_head=NSA['HQ'], n_kv_head=NSA['H'], head_dim=NSA['D'], nsa_block_size=NSA['block_size'],
+                 nsa_block_counts=NSA['block_counts'], nsa_window_size=NSA['window_size'], d_ff=256)
+
+
+def _small(model_type, **kw):
+    mod = model.get_model_module(model_type)
+    base = SMALL_NSA if model_type == 'nsa' else dict(SMALL, d_ff=256) if model_type != 'vanilla' else SMALL
+    return mod.GPT(mod.GPTConfig(**{**base, **kw})).cuda().train()
 
 
 @cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize('model_type', ['vanilla', 'delta', 'delta_product'])
+@pytest.mark.parametrize('model_type', ['vanilla', 'delta', 'delta_product', 'nsa'])
 def test_compiled_training_step_has_no_graph_breaks(model_type):
     """The training step's forward and loss as torch.compile sees it (autocast bf16, dropout on): one graph,
-    no breaks; AOTAutograd then builds the backward from the ops' registered backwards. NSA is not compiled
-    (model_nsa.GPT.compile_problem)."""
-    mod = model.get_model_module(model_type)
-    kw = dict(SMALL, d_ff=256) if model_type != 'vanilla' else dict(SMALL)
+    no breaks; AOTAutograd then builds the backward from the ops' registered backwards. NSA too, whose
+    training runs stay eager until its compiled step is measured (model_nsa.GPT.compile_problem)."""
     if model_type == 'delta_product' and fla_ops.gated_backward_problem():
         pytest.skip(fla_ops.gated_backward_problem())
-    m = mod.GPT(mod.GPTConfig(**kw)).cuda().train()
+    m = _small(model_type)
     idx = torch.randint(0, 65, (4, 128), device='cuda')
     torch._dynamo.reset()
     with torch.autocast('cuda', dtype=torch.bfloat16):
@@ -172,17 +395,16 @@ def test_compiled_training_step_has_no_graph_breaks(model_type):
 
 @cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize('model_type', ['delta', 'delta_product'])
+@pytest.mark.parametrize('model_type', ['delta', 'delta_product', 'nsa'])
 def test_compiled_training_step_equals_eager(model_type):
     """The compiled training step, fla's kernels as custom ops inside one Inductor graph, against the same step
     run eagerly (the same ops, launched one by one): the loss and every parameter's gradient, dropout off.
     Not bit for bit: Inductor fuses the elementwise chains around the kernels and rounds to bf16 once per
     chain, where eager rounds after each op; the bounds are at that rounding's scale."""
-    mod = model.get_model_module(model_type)
     if model_type == 'delta_product' and fla_ops.gated_backward_problem():
         pytest.skip(fla_ops.gated_backward_problem())
     torch.manual_seed(0)
-    m = mod.GPT(mod.GPTConfig(**dict(SMALL, d_ff=256, dropout=0.0))).cuda().train()
+    m = _small(model_type, dropout=0.0)
     idx = torch.randint(0, 65, (4, 128), device='cuda', generator=torch.Generator(device='cuda').manual_seed(1))
 
     def step(fn):
