@@ -21,7 +21,8 @@ NSA's parallel_nsa is not one Function but a composition: mean pooling of k and 
 branch, the top-k choice of blocks, the selection branch, and the window (flash-attn's or fla's
 parallel_attn). Each of its four autograd Functions is an op pair below, the top-k a forward-only op, and
 parallel_nsa() composes them as fla's parallel_nsa does, with the same gating arithmetic, so that its output
-and gradients are fla's bit for bit (tests/test_fla_ops.py).
+and gradients are fla's bit for bit, except where fla's own backward is not deterministic (the selection's
+dk, dv accumulate in an order its atomics set; tests/test_fla_ops.py).
 
   mean_pooling(x, block_size)                                          (MeanPoolingFunction)
   nsa_compression(q, k_cmp, v_cmp, T, block_size, scale) -> o, lse     (ParallelNSACompressionFunction)
@@ -374,7 +375,8 @@ def _attn_like_fake(q, v):
 
 
 def _grads_fake(q, k, v):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    """dq, dk, dv: fla allocates them afresh, contiguous, whatever the inputs' layout."""
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _nsa_ctx(q, k, v, o, lse, block_size, scale, autocast, **attrs):
@@ -408,6 +410,7 @@ def _(do, q, k, v, o, lse, block_size, scale, autocast):
 
 
 def _cmp_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])  # lse: read by no gradient
     q, k, v, _, block_size, scale = inputs
     ctx.save_for_backward(q, k, v, *output)
     ctx.block_size, ctx.scale, ctx.autocast = block_size, scale, _forward_autocast()
@@ -463,6 +466,7 @@ def _(do, q, k, v, o, lse, block_indices, block_counts, block_size, scale, autoc
 
 
 def _slc_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])  # lse: read by no gradient
     q, k, v, block_indices, block_counts, block_size, scale = inputs
     ctx.save_for_backward(q, k, v, *output, block_indices)
     ctx.block_counts, ctx.block_size, ctx.scale, ctx.autocast = block_counts, block_size, scale, _forward_autocast()
@@ -507,6 +511,7 @@ def _(do, q, k, v, o, lse, scale, window_size, autocast):
 
 
 def _swa_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])  # lse: read by no gradient
     q, k, v, scale, window_size = inputs
     ctx.save_for_backward(q, k, v, *output)
     ctx.scale, ctx.window_size, ctx.autocast = scale, window_size, _forward_autocast()
@@ -521,14 +526,16 @@ _swa_fwd.register_autograd(_swa_backward, setup_context=_swa_setup)
 
 
 def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, block_counts, block_size, window_size, scale, block_indices=None,
-                 flash_window=False):
+                 flash_attn_func=None):
     """What model_nsa computed with fla's functions, through the ops above: fla's parallel_nsa(q, k, v,
-    g_cmp, g_slc, g_swa if flash_window else None, block_indices, block_counts, block_size, window_size if
-    flash_window else 0, scale), then, without flash-attn, fla's parallel_attn(window_size) times g_swa added
-    last. q (B, T, HQ, D), k and v (B, T, H, D), all of one 16-bit dtype; the gates (B, T, HQ); block_counts
-    an int; block_indices (B, T, H, S) or None (the top-k chooses). The gating arithmetic is fla's, in its
-    order, so the output rounds as fla's does. flash_window: the window through flash-attn's
-    flash_attn_func (its default scale), as parallel_nsa runs it."""
+    g_cmp, g_slc, g_swa if flash_attn_func else None, block_indices, block_counts, block_size, window_size if
+    flash_attn_func else 0, scale), then, without flash-attn, fla's parallel_attn(window_size) times g_swa added
+    last. q (B, T, HQ, D), k and v (B, T, H, D), all of one 16-bit dtype; the gates (B, T, HQ), all three given;
+    block_counts an int; block_indices (B, T, H, S) or None (the top-k chooses). flash_attn_func: flash-attn's,
+    for the window as parallel_nsa runs it (its default scale); passed in, since an import inside a compiled
+    function would break the graph. The gating arithmetic is fla's, in its order, so the output rounds as
+    fla's does. q, k and v are made contiguous once and every branch reads those copies: for the contiguous
+    inputs the mixer passes, gradients accumulate as in fla's calls too."""
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     q, k, v = (t.contiguous() for t in (q, k, v))  # parallel_nsa's @contiguous
@@ -539,8 +546,7 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, block_counts, block_size, window_
         block_indices = _topk(q.detach(), k_cmp.detach(), lse_cmp.detach(), T, block_counts, block_size, scale)
     o_slc = _slc_fwd(q, k, v, block_indices.contiguous(), block_counts, block_size, scale)[0]
     o = torch.addcmul(o_slc * g_slc.unsqueeze(-1), o_cmp, g_cmp.unsqueeze(-1))
-    if window_size > 0 and flash_window:
-        flash_attn_func = _nsa('flash_attn_func')
+    if window_size > 0 and flash_attn_func is not None:
         o = torch.addcmul(o, flash_attn_func(q, k, v, causal=True, window_size=(window_size - 1, 0)),
                           g_swa.unsqueeze(-1))
     elif window_size > 0:

@@ -310,13 +310,14 @@ def nsa_fla(q, k, v, g_cmp, g_slc, g_swa, block_size, block_counts, window_size,
     """fla's kernels for compression + top-k + selection, plus the window branch: by flash-attn if importable
     (as fla's parallel_nsa runs it: flash_attn_func with the default scale, fp16/bf16 only), else fla's
     parallel_attn(window_size=w). Through the custom ops of fla_ops.parallel_nsa, which compose fla's
-    Functions as parallel_nsa does (its output and gradients bit for bit). Imported lazily (needs triton)."""
+    Functions as parallel_nsa does (its output and gradients bit for bit, where fla's own backward is
+    deterministic). Imported lazily (needs triton)."""
     import fla.ops.nsa.parallel as fla_nsa  # its flash_attn_func is None without flash-attn
     D = q.size(-1)
     use_fa = (window_size > 0 and fla_nsa.flash_attn_func is not None
               and q.dtype in (torch.float16, torch.bfloat16) and abs(scale - D ** -0.5) < 1e-12)
     return fla_ops.parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, block_counts, block_size, window_size, scale,
-                                block_indices, flash_window=use_fa)
+                                block_indices, flash_attn_func=fla_nsa.flash_attn_func if use_fa else None)
 
 
 # ----------------------------------------------------------------------------- mixer

@@ -294,11 +294,16 @@ def _cpu_nsa_inputs(B=2, T=45, HQ=16, H=1, D=8, seed=0):
 NSA_CPU = dict(block_counts=4, block_size=8, window_size=12)
 
 
-@pytest.mark.parametrize('given_blocks', [False, True])
-def test_parallel_nsa_composition_is_the_reference(nsa_ops_on_cpu, given_blocks):
+@pytest.mark.parametrize('given_blocks,flash', [(False, False), (True, False), (False, True)])
+def test_parallel_nsa_composition_is_the_reference(nsa_ops_on_cpu, given_blocks, flash):
     """fla_ops.parallel_nsa through the stand-ins equals nsa_ref: the output and the gradients of q, k, v and
-    the three gates (fp64; only the order of the gating sums differs)."""
+    the three gates (fp64; only the order of the gating sums differs). flash: the window through a stand-in
+    for flash-attn's flash_attn_func (causal, window_size=(w-1, 0), its default scale)."""
     import model_nsa as M
+
+    def flash_attn_func(q, k, v, causal, window_size):
+        assert causal and window_size[1] == 0
+        return M.sliding_window_attention(q, k, v, window_size[0] + 1, q.size(-1) ** -0.5)
     x = _cpu_nsa_inputs()
     T, D, (bc, bs, w) = x[0].size(1), x[0].size(-1), NSA_CPU.values()
     scale = D ** -0.5
@@ -316,7 +321,7 @@ def test_parallel_nsa_composition_is_the_reference(nsa_ops_on_cpu, given_blocks)
         (o * do).sum().backward()
         return [o.detach()] + [t.grad for t in xs]
 
-    got = run(lambda *a: fla_ops.parallel_nsa(*a, bc, bs, w, scale, blocks))
+    got = run(lambda *a: fla_ops.parallel_nsa(*a, bc, bs, w, scale, blocks, flash_attn_func if flash else None))
     want = run(lambda *a: M.nsa_ref(*a, bs, bc, w, scale, block_indices=blocks))
     for name, a, b in zip(['o', 'dq', 'dk', 'dv', 'dg_cmp', 'dg_slc', 'dg_swa'], got, want):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), f"{name}: max |diff| {(a - b).abs().max().item():.3g}"
