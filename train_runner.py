@@ -1157,8 +1157,8 @@ def read_grid(path):
     the stage resolves it."""
     where = path if os.path.isabs(path) or os.path.exists(path) else os.path.join(HERE, path)
     if not os.path.exists(where):
-        raise ConfigError(f"grid file {path!r} not found; grids shipped: config/mqar_grid.py, "
-                          f"config/state_tracking_grid.py")
+        shipped = sorted(f"config/{f}" for f in os.listdir(os.path.join(HERE, 'config')) if f.endswith('_grid.py'))
+        raise ConfigError(f"grid file {path!r} not found; grids shipped: {', '.join(shipped)}")
     scope = {}
     with open(where) as f:
         source = f.read()
