@@ -1,7 +1,8 @@
 """fla_ops: fla's kernels as custom ops. On CUDA: outputs and every gradient equal the direct fla call bit for
 bit, torch.library.opcheck accepts each op (fake shapes, schema, autograd), and torch.compile traces each
 compiled model's training step as one graph (torch._dynamo.explain). On CPU: the ops are registered without
-importing fla, and NSA's composition of five ops computes the reference (stand-in kernels built from it)."""
+importing fla, and with stand-in kernels built from the PyTorch references each op computes its reference
+(outputs and every gradient) and NSA's composition of five ops compiles whole."""
 import sys
 
 import pytest
@@ -225,11 +226,13 @@ def test_nsa_opcheck():
         torch.library.opcheck(op.default, args)
 
 
-# ----------------------------------------------------------------------------- NSA's composition on CPU
-# fla's kernels do not run on CPU; stand-ins built from model_nsa's fp64 reference pieces do, registered as the
-# CPU kernels of NSA's five ops for the duration of a test. Then fla_ops.parallel_nsa must compute nsa_ref:
-# which gate scales which branch, what each backward op is handed and which input its gradients reach, that
-# the top-k carries no gradient, and that torch.compile traces the composition whole.
+# ----------------------------------------------------------------------------- the ops' wiring on CPU
+# fla's kernels do not run on CPU; stand-ins built from the PyTorch references do, registered as the ops' CPU
+# kernels for the duration of a test. Then each fla_ops function must compute its reference, output and every
+# gradient: what each backward op is handed and which input its gradients reach (and, for NSA's composition,
+# which gate scales which branch, that the top-k carries no gradient, that torch.compile traces it whole).
+# A stand-in's extra outputs (what fla's forward saves for its backward) are its own encoding: the rstd of
+# q and k to recover them, the gates per sub-step, a zero WY matrix, in the fakes' shapes and dtypes.
 
 def _vjp(fn, inputs, grad_out):
     """The gradients of <fn(*inputs), grad_out> for each input: a recomputed forward, as a backward op has.
@@ -270,18 +273,138 @@ def _no_cpu_kernel(*args, **kwargs):
     raise RuntimeError("fla's kernels are CUDA-only (this CPU kernel stood in for them during a test)")
 
 
+def _rstd(x):
+    import model_delta as MD
+    return torch.rsqrt((x * x).sum(-1) + MD.L2NORM_EPS).float()  # fla's l2norm: x * rstd
+
+
+def _delta_stand_ins():
+    import model_delta as MD
+    import model_delta_product as MDP
+
+    def delta_fwd(q, k, v, beta, h0, scale, final):
+        o, S = MD.delta_rule_chunk_ref(MD.l2norm(q), MD.l2norm(k), v, beta, scale, h0)
+        B, T, H, _ = q.shape
+        return (o.to(q.dtype), S.float() if final else q.new_empty(0), MD.l2norm(q), _rstd(q), MD.l2norm(k),
+                _rstd(k), k.new_zeros(B, T, H, 64))
+
+    def delta_bwd(do, dht, qn, q_rstd, kn, k_rstd, v, beta, A, h0, scale, autocast):
+        ins = [qn / q_rstd[..., None], kn / k_rstd[..., None], v, beta] + ([h0] if h0 is not None else [])
+        f = lambda q, k, v, beta, *h: MD.delta_rule_chunk_ref(MD.l2norm(q), MD.l2norm(k), v, beta, scale, *h)  # noqa: E731
+        (o, S), pull = torch.func.vjp(f, *ins)
+        g = pull((do.to(o.dtype), torch.zeros_like(S) if dht is None else dht))
+        return g[0], g[1], g[2], g[3], g[4] if h0 is not None else qn.new_empty(0)
+
+    def gdp_fwd(q, k, v, g, beta, h0, scale, n, final):
+        o, S = MDP.chunk_gated_delta_product_ref(MD.l2norm(q), MD.l2norm(k), v, g, beta, scale, h0, n)
+        B, T, H, _ = q.shape
+        g_sub = q.new_empty(0) if g is None else g.float().repeat_interleave(n, 1)  # (B, T n, H)
+        return (o.to(q.dtype), S.float() if final else q.new_empty(0), MD.l2norm(q), _rstd(q), MD.l2norm(k),
+                _rstd(k), g_sub, k.new_zeros(B, k.size(1), H, 64))
+
+    def gdp_bwd(do, dht, qn, q_rstd, kn, k_rstd, v, g_sub, beta, A, h0, scale, n, autocast):
+        gated = g_sub.numel() > 0
+        ins = ([qn / q_rstd[..., None], kn / k_rstd[..., None], v, beta] + ([g_sub[:, ::n]] if gated else [])
+               + ([h0] if h0 is not None else []))
+
+        def f(q, k, v, beta, *rest):
+            g, h = (rest[0], rest[1:]) if gated else (None, rest)
+            return MDP.chunk_gated_delta_product_ref(MD.l2norm(q), MD.l2norm(k), v, g, beta, scale,
+                                                     h[0] if h else None, n)
+        (o, S), pull = torch.func.vjp(f, *ins)
+        gr = pull((do.to(o.dtype), torch.zeros_like(S) if dht is None else dht))
+        dg = gr[4] if gated else qn.new_empty(0)
+        return gr[0], gr[1], gr[2], dg, gr[3], gr[-1] if h0 is not None else qn.new_empty(0)
+
+    conv = lambda x, w: MD.short_conv(x, w[:, None, :])  # noqa: E731  (weight (C, K) -> (C, 1, K))
+    return {
+        'chunk_delta_rule_fwd': delta_fwd, 'chunk_delta_rule_bwd': delta_bwd,
+        'chunk_gated_delta_product_fwd': gdp_fwd, 'chunk_gated_delta_product_bwd': gdp_bwd,
+        'causal_conv1d_silu_fwd': conv,
+        'causal_conv1d_silu_bwd': lambda dy, x, w: tuple(t.contiguous() for t in torch.func.vjp(conv, x, w)[1](dy)),
+    }
+
+
 @pytest.fixture
-def nsa_ops_on_cpu():
-    """NSA's ops with the stand-in CPU kernels; afterwards a CPU call fails again. custom_op keeps each
+def ops_on_cpu():
+    """Every op with its stand-in CPU kernel; afterwards a CPU call fails again. custom_op keeps each
     device's kernel in _backend_fns and has no unregister: the entry is pointed at a function that raises."""
     from torch._library.custom_ops import _maybe_get_opdef
-    stand_ins = _nsa_stand_ins()
+    stand_ins = {**_nsa_stand_ins(), **_delta_stand_ins()}
     defs = {name: _maybe_get_opdef(f'{fla_ops.NS}::{name}') for name in stand_ins}
     for name, fn in stand_ins.items():
         defs[name].register_kernel('cpu', fn)
     yield
     for d in defs.values():
         d._backend_fns['cpu'] = _no_cpu_kernel
+
+
+def _run_cpu(fn, xs, seed=1):
+    """fn(*xs) -> a tensor or a tuple; those outputs and the gradient of a fixed random projection of them for
+    every input."""
+    xs = [t.detach().clone().requires_grad_() for t in xs]
+    out = fn(*xs)
+    out = out if isinstance(out, tuple) else (out,)
+    gen = torch.Generator().manual_seed(seed)
+    sum(((o.float() * torch.randn(o.shape, generator=gen)).sum() for o in out if o is not None)).backward()
+    return [o.detach() for o in out if o is not None] + [t.grad for t in xs]
+
+
+def _assert_close_cpu(got, want, tol=1e-4):
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.shape == b.shape, (i, a.shape, b.shape)
+        err = ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+        assert err < tol, f"output/gradient {i}: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize('h0', [False, True])
+def test_chunk_delta_rule_op_computes_the_reference(ops_on_cpu, h0):
+    """fla_ops.chunk_delta_rule through the stand-ins equals the chunked reference on l2-normalised q, k: the
+    output, the final state and the gradients of q, k, v, beta (and the initial state), at an odd length."""
+    import model_delta as MD
+    g = torch.Generator().manual_seed(0)
+    B, T, H, D = 2, 37, 2, 8
+    xs = [torch.randn(B, T, H, D, generator=g) for _ in range(3)] + [torch.rand(B, T, H, generator=g)]
+    xs += [torch.randn(B, H, D, D, generator=g)] if h0 else []
+    got = _run_cpu(lambda q, k, v, b, *h: fla_ops.chunk_delta_rule(q, k, v, b, 0.3, *h, output_final_state=True), xs)
+    want = _run_cpu(lambda q, k, v, b, *h: MD.delta_rule_chunk_ref(MD.l2norm(q), MD.l2norm(k), v, b, 0.3, *h), xs)
+    _assert_close_cpu(got, want)
+
+
+@pytest.mark.parametrize('gated,h0', [(True, False), (True, True), (False, False)])
+def test_chunk_gated_delta_product_op_computes_the_reference(ops_on_cpu, gated, h0):
+    """fla_ops.chunk_gated_delta_product through the stand-ins equals the chunked reference: the output, the
+    final state and every gradient (the gate's included), 2 Householder sub-steps per token, odd length."""
+    import model_delta as MD
+    import model_delta_product as MDP
+    g = torch.Generator().manual_seed(1)
+    B, T, H, D, n = 2, 21, 2, 8, 2
+    q, k, v = torch.randn(B, T, H, D, generator=g), torch.randn(B, T * n, H, D, generator=g), \
+        torch.randn(B, T * n, H, D, generator=g)
+    beta = torch.rand(B, T * n, H, generator=g)
+    extra = ([-torch.rand(B, T, H, generator=g)] if gated else []) + ([torch.randn(B, H, D, D, generator=g)] if h0 else [])
+
+    def split(rest):
+        return (rest[0] if gated else None), (rest[-1] if h0 else None)
+
+    got = _run_cpu(lambda q, k, v, b, *r: fla_ops.chunk_gated_delta_product(q, k, v, split(r)[0], b, 0.3, n,
+                                                                            split(r)[1], True), [q, k, v, beta, *extra])
+    want = _run_cpu(lambda q, k, v, b, *r: MDP.chunk_gated_delta_product_ref(
+        MD.l2norm(q), MD.l2norm(k), v, split(r)[0], b, 0.3, split(r)[1], n), [q, k, v, beta, *extra])
+    _assert_close_cpu(got, want)
+
+
+def test_causal_conv1d_op_computes_the_reference(ops_on_cpu):
+    """fla_ops.causal_conv1d_silu through the stand-ins equals the shifted-sum conv on a strided x (a slice of
+    a wider matmul's output, as the models pass it): the output, and the gradients of the wide tensor and the
+    weight."""
+    import model_delta as MD
+    g = torch.Generator().manual_seed(2)
+    wide, w = torch.randn(2, 19, 14, generator=g), torch.randn(10, 4, generator=g)
+    got = _run_cpu(lambda a, w: fla_ops.causal_conv1d_silu(a[..., :10], w), [wide, w])
+    want = _run_cpu(lambda a, w: MD.short_conv(a[..., :10], w[:, None, :]), [wide, w])
+    _assert_close_cpu(got, want)
 
 
 def _cpu_nsa_inputs(B=2, T=45, HQ=16, H=1, D=8, seed=0):
@@ -295,7 +418,7 @@ NSA_CPU = dict(block_counts=4, block_size=8, window_size=12)
 
 
 @pytest.mark.parametrize('given_blocks,flash', [(False, False), (True, False), (False, True)])
-def test_parallel_nsa_composition_is_the_reference(nsa_ops_on_cpu, given_blocks, flash):
+def test_parallel_nsa_composition_is_the_reference(ops_on_cpu, given_blocks, flash):
     """fla_ops.parallel_nsa through the stand-ins equals nsa_ref: the output and the gradients of q, k, v and
     the three gates (fp64; only the order of the gating sums differs). flash: the window through a stand-in
     for flash-attn's flash_attn_func (causal, window_size=(w-1, 0), its default scale)."""
@@ -327,7 +450,7 @@ def test_parallel_nsa_composition_is_the_reference(nsa_ops_on_cpu, given_blocks,
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), f"{name}: max |diff| {(a - b).abs().max().item():.3g}"
 
 
-def test_parallel_nsa_composition_compiles_whole(nsa_ops_on_cpu):
+def test_parallel_nsa_composition_compiles_whole(ops_on_cpu):
     """torch.compile traces fla_ops.parallel_nsa as one graph with no break (the five ops opaque to Dynamo,
     their backwards from register_autograd), and the compiled forward and backward equal eager's."""
     x = _cpu_nsa_inputs(seed=3)
@@ -349,7 +472,7 @@ def test_parallel_nsa_composition_compiles_whole(nsa_ops_on_cpu):
     torch._dynamo.reset()
 
 
-def test_nsa_ops_fakes_and_autograd_on_cpu(nsa_ops_on_cpu):
+def test_nsa_ops_fakes_and_autograd_on_cpu(ops_on_cpu):
     """opcheck of NSA's five ops with the stand-ins: the fakes' shapes, dtypes and strides against a kernel's,
     the schemas, and each forward op's autograd registration (CUDA: test_nsa_opcheck against fla's kernels)."""
     q, k, v, *_ = (t.requires_grad_() for t in _cpu_nsa_inputs(seed=4))
