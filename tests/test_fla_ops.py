@@ -436,16 +436,8 @@ def test_parallel_nsa_composition_is_the_reference(ops_on_cpu, given_blocks, fla
         blocks = torch.stack([torch.zeros(T, dtype=torch.long), t // bs, torch.full((T,), -1), torch.full((T,), -1)], -1)
         blocks = torch.where((blocks[:, 1] == 0)[:, None] & (torch.arange(4) == 1), -1, blocks)  # no repeated block
         blocks = blocks[None, :, None, :].expand(2, T, 1, 4).contiguous()
-    do = torch.randn(x[0].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-
-    def run(fn):
-        xs = [t.detach().clone().requires_grad_() for t in x]
-        o = fn(*xs)
-        (o * do).sum().backward()
-        return [o.detach()] + [t.grad for t in xs]
-
-    got = run(lambda *a: fla_ops.parallel_nsa(*a, bc, bs, w, scale, blocks, flash_attn_func if flash else None))
-    want = run(lambda *a: M.nsa_ref(*a, bs, bc, w, scale, block_indices=blocks))
+    got = _run_cpu(lambda *a: fla_ops.parallel_nsa(*a, bc, bs, w, scale, blocks, flash_attn_func if flash else None), x)
+    want = _run_cpu(lambda *a: M.nsa_ref(*a, bs, bc, w, scale, block_indices=blocks), x)
     for name, a, b in zip(['o', 'dq', 'dk', 'dv', 'dg_cmp', 'dg_slc', 'dg_swa'], got, want):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), f"{name}: max |diff| {(a - b).abs().max().item():.3g}"
 
@@ -460,14 +452,8 @@ def test_parallel_nsa_composition_compiles_whole(ops_on_cpu):
     explanation = torch._dynamo.explain(fn)(*x)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
 
-    def run(f):
-        xs = [t.detach().clone().requires_grad_() for t in x]
-        o = f(*xs)
-        o.pow(2).sum().backward()
-        return [o.detach()] + [t.grad for t in xs]
-
     torch._dynamo.reset()
-    for a, b in zip(run(torch.compile(fn, fullgraph=True, backend='aot_eager')), run(fn)):
+    for a, b in zip(_run_cpu(torch.compile(fn, fullgraph=True, backend='aot_eager'), x), _run_cpu(fn, x)):
         assert torch.equal(a, b)
     torch._dynamo.reset()
 
