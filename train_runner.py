@@ -698,7 +698,8 @@ SWEEP_TABLE = dict(
             "'<model_type>+key=value+...' of its config keys (e.g. vanilla+attn_dropout=0), named as written"),
     tune=(False, "tune each model first: the grid lrs x dropouts at seed 1337, extended on the side of an edge "
                  "choice; then the seeds at each model's choice (lowest best val loss)"),
-    controls=(False, "also train the controls of config/bakeoff.py, each at its parent's chosen (lr, dropout)"),
+    controls=(False, "also train the controls of config/bakeoff.py whose parent is in --models, each at its "
+                      "parent's chosen (lr, dropout)"),
     lrs=('', "comma-separated learning rates: with --tune the grid ('': the preset's); without, trained as "
              "given ('': each model's tuned value in config/bakeoff.py)"),
     dropouts=('', "comma-separated dropouts, as --lrs"),
@@ -873,7 +874,7 @@ class _Planner:
 
     def plan(self):
         """(planned runs in a fixed order, lines saying what waits on unfinished runs)."""
-        tune, seeds, waiting = [], [], []
+        tune, seeds, waiting, self.left_out = [], [], [], []
         self.later = []  # runs still to be planned, by the model whose speed they take (for the estimate)
         for name in self.models:
             if self.opts['tune']:
@@ -890,7 +891,12 @@ class _Planner:
         controls = []
         for name in (self.controls if self.opts['controls'] else []):
             parent = self.parsed[name][0]
-            c = self.choices.get(parent) if self.opts['tune'] and parent in self.models else self.choice_of(parent)
+            if parent not in self.models:
+                # a control is read against its parent: without the parent in --models it is not this sweep's
+                # (and with --tune its parent's choice is another process's tuning, not yet known here)
+                self.left_out.append(f"control {name}: its parent {parent} is not in --models")
+                continue
+            c = self.choices.get(parent) if self.opts['tune'] else self.choice_of(parent)
             if c is None:
                 waiting.append(f"control {name}: waits for {parent}'s tuning")
                 self.later += [parent] * len(self.seeds)
@@ -1307,6 +1313,8 @@ def _print_plan(plan, mine, todo, waiting, planner, shard_n):
               + (f"  ({', '.join(sorted(cells))})" if len(cells) <= 2 else f"  ({len(cells)} (lr, dropout) cells)"))
     for w in waiting:
         print(f"  waiting: {w}")
+    for w in planner.left_out:
+        print(f"  left out: {w}")
 
 
 def _train_runs(todo, gpus, eta, t0):

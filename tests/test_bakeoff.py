@@ -170,6 +170,22 @@ def test_shards_cover_every_run_exactly_once(tmp_path):
             train_runner.sweep({**opts, 'shard': bad})
 
 
+def test_a_control_trains_only_with_its_parent_among_the_models(tmp_path, capsys):
+    """`--models=nsa --controls` next to another sweep's `--models=vanilla,...`: vanilla's controls are not
+    this sweep's (with --tune their parent's choice is the other sweep's tuning; config/bakeoff.py's
+    untuned value would have trained them at the wrong cell)."""
+    opts = dict(preset='full', device='cpu', plan=True, controls=True, results_dir=str(tmp_path))
+    for tune in (False, True):
+        nsa = train_runner.sweep({**opts, 'models': 'nsa', 'tune': tune})['plan']
+        assert {r['name'] for r in nsa} == {'nsa'}
+        assert capsys.readouterr().out.count('left out: control ') == 5
+        van = train_runner.sweep({**opts, 'models': 'vanilla', 'tune': tune})['plan']
+        assert {r['name'] for r in van if r['stage'] == 'control'} == \
+            ({'vanilla+attn_dropout=0', 'vanilla+n_head=16+n_kv_head=1+head_dim=32+pos_emb=rope+d_ff=-1'}
+             if not tune else set())  # with --tune they wait for vanilla's tuning
+        assert capsys.readouterr().out.count('left out: control ') == 3
+
+
 def test_a_record_from_before_the_test_split_is_not_a_done_run(tmp_path):
     """A committed run of the 90/10 split has the same config, but its val loss is of another split."""
     p = train_runner._Planner({**train_runner.SWEEP_KEYS, 'models': 'vanilla', 'seeds': 1}, {'device': 'cpu'},
