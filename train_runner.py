@@ -718,9 +718,10 @@ SWEEP_TABLE = dict(
     grids_dir=('', "where the grid stages write <grids_dir>/<stage>/ ('': results/)"),
     mqar_grid=('config/mqar_grid.py', "the mqar stage's grid file: `base` (a config file) and `runs` (keys over it)"),
     state_tracking_grid=('config/state_tracking_grid.py', "the state_tracking stage's grid file"),
-    procs_per_gpu=(1, "grid stages: runs trained at a time per GPU, each a process of its own (without CUDA: "
-                      "processes at a time); each run's log: <run>/train.log. The lm stage trains one run per GPU "
-                      "(its timings are results)"),
+    procs_per_gpu=(1, "grid stages: runs trained at a time per GPU, each a process of its own; without CUDA, runs "
+                      "at a time in every stage, the lm stage's too, the cores shared among them; each run's log: "
+                      "<run>/train.log. On CUDA the lm stage trains one run per GPU (two on one GPU each ran 2.2x "
+                      "slower)"),
 )
 SWEEP_KEYS = {k: d for k, (d, _) in SWEEP_TABLE.items()}
 SWEEP_HELP = {k: h for k, (_, h) in SWEEP_TABLE.items()}
@@ -971,6 +972,10 @@ def _sweep(overrides, log):
     if gpus > 1 and (not cuda or gpus > torch.cuda.device_count()):
         raise ConfigError(f"--gpus={gpus} but this machine has {torch.cuda.device_count() if cuda else 0} CUDA "
                           f"GPU(s); valid: 1..{max(1, torch.cuda.device_count() if cuda else 1)}")
+    procs_per_gpu = _option_int('procs_per_gpu', opts['procs_per_gpu'], 1)
+    # the lm stage: one run per GPU (two sharing one GPU each ran 2.2x slower: results/gpu-sharing/); on CPU,
+    # procs_per_gpu runs at a time, the cores shared among them
+    lm_workers = gpus if cuda else procs_per_gpu
     if 'lm' in stages:
         what = ' + '.join(['tuning' if opts['tune'] else 'tuned configs'] + (['controls'] if opts['controls'] else []))
         hw = 'CUDA' if cuda else 'no CUDA: the CPU preset, nanoGPT laptop-sized'
@@ -979,7 +984,6 @@ def _sweep(overrides, log):
         if not cuda and preset == 'full':
             print("warning: --preset=full on CPU: full-size models, expect hours")
 
-    procs_per_gpu = _option_int('procs_per_gpu', opts['procs_per_gpu'], 1)
     check_value('grids_dir', opts['grids_dir'], SWEEP_KEYS['grids_dir'])
     grids_dir = opts['grids_dir'] or os.path.join(HERE, 'results')
     # the grid runs take their keys from their grid files; of the command line's, only how a run executes
@@ -999,7 +1003,7 @@ def _sweep(overrides, log):
         log.open(os.path.join(log_dir, 'sweep.log'), called)
     t0, lm, took, counts = time.time(), {}, {}, {}
     if 'lm' in stages:
-        lm = _lm_stage(planner, opts, overrides, label, results_dir, cuda, preset, gpus, (shard_k, shard_n), t0)
+        lm = _lm_stage(planner, opts, overrides, label, results_dir, cuda, preset, lm_workers, (shard_k, shard_n), t0)
         if not opts['plan']:
             took['lm'] = time.time() - t0 - (lm.get('bench_s') or 0.0)  # the training, its plan and probes
             if lm.get('bench_s') is not None:
@@ -1053,7 +1057,7 @@ def _write_reproduction_record(folder, shard, total, took, counts, waiting, devi
                                       'machines have runs left)'))
 
 
-def _lm_stage(planner, opts, overrides, label, results_dir, cuda, preset, gpus, shard, t0):
+def _lm_stage(planner, opts, overrides, label, results_dir, cuda, preset, workers, shard, t0):
     """The lm stage: the bake-off's planned runs (tuning rounds, then seeds and controls; resumable; this
     shard's part of them), then the benchmarks and the report (opts['bench']). Returns {'runs': summaries,
     'bench': bench's {step: status} or None, 'choices', 'waiting'}, or with --plan the plan itself."""
@@ -1088,14 +1092,14 @@ def _lm_stage(planner, opts, overrides, label, results_dir, cuda, preset, gpus, 
         if todo:
             names = [r['name'] for r, _ in todo]
             left, later = eta.left(names), eta.left(planner.later) if planner.later else 0.0
-            first = first or (left / gpus if left else None)
+            first = first or (left / workers if left else None)
             if left is None and not any(eta.probe.values()) and not eta.recorded:
                 print(f"training estimate: none ({'the full preset on CPU' if preset == 'full' else 'runs too short'})"
                       + (f"; at least {len(planner.later)} runs follow once the tuning is done" if planner.later else ''))
             else:
-                print(f"training estimate: {fmt_time(left / gpus) if left else 'unknown'} for these {len(todo)} runs "
-                      + (f"on {gpus} GPU(s)" if cuda else "on this CPU")
-                      + (f", then {fmt_time(later / gpus) if later else 'unknown'} for at least {len(planner.later)} "
+                print(f"training estimate: {fmt_time(left / workers) if left else 'unknown'} for these {len(todo)} runs "
+                      + (f"on {workers} GPU(s)" if cuda else "on this CPU" + (f", {workers} at a time" if workers > 1 else ''))
+                      + (f", then {fmt_time(later / workers) if later else 'unknown'} for at least {len(planner.later)} "
                          f"runs planned once the tuning is done" if planner.later else '')
                       + " (per run: " + ', '.join(f"{m} {fmt_time(eta.run(m)) if eta.run(m) else 'unknown'} "
                                                   f"({eta.source(m)})" for m in dict.fromkeys(names)) + ")")
@@ -1105,7 +1109,7 @@ def _lm_stage(planner, opts, overrides, label, results_dir, cuda, preset, gpus, 
         if again:  # trained in this sweep, yet its record is not the run planned: never loop on it
             raise RuntimeError(f"the sweep trained {again[0]} but its record does not match the planned run")
         t_round = time.time()
-        for (r, _), s in _train_runs(todo, gpus, eta, t0):
+        for (r, _), s in _train_runs(todo, workers, eta, t0, cuda):
             results[r['out_dir']] = (r, s)
         trained += todo
         took = time.time() - t_round
@@ -1256,7 +1260,8 @@ def grid_stage(stage, grid_file, out, overrides=None, gpus=1, procs_per_gpu=1, s
         for g in range(gpus):
             for _ in range(procs_per_gpu):
                 slots.put(g if cuda else None)  # the GPU a worker pins (none on CPU)
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pin_gpu, initargs=(slots,)) as pool:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pin_gpu,
+                                 initargs=(slots, None if cuda else _cpu_threads(workers))) as pool:
             running = {pool.submit(_sweep_run, run_cfg, True, base): (i, run_cfg, w)
                        for (i, run_cfg), w in zip(todo, weights)}
             for fut in as_completed(list(running)):
@@ -1317,17 +1322,18 @@ def _print_plan(plan, mine, todo, waiting, planner, shard_n):
         print(f"  left out: {w}")
 
 
-def _train_runs(todo, gpus, eta, t0):
-    """Train the (run, run_cfg) pairs of todo, one after another or one per GPU; yields ((run, cfg), summary)."""
+def _train_runs(todo, workers, eta, t0, cuda=True):
+    """Train the (run, run_cfg) pairs of todo, one after another, or `workers` at a time as processes: one per
+    GPU, or on CPU each with its share of the cores; yields ((run, cfg), summary)."""
     def progress(n_done, left_models):
         left = eta.left(left_models)
         return (f"{n_done}/{len(todo)} runs to train done | elapsed {fmt_time(time.time() - t0)}"
-                + (f", eta {fmt_time(left / gpus)}" if left else ''))
+                + (f", eta {fmt_time(left / workers)}" if left else ''))
 
     def desc(r):
         return f"{r['name']} lr={r['lr']:g} dropout={r['dropout']:g} seed={r['seed']}"
 
-    if gpus == 1:
+    if workers == 1:
         for n, (r, run_cfg) in enumerate(todo):
             print(f"\n=== run {n + 1}/{len(todo)}: {desc(r)} ({r['stage']}) | "
                   f"{progress(n, [x['name'] for x, _ in todo[n:]])} ===")
@@ -1337,17 +1343,19 @@ def _train_runs(todo, gpus, eta, t0):
                 eta.add(r['name'], time.time() - t_run)
             yield (r, run_cfg), s
         return
-    # independent runs, one process per GPU (spawned, each sees only its GPU); each run's console output goes
-    # to <out_dir>/train.log. Every run is seeded on its own, so the records are the same as one after another
-    # (timings aside).
+    # independent runs, one process per GPU (spawned, each sees only its GPU) or per share of the CPU's cores;
+    # each run's console output goes to <out_dir>/train.log. Every run is seeded on its own, so the records are
+    # the same as one after another (timings aside: on CPU each run has fewer threads and shares the memory bus)
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
     ctx = mp.get_context('spawn')
-    free_gpus = ctx.Queue()
-    for g in range(gpus):
-        free_gpus.put(g)
-    print(f"training {len(todo)} runs on {gpus} GPUs, one run per GPU at a time; logs in <run>/train.log")
-    with ProcessPoolExecutor(gpus, mp_context=ctx, initializer=_pin_gpu, initargs=(free_gpus,)) as pool:
+    slots = ctx.Queue()
+    for g in range(workers):
+        slots.put(g if cuda else None)
+    threads = None if cuda else _cpu_threads(workers)
+    print(f"training {len(todo)} runs, {workers} at a time, "
+          + ("one per GPU" if cuda else f"each a process of {threads} thread(s)") + "; logs in <run>/train.log")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pin_gpu, initargs=(slots, threads)) as pool:
         started = {pool.submit(_sweep_run, run_cfg, True): (r, run_cfg) for r, run_cfg in todo}
         running = dict(started)
         for n, fut in enumerate(as_completed(started), 1):
@@ -1588,14 +1596,24 @@ def run_benchmarks(results_dir, preset, wandb_log=False, grid='default'):
     return status, seconds
 
 
-def _pin_gpu(free_gpus):
+def _pin_gpu(free_gpus, cpu_threads=None):
     """Sweep worker initialiser: this process sees one GPU only (set before CUDA is initialised): the
-    g-th of those the parent sees (CUDA_VISIBLE_DEVICES, if set, chooses them). None: no GPU to pin (CPU)."""
+    g-th of those the parent sees (CUDA_VISIBLE_DEVICES, if set, chooses them). None: no GPU to pin (CPU);
+    the process then runs torch on cpu_threads threads, its share of the cores (N processes that each
+    took every core would fight over them)."""
     g = free_gpus.get()
     if g is None:
+        if cpu_threads:
+            torch.set_num_threads(cpu_threads)
         return
     visible = [d for d in os.environ.get('CUDA_VISIBLE_DEVICES', '').split(',') if d.strip()]
     os.environ['CUDA_VISIBLE_DEVICES'] = visible[g] if visible else str(g)
+
+
+def _cpu_threads(workers):
+    """torch threads for each of `workers` processes sharing this machine's cores (at least 1)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    return max(1, cores // workers)
 
 
 def _sweep_run(run_cfg, log_to_file=False, config_file=None):

@@ -170,6 +170,18 @@ def test_shards_cover_every_run_exactly_once(tmp_path):
             train_runner.sweep({**opts, 'shard': bad})
 
 
+def test_lm_runs_side_by_side_on_cpu_make_the_same_records(prepared, tmp_path, capsys):
+    """--procs_per_gpu=2 without CUDA: the lm stage's runs two at a time, each a process with its share of the
+    cores and its console output in <run>/train.log, with the numbers of the runs one after another."""
+    opts = {**TINY, 'models': 'vanilla', 'seeds': 3, 'bench': False}
+    one = train_runner.sweep({**opts, 'results_dir': str(tmp_path / 'one')})['runs']
+    two = train_runner.sweep({**opts, 'results_dir': str(tmp_path / 'two'), 'procs_per_gpu': 2})['runs']
+    assert 'training 3 runs, 2 at a time, each a process of' in capsys.readouterr().out
+    assert [s['best_val_loss'] for s in one] == [s['best_val_loss'] for s in two] and len(two) == 3
+    assert [s['test_loss'] for s in one] == [s['test_loss'] for s in two]
+    assert all((tmp_path / 'two' / 'runs' / d / 'train.log').exists() for d in os.listdir(tmp_path / 'two' / 'runs'))
+
+
 def test_a_control_trains_only_with_its_parent_among_the_models(tmp_path, capsys):
     """`--models=nsa --controls` next to another sweep's `--models=vanilla,...`: vanilla's controls are not
     this sweep's (with --tune their parent's choice is the other sweep's tuning; config/bakeoff.py's

@@ -292,6 +292,17 @@ def test_sweep_worker_takes_the_gth_of_the_visible_gpus(monkeypatch):
     monkeypatch.delenv('CUDA_VISIBLE_DEVICES')
     train_runner._pin_gpu(Queue())
     assert os.environ['CUDA_VISIBLE_DEVICES'] == '1'
+
+    class NoGPU:  # a CPU worker: no GPU to pin, its share of the cores
+        def get(self):
+            return None
+    before = torch.get_num_threads()
+    try:
+        train_runner._pin_gpu(NoGPU(), cpu_threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert train_runner._cpu_threads(1) >= 1 and train_runner._cpu_threads(10 ** 6) == 1
     assert model_lib.first_line(AssertionError()) == ''  # a message-less error can be reported
 
 
