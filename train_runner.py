@@ -1081,6 +1081,9 @@ def _lm_stage(planner, opts, overrides, label, results_dir, cuda, preset, worker
                 resume = r['same'] and os.path.exists(os.path.join(r['out_dir'], 'ckpt_last.pt'))
                 todo.append((r, {**r['cfg'], 'init_from': 'resume' if resume else 'scratch'}))
         _print_plan(plan, mine, todo, waiting, planner, shard_n)
+        threads = torch.get_num_threads()
+        if not cuda and workers > 1:  # probe at a worker's share of the cores, as its runs will train
+            torch.set_num_threads(_cpu_threads(workers))
         for _, c in todo:  # a few timed iterations of each model to train whose speed nothing recorded
             m = c.get('variant') or c['model_type']
             if m not in eta.probe and not eta.known(m) and probe_worth(c):
@@ -1089,6 +1092,7 @@ def _lm_stage(planner, opts, overrides, label, results_dir, cuda, preset, worker
             ref = next((r for r in mine if eta.known(r['name']) and probe_worth(r['cfg'])), None)  # a known model's
             if ref is not None:
                 eta.probe[ref['name']] = _probe(ref['cfg'])
+        torch.set_num_threads(threads)
         if todo:
             names = [r['name'] for r, _ in todo]
             left, later = eta.left(names), eta.left(planner.later) if planner.later else 0.0

@@ -8,6 +8,7 @@ import os
 import shutil
 
 import pytest
+import torch
 
 import report
 import runtime
@@ -180,6 +181,22 @@ def test_lm_runs_side_by_side_on_cpu_make_the_same_records(prepared, tmp_path, c
     assert [s['best_val_loss'] for s in one] == [s['best_val_loss'] for s in two] and len(two) == 3
     assert [s['test_loss'] for s in one] == [s['test_loss'] for s in two]
     assert all((tmp_path / 'two' / 'runs' / d / 'train.log').exists() for d in os.listdir(tmp_path / 'two' / 'runs'))
+
+
+def test_the_eta_probe_runs_at_a_workers_share_of_the_cores(tmp_path, monkeypatch):
+    """With runs side by side on CPU, the ETA's probe times a model at the threads each run will have."""
+    seen = []
+    monkeypatch.setattr(train_runner, '_probe', lambda c: seen.append(torch.get_num_threads()) or 1.0)
+    monkeypatch.setattr(train_runner, '_cpu_threads', lambda workers: 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for procs in (1, 2):
+            train_runner.sweep({**TINY, 'max_iters': 80, 'models': 'vanilla', 'seeds': 1, 'plan': True,
+                                'procs_per_gpu': procs, 'results_dir': str(tmp_path / str(procs))})
+        assert seen == [2, 1] and torch.get_num_threads() == 2  # and the sweep's own threads restored
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_control_trains_only_with_its_parent_among_the_models(tmp_path, capsys):
