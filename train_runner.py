@@ -1257,8 +1257,15 @@ def grid_stage(stage, grid_file, out, overrides=None, gpus=1, procs_per_gpu=1, s
             summaries[i] = _sweep_run(run_cfg, True, base)
             finished(i, run_cfg, summaries[i], w)
     else:
-        from concurrent.futures import as_completed
-        with _worker_pool(gpus, procs_per_gpu, cuda) as pool:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        ctx = mp.get_context('spawn')  # each worker a fresh process (CUDA can't be forked)
+        slots = ctx.Queue()
+        for g in range(gpus):
+            for _ in range(procs_per_gpu):
+                slots.put(g if cuda else None)  # the GPU a worker pins (none on CPU)
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pin_gpu,
+                                 initargs=(slots, None if cuda else _cpu_threads(workers))) as pool:
             running = {pool.submit(_sweep_run, run_cfg, True, base): (i, run_cfg, w)
                        for (i, run_cfg), w in zip(todo, weights)}
             for fut in as_completed(list(running)):
@@ -1319,7 +1326,7 @@ def _print_plan(plan, mine, todo, waiting, planner, shard_n):
         print(f"  left out: {w}")
 
 
-def _train_runs(todo, workers, eta, t0, cuda):
+def _train_runs(todo, workers, eta, t0, cuda=True):
     """Train the (run, run_cfg) pairs of todo, one after another, or `workers` at a time as processes: one per
     GPU, or on CPU each with its share of the cores; yields ((run, cfg), summary)."""
     def progress(n_done, left_models):
@@ -1343,11 +1350,16 @@ def _train_runs(todo, workers, eta, t0, cuda):
     # independent runs, one process per GPU (spawned, each sees only its GPU) or per share of the CPU's cores;
     # each run's console output goes to <out_dir>/train.log. Every run is seeded on its own, so the records are
     # the same as one after another (timings aside: on CPU each run has fewer threads and shares the memory bus)
-    from concurrent.futures import as_completed
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    ctx = mp.get_context('spawn')
+    slots = ctx.Queue()
+    for g in range(workers):
+        slots.put(g if cuda else None)
+    threads = None if cuda else _cpu_threads(workers)
     print(f"training {len(todo)} runs, {workers} at a time, "
-          + ("one per GPU" if cuda else f"each a process of {_cpu_threads(workers)} thread(s)")
-          + "; logs in <run>/train.log")
-    with _worker_pool(workers, 1, cuda) as pool:  # one per GPU, or on CPU `workers` processes
+          + ("one per GPU" if cuda else f"each a process of {threads} thread(s)") + "; logs in <run>/train.log")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pin_gpu, initargs=(slots, threads)) as pool:
         started = {pool.submit(_sweep_run, run_cfg, True): (r, run_cfg) for r, run_cfg in todo}
         running = dict(started)
         for n, fut in enumerate(as_completed(started), 1):
@@ -1600,21 +1612,6 @@ def _pin_gpu(free_gpus, cpu_threads=None):
         return
     visible = [d for d in os.environ.get('CUDA_VISIBLE_DEVICES', '').split(',') if d.strip()]
     os.environ['CUDA_VISIBLE_DEVICES'] = visible[g] if visible else str(g)
-
-
-def _worker_pool(gpus, per_gpu, cuda):
-    """gpus x per_gpu sweep workers, each a spawned process (CUDA can't be forked) that pins its GPU, or
-    without CUDA takes its share of the cores (_pin_gpu)."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-    ctx = mp.get_context('spawn')
-    slots = ctx.Queue()
-    for g in range(gpus):
-        for _ in range(per_gpu):
-            slots.put(g if cuda else None)  # the GPU a worker pins (none on CPU)
-    workers = gpus * per_gpu
-    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pin_gpu,
-                               initargs=(slots, None if cuda else _cpu_threads(workers)))
 
 
 def _cpu_threads(workers):
