@@ -290,9 +290,18 @@ class GatedDeltaProductMixer(nn.Module):
         if state is not None and state['S'].size(0) != B:
             raise ValueError(f"state is for batch size {state['S'].size(0)}, input has {B}")
         conv_cache = state['conv'] if state is not None else None
-        # every projection of x as one matmul (fused_linear), then short causal convs (+ SiLU) on q, k, v,
-        # as fla's layer does, as one conv: fla's conv kernel where no cache is kept (training)
-        qkv, b, a, gate = fused_linear(x, self._in_projs).split([H * Dk + n * H * (Dk + Dv), n * H, H, H * Dv], -1)
+        # the projections of x as one matmul (fused_linear), then short causal convs (+ SiLU) on q, k, v,
+        # as fla's layer does, as one conv: fla's conv kernel where no cache is kept (training). Past one
+        # token the output gate's projection is its own matmul: fused, its gradient (the gated norm's
+        # backward) joins the others' in one cat that Inductor (torch 2.11) lowers as a pointwise kernel
+        # evaluating every branch for every column, 2.05 of the step's 15.7 ms of kernels at B 64 x T 256
+        # (results/training-speedups/kernel-profile/). Apart, the step takes 14.70 ms against 16.32 on the
+        # H200 (results/training-speedups/gate-apart-and-nsa-compiled/)
+        split = [H * Dk + n * H * (Dk + Dv), n * H, H]
+        if T == 1:
+            qkv, b, a, gate = fused_linear(x, self._in_projs).split(split + [H * Dv], -1)
+        else:
+            (qkv, b, a), gate = fused_linear(x, self._in_projs[:-1]).split(split, -1), self.g_proj(x)
         fla_conv = state is None and self._use_fla(x)
         q, k, v = fused_short_conv(qkv, self._convs, conv_cache, fla_conv).split(
             [H * Dk, n * H * Dk, n * H * Dv], dim=-1)

@@ -493,8 +493,7 @@ def _small(model_type, **kw):
 @pytest.mark.parametrize('model_type', ['vanilla', 'delta', 'delta_product', 'nsa'])
 def test_compiled_training_step_has_no_graph_breaks(model_type):
     """The training step's forward and loss as torch.compile sees it (autocast bf16, dropout on): one graph,
-    no breaks; AOTAutograd then builds the backward from the ops' registered backwards. NSA too, whose
-    training runs stay eager until its compiled step is measured (model_nsa.GPT.compile_problem)."""
+    no breaks; AOTAutograd then builds the backward from the ops' registered backwards."""
     if model_type == 'delta_product' and fla_ops.gated_backward_problem():
         pytest.skip(fla_ops.gated_backward_problem())
     m = _small(model_type)
