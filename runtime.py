@@ -415,6 +415,27 @@ class Progress:
             self.bar.close()
 
 
+def keep_freed_memory():
+    """Have glibc's malloc keep freed memory for reuse instead of handing large blocks back to the kernel. By
+    default a block over its dynamic threshold is mmapped and unmapped on free, and the heap's top is trimmed,
+    so a CPU step that allocates the same large temporaries every iteration pays page faults for them again
+    each time: the CPU references' (B, H, T, T) and (B, H, N, C, C) tensors. Blocks up to 32 MiB (glibc's
+    largest mmap threshold on 64-bit) then come from the heap, which is trimmed only past 1 GiB free. On the
+    2-core machine NSA's CPU-preset step (tools/cpu_step_profile.py) spent 0.39 instead of 1.26 s of system time
+    per process (results/cpu-reproduction/step-profile/). Linux with glibc only: True if both were set."""
+    import ctypes
+    import ctypes.util
+    if not sys.platform.startswith('linux'):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) & bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
 def execution_modes(gpt_cls, device_type, compile='auto', cuda_graphs='auto', ddp=False):
     """(use torch.compile, use CUDA graphs) for a model class on a device type, 'auto' = on for CUDA.
     Off, with the reason printed, where they can't work: compile for a model that declares a

@@ -44,8 +44,8 @@ import model as model_lib
 import tasks
 from runtime import (BENCH_GRID_NAMES, TRISTATE, ConfigError, GraphedStep, Progress, as_list, atomic_torch_save,
                      atomic_write_json, check_minimum, check_value, device_name, execution_modes, fmt_time,
-                     git_commit, key_table, load_json, parse_value, peak_flops, pick_device, run_metadata,
-                     user_error)
+                     git_commit, keep_freed_memory, key_table, load_json, parse_value, peak_flops, pick_device,
+                     run_metadata, user_error)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -297,6 +297,8 @@ def train(config_file=None, overrides=None):
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
     if device_type == 'cuda' and not torch.cuda.is_available():
         raise ConfigError(f"device={cfg['device']!r} but CUDA is not available; use device='cpu' or 'auto'")
+    if device_type == 'cpu':
+        keep_freed_memory()  # no page faults for the same large temporaries every step (runtime.keep_freed_memory)
     dtype = cfg['dtype'] if cfg['dtype'] != 'auto' else (
         'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32')
     ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
