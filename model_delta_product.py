@@ -266,7 +266,7 @@ class GatedDeltaProductMixer(nn.Module):
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
 
     @property
-    def _in_projs(self):
+    def _in_projs(self):  # g_proj last: forward() projects it apart past one token (self._in_projs[:-1])
         return [self.q_proj, self.k_proj, self.v_proj, self.b_proj, self.a_proj, self.g_proj]
 
     @property

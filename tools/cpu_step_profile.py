@@ -5,8 +5,10 @@ this machine's CPU at a given number of torch threads (1: each of the two runs s
 A step here is what train() runs per iteration: forward and loss, backward, grad-norm clip, AdamW, zero_grad,
 on random tokens of the vocabulary's size (65), after runtime.keep_freed_memory() as train() calls it on CPU
 (--malloc=default leaves glibc's defaults). Its median over --steps steps, then torch.profiler's self CPU
-time over --profiled steps, summed by kind of op; matmul GFLOP/s is model.flops_per_token's count (the
-matmuls, attention over the full T x T square) over the median step.
+time over --profiled steps, summed by kind of op (ops as the profiler lists them: an op that calls others, and
+views, count too, so the counts are of dispatched ops, not of kernels; the profiler's own cost per op is inside
+each op's self time, which inflates it for steps of many small ops); GFLOP/s is model.flops_per_token's count
+(the matmuls, attention over the full T x T square) over the median step.
 
     python tools/cpu_step_profile.py --threads=1 > results/cpu-reproduction/step-profile/profile.txt
 """
@@ -25,20 +27,21 @@ import model as model_lib  # noqa: E402
 import runtime  # noqa: E402
 import train_runner  # noqa: E402
 
-GROUPS = [  # (group, regex on the aten op's name); the first match wins
-    ('matmul (mm, bmm, addmm, linear)', r'^aten::(mm|bmm|addmm|baddbmm|addbmm|matmul|linear|_mkldnn|mkldnn)'),
+GROUPS = [  # (group, aten op names, matched whole after 'aten::'); the first match wins
+    ('matmul (mm, bmm, addmm, linear)', r'mm|bmm|addmm|baddbmm|addbmm|matmul|linear|_mkldnn.*|mkldnn.*'),
     ('triangular solves (the chunked references)', r'linalg_solve_triangular|triangular_solve'),
-    ('attention (SDPA on CPU)', r'scaled_dot_product|_flash_attention'),
-    ('elementwise (mul, add, exp, gates, activations)',
-     r'^aten::(mul|add|sub|div|exp|neg|rsqrt|sqrt|pow|silu|gelu|sigmoid|softplus|where|tril|triu|clamp|'
-     r'maximum|minimum|log|tanh|masked_fill|_softmax|softmax|lerp|addcmul|addcdiv|abs|sign|reciprocal|'
-     r'logical|eq|ne|lt|le|gt|ge|bitwise|native_dropout|dropout|bernoulli|.*_backward)'),
-    ('copies, fills, cat, pad', r'^aten::(copy_|fill_|zero_|cat|stack|constant_pad_nd|clone|contiguous|'
-                                r'_to_copy|index|scatter|gather|embedding|empty|zeros|ones|new_)'),
-    ('reductions, norms, cumsum', r'^aten::(sum|mean|norm|linalg_vector_norm|cumsum|max|min|amax|'
-                                  r'native_layer_norm|_fused_rms_norm|rms_norm|var|std|topk|sort|argmax|'
-                                  r'_log_softmax|nll_loss|logsumexp)'),
-    ('optimizer (AdamW foreach, grad clip)', r'_foreach|Optimizer|adamw|clip_grad'),
+    ('attention (SDPA on CPU)', r'.*scaled_dot_product.*'),
+    ('elementwise (mul, add, exp, gates, activations, softmax)',
+     r'(mul|add|sub|div|exp|neg|rsqrt|sqrt|pow|silu|gelu|sigmoid|softplus|where|tril|triu|clamp|maximum|minimum|'
+     r'log|tanh|masked_fill|lerp|addcmul|addcdiv|abs|sign|reciprocal|eq|ne|lt|le|gt|ge|logical_\w+|bitwise_\w+|'
+     r'native_dropout|bernoulli|_softmax|softmax)_?|(silu|gelu|sigmoid|softplus|tanh|threshold|pow|'
+     r'native_dropout)_backward|_softmax_backward_data'),
+    ('copies, fills, cat, pad, embedding', r'copy_|fill_|zero_|cat|stack|constant_pad_nd|clone|contiguous|_to_copy|'
+                                           r'index\w*|scatter\w*|gather|embedding\w*|empty\w*|zeros\w*|ones\w*|'
+                                           r'new_\w+|full\w*'),
+    ('reductions, norms, loss, cumsum', r'(sum|mean|norm|linalg_vector_norm|cumsum|max|min|amax|native_layer_norm|'
+                                        r'_fused_rms_norm|rms_norm|var|std|topk|sort|argmax|_log_softmax|nll_loss\w*|'
+                                        r'logsumexp)(_backward\w*)?'),
 ]
 
 
@@ -66,7 +69,10 @@ def build(model_type, threads):
 
 
 def group_of(name):
-    return next((g for g, rx in GROUPS if re.search(rx, name)), 'other')
+    if name.startswith('Optimizer') or '_foreach' in name:
+        return 'optimizer (AdamW foreach, grad clip)'
+    op = name.split('::', 1)[-1]
+    return next((g for g, rx in GROUPS if re.fullmatch(rx, op)), 'other (views, metadata, the rest)')
 
 
 def main():
@@ -81,8 +87,8 @@ def main():
     if a.malloc == 'keep':
         runtime.keep_freed_memory()
     from torch.profiler import ProfilerActivity, profile
-    print(f"torch {torch.__version__}, {a.threads} thread(s), malloc {a.malloc}, CPU preset step, median of {a.steps} steps after 5 "
-          f"warm-up, profile of {a.profiled} more (self CPU time, ms per step)")
+    print(f"torch {torch.__version__}, {a.threads} thread(s), malloc {a.malloc}, CPU preset step, median of {a.steps} "
+          f"steps after 5 warm-up, profile of {a.profiled} more (self CPU time, ms per step)")
     for mt in a.models.split(','):
         m, step, B, T = build(mt, a.threads)
         for _ in range(5):
@@ -108,7 +114,7 @@ def main():
         print(f"\n{mt}: {m.get_num_params() / 1e6:.3f}M parameters, median step {med:.1f} ms "
               f"(min {min(ts) * 1e3:.1f}, max {max(ts) * 1e3:.1f}), {gflops:.1f} GFLOP/s of model FLOPs; "
               f"profiled ops {total:.1f} ms per step")
-        for g in [g for g, _ in GROUPS] + ['other']:
+        for g in [g for g, _ in GROUPS] + ['optimizer (AdamW foreach, grad clip)', 'other (views, metadata, the rest)']:
             if sums[g]:
                 print(f"  {sums[g]:8.1f} ms  {calls[g]:7.0f} ops  {g}")
         top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:6]
