@@ -9,7 +9,7 @@ import sys
 
 GROUPS = [  # (group, regex on the kernel name); the first match wins
     ("short conv (fla causal_conv1d, or PyTorch's depthwise conv)", r'causal_conv1d|conv_depthwise'),
-    ('delta rule (fla chunk kernels)', r'prepare_wy|merge_16x16|recompute_w_u|chunk_|wy_fast|solve_tril'),
+    ('delta rule (fla chunk kernels)', r'prepare_wy|merge_16x16|recompute_w_u|^chunk_|wy_fast|solve_tril'),
     ('TileLang kernels (fla backward on Hopper)', r'^kernel_kernel'),
     ('attention (SDPA, fla parallel_attn / parallel_nsa, top-k sort)', r'sdpa|flash|fmha|parallel_attn|parallel_nsa|radixSort'),
     ('matmul (cuBLAS / nvjet / cutlass)', r'nvjet|gemm|gemv|cutlass|splitKreduce|sgemm'),
