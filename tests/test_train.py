@@ -88,7 +88,6 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(prepared, tmp_path, monke
     assert all(torch.isfinite(v).all() for v in ck['model'].values() if v.is_floating_point())
 
 
-
 @pytest.mark.skipif(not (sys.platform.startswith('linux') and os.confstr('CS_GNU_LIBC_VERSION')),
                     reason="glibc's mallopt: Linux with glibc only")
 def test_cpu_training_keeps_freed_memory(prepared, tmp_path, monkeypatch):
@@ -100,6 +99,7 @@ def test_cpu_training_keeps_freed_memory(prepared, tmp_path, monkeypatch):
     monkeypatch.setattr(train_runner, 'keep_freed_memory', lambda: calls.append(1))
     train_runner.train(None, {**TINY_RUN, 'max_iters': 2, 'eval_interval': 2, 'out_dir': str(tmp_path)})
     assert calls == [1]
+
 
 def test_unknown_key_and_model_type_fail_clearly():
     with pytest.raises(ValueError, match="unknown key.*'n_layers'.*valid keys"):

@@ -52,9 +52,8 @@ def build(model_type, threads):
     cfg = train_runner.resolve_config(None, overrides)
     mcfg = {k: cfg[k] for k in train_runner.model_keys(model_type)}
     mcfg['vocab_size'] = 65  # shakespeare_char's
-    mod = model_lib.get_model_module(model_type)
     torch.manual_seed(0)
-    m = mod.GPT(mod.GPTConfig(**mcfg)).train()
+    m = model_lib.build_model(**mcfg).train()  # mcfg holds model_type
     opt = m.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'], (cfg['beta1'], cfg['beta2']), 'cpu')
     B, T = cfg['batch_size'], cfg['block_size']
     x, y = torch.randint(0, 65, (B, T)), torch.randint(0, 65, (B, T))
