@@ -22,7 +22,9 @@ branch, the top-k choice of blocks, the selection branch, and the window (flash-
 parallel_attn). Each of its four autograd Functions is an op pair below, the top-k a forward-only op, and
 parallel_nsa() composes them as fla's parallel_nsa does, with the same gating arithmetic, so that its output
 and gradients are fla's bit for bit, except where fla's own backward is not deterministic (the selection's
-dk, dv accumulate in an order its atomics set; tests/test_fla_ops.py).
+dk, dv accumulate in an order its atomics set; tests/test_fla_ops.py). One step of their backwards is ours: the
+row sums of dO * O (row_dot, below: the same sum, many rows per Triton program where fla's kernel takes one),
+so NSA's gradients are fla's up to that sum's rounding; with ROW_DOT = False they are fla's bits.
 
   mean_pooling(x, block_size)                                          (MeanPoolingFunction)
   nsa_compression(q, k_cmp, v_cmp, T, block_size, scale) -> o, lse     (ParallelNSACompressionFunction)
@@ -37,8 +39,11 @@ the two ops above, DeltaNet's step went from 9.26 to 9.71 ms and Gated DeltaProd
 the op below DeltaNet's step is 9.39 ms again (results/training-speedups/conv-op/). Vanilla
 attention is PyTorch's SDPA. fla is imported inside the implementations, on CUDA only.
 """
+import contextlib
 import functools
+import importlib
 import os
+import threading
 from typing import Optional
 
 import torch
@@ -50,7 +55,6 @@ NS = 'bakeoff'  # the ops' namespace: torch.ops.bakeoff.*
 def import_fla(module, name):
     """fla's `name` from `module`, imported when an op first runs (on CUDA only: fla.ops needs Triton), or an
     ImportError that says what to install and what runs without it."""
-    import importlib
     try:
         return getattr(importlib.import_module(module), name)
     except ImportError as e:
@@ -327,6 +331,80 @@ def causal_conv1d_silu(x, weight):
 # fla's Functions below take cu_seqlens=None (no variable-length batches here); their forwards save
 # (q, k, v, o, lse), which leave the forward ops as outputs (o and lse are outputs anyway).
 
+# ----------------------------------------------------------------------------- NSA's backward: the row sums
+# Each of fla's three attention backwards below (compression, selection, window) begins with
+# parallel_attn_bwd_preprocess: delta = sum_v O * dO in fp32 for each (b, t, head) row, one Triton program per
+# row of 32 values. At B 64 x T 256 x 16 heads that is 262,144 programs and 159 us a call, 2.86 ms in 18 launches
+# of NSA's 14.18 ms compiled step (results/training-speedups/gate-apart-and-nsa-compiled/). row_dot() is the same
+# sum with many rows per program, and the backward ops below run fla's backward with it in the preprocess's place.
+# The same products summed in another order: delta may differ in its last bit, the gradients by bf16 rounding.
+# ROW_DOT = False keeps fla's own preprocess (the tests compare the ops with fla's direct calls bit for bit so).
+ROW_DOT = True
+_PREPROCESS_SITES = ('fla.ops.attn.parallel', 'fla.ops.nsa.parallel', 'fla.ops.nsa.compression')
+
+
+@functools.cache
+def _row_dot_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def row_dot_kernel(o, do, delta, N, V: tl.constexpr, BV: tl.constexpr, BR: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)  # BR rows of V values, row-major
+        cols = tl.arange(0, BV)
+        mask = (rows < N)[:, None] & (cols < V)[None, :]
+        at = rows[:, None] * V + cols[None, :]
+        b_o = tl.load(o + at, mask=mask, other=0)
+        b_do = tl.load(do + at, mask=mask, other=0).to(tl.float32)  # o * do in fp32, as fla's kernel
+        tl.store(delta + rows, tl.sum(b_o * b_do, axis=1), mask=rows < N)
+    return row_dot_kernel
+
+
+def row_dot(o, do, rows_per_program=64):
+    """sum(o * do, -1) in fp32 for o, do (..., V), the products in fp32: the function of fla's
+    parallel_attn_bwd_preprocess(o, do), with `rows_per_program` rows in each Triton program instead of one."""
+    import triton
+    if rows_per_program < 1 or rows_per_program & (rows_per_program - 1):
+        raise ValueError(f"rows_per_program must be a power of two (a Triton block), got {rows_per_program}")
+    o, do = o.contiguous(), do.contiguous()
+    delta = torch.empty(o.shape[:-1], dtype=torch.float32, device=o.device)
+    N, V = delta.numel(), o.size(-1)
+    _row_dot_kernel()[(triton.cdiv(N, rows_per_program),)](o, do, delta, N, V=V, BV=triton.next_power_of_2(V),
+                                                            BR=rows_per_program)
+    return delta
+
+
+_row_dot_on = threading.local()  # set by _fla_row_dot() in the thread that runs a backward op
+
+
+def _preprocess(fla_preprocess):
+    """What fla's modules call in its preprocess's place once installed: row_dot() inside _fla_row_dot() in this
+    thread, fla's own everywhere else (its direct calls, other threads)."""
+    def preprocess(o, do):
+        return row_dot(o, do) if getattr(_row_dot_on, 'on', False) else fla_preprocess(o, do)
+    preprocess.fla_preprocess = fla_preprocess
+    return preprocess
+
+
+@contextlib.contextmanager
+def _fla_row_dot():
+    """fla's attention backwards with row_dot() as their preprocess, in this thread, for the duration of one call.
+    Each module that calls the preprocess looks the name up in its own namespace when it runs; the switch is
+    installed there once, and only this thread's flag turns it on."""
+    if not ROW_DOT:
+        yield
+        return
+    for name in _PREPROCESS_SITES:
+        m = importlib.import_module(name)
+        if not hasattr(m.parallel_attn_bwd_preprocess, 'fla_preprocess'):
+            m.parallel_attn_bwd_preprocess = _preprocess(m.parallel_attn_bwd_preprocess)
+    _row_dot_on.on = True
+    try:
+        yield
+    finally:
+        _row_dot_on.on = False
+
+
 def _nsa(name):
     return import_fla('fla.ops.nsa.parallel', name)
 
@@ -400,7 +478,8 @@ def _(q, k, v, T, block_size, scale):
 def _cmp_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, block_size: int, scale: float,
              autocast: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor]:
     Function = import_fla('fla.ops.nsa.compression', 'ParallelNSACompressionFunction')
-    dq, dk, dv = Function.backward(_nsa_ctx(q, k, v, o, lse, block_size, scale, autocast), do)[:3]
+    with _fla_row_dot():
+        dq, dk, dv = Function.backward(_nsa_ctx(q, k, v, o, lse, block_size, scale, autocast), do)[:3]
     return dq, dk, dv
 
 
@@ -456,7 +535,8 @@ def _slc_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
              autocast: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor]:
     ctx = _nsa_ctx(q, k, v, o, lse, block_size, scale, autocast, block_indices=block_indices,
                    block_counts=block_counts)
-    dq, dk, dv = _nsa('ParallelNSAFunction').backward(ctx, do)[:3]
+    with _fla_row_dot():
+        dq, dk, dv = _nsa('ParallelNSAFunction').backward(ctx, do)[:3]
     return dq, dk, dv
 
 
@@ -501,7 +581,8 @@ def _swa_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
     Function = import_fla('fla.ops.attn.parallel', 'ParallelAttentionFunction')
     ctx = _Ctx((q, k, v, o, None, lse, None), scale=scale, window_size=window_size, cu_seqlens=None,
                dtype=q.dtype, **_autocast_attrs(autocast))
-    dq, dk, dv = Function.backward(ctx, do)[:3]
+    with _fla_row_dot():
+        dq, dk, dv = Function.backward(ctx, do)[:3]
     return dq, dk, dv
 
 
