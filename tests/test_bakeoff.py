@@ -217,8 +217,10 @@ def test_a_control_trains_only_with_its_parent_among_the_models(tmp_path, capsys
 
 def test_a_record_from_before_the_test_split_is_not_a_done_run(tmp_path):
     """A committed run of the 90/10 split has the same config, but its val loss is of another split."""
+    tuned, controls = train_runner.bakeoff_config('full')
+    tuned = {**tuned, 'vanilla': (1e-3, 0.2)}  # that record's (lr, dropout): nanoGPT's recipe, before the tuning
     p = train_runner._Planner({**train_runner.SWEEP_KEYS, 'models': 'vanilla', 'seeds': 1}, {'device': 'cpu'},
-                              train_runner.PRESETS['full'], 'full', str(tmp_path), *train_runner.bakeoff_config('full'))
+                              train_runner.PRESETS['full'], 'full', str(tmp_path), tuned, controls)
     (run,), _ = p.plan()
     shutil.copytree(os.path.join(ROOT, 'results', 'full', 'runs', 'vanilla-lr0.001-s1337'), run['out_dir'])
     assert p.record(run) is None and run['same'] is False
