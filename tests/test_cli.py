@@ -148,7 +148,9 @@ def test_committed_full_runs_from_before_the_test_split_are_not_the_new_runs(cap
     out = train_runner.sweep({'preset': 'full', 'bench': False, 'device': 'cpu', 'plan': True})
     assert out['results_dir'] == os.path.join(ROOT, 'results', 'full')
     assert len(out['plan']) == 4 * 3 and {r['stage'] for r in out['plan']} == {'seeds'}
-    assert all(os.path.basename(r['out_dir']).endswith(f"-lr0.001-d0.2-s{r['seed']}") for r in out['plan'])
+    tuned = train_runner.bakeoff_config('full')[0]  # config/bakeoff.py's choices
+    assert all(os.path.basename(r['out_dir']) == f"{r['name']}-lr{tuned[r['name']][0]:g}-d{tuned[r['name']][1]:g}"
+               f"-s{r['seed']}" for r in out['plan'])
     # what counts as done is a record of the new protocol in the planned folder (the tuning grid's seed at that
     # cell), never an old record: those lie in folders named without the dropout
     new = [r for r in out['plan'] if os.path.exists(os.path.join(r['out_dir'], 'summary.json'))]
