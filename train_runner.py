@@ -90,8 +90,8 @@ TRAIN_TABLE = dict(
     # system
     device=('auto', "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:N'"),
     dtype=('auto', "'auto' (bfloat16 autocast on CUDA, float32 on CPU), 'bfloat16', 'float32'"),
-    compile=('auto', "torch.compile: 'auto' (on for CUDA, except a model that declares a problem, e.g. NSA; the "
-                     "reason is printed), True, False"),
+    compile=('auto', "torch.compile: 'auto' (on for CUDA, except a model class that sets compile_problem, none "
+                     "today; the reason is printed), True, False"),
     cuda_graphs=('auto', "capture forward+backward once in a CUDA graph and replay it: 'auto' (on for "
                          "single-process CUDA; off under DDP), True, False"),
     seed=(1337, "seed of the model init, data sampling and dropout"),
