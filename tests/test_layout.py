@@ -1,8 +1,11 @@
 """The shape of the house: the top-level modules import each other without a cycle, bench and train_runner
-stay apart, and the committed report is exactly what the committed result files render to."""
+stay apart, the committed report is exactly what the committed result files render to, and every relative
+link in the committed markdown leads somewhere."""
 
 import ast
+import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -88,3 +91,22 @@ def test_report_regenerates_byte_identically_from_the_committed_results(tmp_path
     report.report(str(out))
     with open(os.path.join(src, 'REPORT.md'), 'rb') as a, open(out / 'REPORT.md', 'rb') as b:
         assert a.read() == b.read(), "results/full/REPORT.md differs from what its files render to"
+
+
+def test_every_relative_link_in_the_markdown_resolves():
+    """README.md, docs/ and every markdown file under results/ (the run records' folders aside): each link
+    [text](path) that is not a URL names a file or folder that exists, relative to the file that links it.
+    Code blocks are skipped; an anchor (#...) is ignored."""
+    files = ['README.md'] + glob.glob('docs/*.md', root_dir=ROOT) + \
+        [f for f in glob.glob('results/**/*.md', root_dir=ROOT, recursive=True) if '/runs/' not in f]
+    broken = []
+    for f in files:
+        with open(os.path.join(ROOT, f)) as fh:
+            text = re.sub(r'```.*?```', '', fh.read(), flags=re.S)
+        for target in re.findall(r'\]\(([^)\s]+)\)', text):
+            path = target.split('#')[0]
+            if path and not re.match(r'[a-z]+:', path) and \
+                    not os.path.exists(os.path.join(ROOT, os.path.dirname(f), path)):
+                broken.append(f"{f}: {target}")
+    assert len(files) > 10 and not broken, broken
+
