@@ -6,8 +6,9 @@
 # {0.1, 0.2, 0.3} at one seed, the lowest best val loss, the grid extended where the choice is on an edge;
 # results/full/runs and the tuning table of results/full/REPORT.md). Three models' choices stop at a bound
 # of the extension (lr in [1e-4, 3e-2], dropout <= 0.5): DeltaNet's lr (the next step, 8.1e-2, is past it) and
-# dropout, Gated DeltaProduct's lr (the next step, 6.25e-5, is below it), NSA's dropout. `--tune` uses the tuning's choices whatever stands here. The CPU preset is not tuned: nanoGPT's
-# shakespeare_char learning rate with its CPU dropout of 0, the same for every model.
+# dropout, Gated DeltaProduct's lr (the next step, 6.25e-5, is below it), NSA's dropout. `--tune` uses the
+# tuning's choices whatever stands here. The CPU preset is not tuned: nanoGPT's shakespeare_char learning rate
+# with its CPU dropout of 0, the same for every model.
 tuned = {
     'full': {'vanilla': (3e-3, 0.3), 'delta': (2.7e-2, 0.5), 'delta_product': (1.25e-4, 0.4), 'nsa': (3e-3, 0.5)},
     'cpu': {'vanilla': (1e-3, 0.0), 'delta': (1e-3, 0.0), 'delta_product': (1e-3, 0.0), 'nsa': (1e-3, 0.0)},

@@ -109,4 +109,3 @@ def test_every_relative_link_in_the_markdown_resolves():
                     not os.path.exists(os.path.join(ROOT, os.path.dirname(f), path)):
                 broken.append(f"{f}: {target}")
     assert len(files) > 10 and not broken, broken
-
