@@ -447,6 +447,14 @@ def bakeoff_cells(runs):
     return names, cells, grids
 
 
+def bakeoff_contrasts(path=os.path.join(HERE, 'config', 'bakeoff.py')):
+    """config/bakeoff.py's contrasts: [(model, against, what differs)], each control against what it isolates."""
+    scope = {}
+    with open(path) as f:
+        exec(compile(f.read(), path, 'exec'), {}, scope)
+    return [tuple(c) for c in scope.get('contrasts', [])]
+
+
 def bakeoff_tested(out, runs_dir, preset, runs, skipped):
     """The bake-off from records with a test split: tuning.csv (every run of a tuned model at its tuning seed),
     bakeoff.csv (one row per model and variant at its chosen (lr, dropout): test loss mean ± std over seeds,
@@ -509,6 +517,17 @@ def bakeoff_tested(out, runs_dir, preset, runs, skipped):
                                        iter=str(int(e['iter'])), flops=_f(float(e['flops']), '.6e'),
                                        val_loss=_f(float(e['val_loss']), '.4f'),
                                        val_ppl=_f(math.exp(float(e['val_loss'])), '.4f')))
+    tests = {name: [float(r['summary']['test_loss']) for r in cells[name][1]] for name in names}
+    contrast_rows = []
+    for a, b, what in bakeoff_contrasts():
+        if a in tests and b in tests:  # both trained: a's mean test loss minus b's
+            w = welch(tests[a], tests[b])
+            contrast_rows.append(dict(
+                model=a, against=b, differs=what, n_seeds=f"{len(tests[a])}/{len(tests[b])}",
+                diff=_f(w['diff'], '+.4f'), ci95_low=_f(w['low'], '+.4f'), ci95_high=_f(w['high'], '+.4f'),
+                significant=_bool(w['significant']) if math.isfinite(w['low']) else '-'))
+    write_csv(os.path.join(out, 'contrasts.csv'), contrast_rows,
+              ['model', 'against', 'differs', 'n_seeds', 'diff', 'ci95_low', 'ci95_high', 'significant'])
     main_cols = ['model', 'params', 'matched', 'lr', 'dropout', 'n_seeds', 'seeds', 'test_loss_mean', 'test_loss_std',
                  'test_ppl', 'delta_vs_vanilla', 'ci95_low', 'ci95_high', 'significant', 'best_val_loss_mean',
                  'best_iter', 'train_loss_at_best', 'heldout_loss_mean', 'tokens_per_s']
@@ -607,6 +626,16 @@ def plot_tuning_heatmaps(tuning_rows, path):
     savefig(fig, path)
 
 
+def _reading(head, against, diff, low, high, significant, seeds):
+    """One line of the reading: an order only where the interval excludes 0."""
+    if significant == 'True':
+        word = 'lower' if float(diff) < 0 else 'higher'
+        return f"- {head}: test loss {word} than {against}'s by {diff} (95% CI [{low}, {high}], {seeds} seeds)."
+    if significant == 'False':
+        return f"- {head}: not distinguishable here from {against} (difference {diff}, 95% CI [{low}, {high}] includes 0)."
+    return f"- {head}: not distinguishable here from {against} (fewer than 2 seeds on a side: no interval)."
+
+
 def bakeoff_prose(rows):
     """The reading of bakeoff.csv: an order against vanilla only where the interval excludes 0."""
     lines = []
@@ -614,17 +643,15 @@ def bakeoff_prose(rows):
         if r['model'] == 'vanilla':
             continue
         note = f" ({r['matched']})" if r.get('matched', 'yes') not in ('yes', '-') else ''
-        if r['significant'] == 'True':
-            word = 'lower' if float(r['delta_vs_vanilla']) < 0 else 'higher'
-            lines.append(f"- {r['model']}{note}: test loss {word} than vanilla's by {r['delta_vs_vanilla']} "
-                         f"(95% CI [{r['ci95_low']}, {r['ci95_high']}], {r['n_seeds']} seeds).")
-        elif r['significant'] == 'False':
-            lines.append(f"- {r['model']}{note}: not distinguishable here from vanilla (difference "
-                         f"{r['delta_vs_vanilla']}, 95% CI [{r['ci95_low']}, {r['ci95_high']}] includes 0).")
-        else:
-            lines.append(f"- {r['model']}{note}: not distinguishable here from vanilla (fewer than 2 seeds on a "
-                         f"side: no interval).")
+        lines.append(_reading(r['model'] + note, 'vanilla', r['delta_vs_vanilla'], r['ci95_low'], r['ci95_high'],
+                              r['significant'], r['n_seeds']))
     return lines
+
+
+def contrasts_prose(rows):
+    """The reading of contrasts.csv: each control against the model it isolates, read as bakeoff_prose reads."""
+    return [_reading(f"{r['model']} ({r['differs']})", r['against'], r['diff'], r['ci95_low'], r['ci95_high'],
+                     r['significant'], r['n_seeds']) for r in rows]
 
 
 def bakeoff(out='results', preset=None, runs_dir=None):
@@ -823,7 +850,8 @@ def _meta_lines(out, name):
         lines.append(f"- settings: `{json.dumps(m['settings'], sort_keys=True)}`")
     if 'preset' in m:
         lines.append(f"- preset: `{m['preset']}`, {m.get('n_runs')} runs from `{m.get('runs_dir')}`"
-                     + (f", {len(m['skipped_runs'])} unfinished runs skipped" if m.get('skipped_runs') else ''))
+                     + (f", {len(m['skipped_runs'])} runs skipped (unfinished, or recorded before the test split: "
+                        f"bakeoff.meta.json's skipped_runs)" if m.get('skipped_runs') else ''))
     if 'method' in m:
         lines.append(f"- method: {m['method']}")
     return '\n'.join(lines)
@@ -920,6 +948,10 @@ def report(out='results', readme=False):
                  "Validation alone chose every checkpoint and every (lr, dropout); the test split is only "
                  "reported. Δ: Welch's 95% interval over seeds; an order is claimed only where it excludes 0:", "",
                  *bakeoff_prose(rows), ""]
+        contrasts = read_csv(os.path.join(out, 'contrasts.csv')) if have('contrasts.csv') else []
+        if contrasts:
+            lines += ["The controls, each against the model it isolates, and the alternatives against each other "
+                      "(contrasts.csv, config/bakeoff.py's contrasts; the same interval and reading):", "", *contrasts_prose(contrasts), ""]
         bakeoff_tables.append(lines)  # the README quotes these (readme=True)
         bakeoff_sources.append('tuning.csv')
         tune = read_csv(os.path.join(out, 'tuning.csv')) if have('tuning.csv') else []

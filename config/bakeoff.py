@@ -23,5 +23,20 @@ controls = [
     'vanilla+n_head=16+n_kv_head=1+head_dim=32+pos_emb=rope+d_ff=-1',
     'delta+allow_neg_eigval=True',  # beta in (0, 2): transitions with eigenvalue down to -1
     'delta_product+allow_neg_eigval=True',  # fla's layer default and the paper's setting
-    'delta_product+d_ff=1536',  # vanilla's MLP width: NOT parameter-matched (+2.65M); is the deficit the MLP's?
+    'delta_product+d_ff=1536',  # vanilla's MLP width: NOT parameter-matched (+2.64M); is the deficit the MLP's?
+]
+
+# contrasts: what each control isolates, and the alternatives against each other, (model, against, what
+# differs): the report gives model's mean test loss minus against's with Welch's 95% interval (contrasts.csv),
+# read as the differences from vanilla are. NSA is set against its dense twin, so its difference is the
+# sparsity's alone.
+contrasts = [
+    ('vanilla+attn_dropout=0', 'vanilla', 'attention dropout off'),
+    ('nsa', 'vanilla+n_head=16+n_kv_head=1+head_dim=32+pos_emb=rope+d_ff=-1', "sparse attention in the same layout"),
+    ('delta+allow_neg_eigval=True', 'delta', 'beta in (0, 2)'),
+    ('delta_product+allow_neg_eigval=True', 'delta_product', 'negative eigenvalues'),
+    ('delta_product+d_ff=1536', 'delta_product', "vanilla's MLP width, +2.64M parameters"),
+    ('delta', 'delta_product', 'the mixer'),
+    ('delta', 'nsa', 'the mixer'),
+    ('delta_product', 'nsa', 'the mixer'),
 ]

@@ -291,12 +291,15 @@ def test_a_tiny_tune_sweep_makes_tables_that_regenerate_byte_for_byte(prepared, 
     assert all(r['n_seeds'] == '2' and (r['lr'], r['dropout']) == (f'{lr:g}', f'{d:g}') for r in rows)
     assert rows[0]['delta_vs_vanilla'] == '-' and rows[1]['significant'] in ('True', 'False')
     assert float(rows[1]['ci95_low']) <= float(rows[1]['delta_vs_vanilla']) <= float(rows[1]['ci95_high'])
+    contrast, = runtime.read_csv(str(out / 'contrasts.csv'))  # config/bakeoff.py's: the control against vanilla
+    assert (contrast['model'], contrast['against'], contrast['n_seeds']) == ('vanilla+attn_dropout=0', 'vanilla', '2/2')
+    assert contrast['diff'] == rows[1]['delta_vs_vanilla'] and contrast['significant'] == rows[1]['significant']
     files = {f: (out / f).read_bytes() for f in ('bakeoff.csv', 'tuning.csv', 'bakeoff_curves.csv',
-                                                  'bakeoff.meta.json')}
+                                                  'bakeoff.meta.json', 'contrasts.csv')}
     report.bakeoff(str(out), preset='cpu-custom')
     assert {f: (out / f).read_bytes() for f in files} == files
     md = open(report.report(str(out))).read()
-    assert 'vanilla+attn_dropout=0' in md and 'Tuning grid' in md
+    assert 'vanilla+attn_dropout=0' in md and 'Tuning grid' in md and 'each against the model it isolates' in md
     again = train_runner.sweep({**TINY, 'max_iters': 4, 'models': 'vanilla', 'tune': True, 'controls': True,
                                 'lrs': '1e-3,3e-3', 'dropouts': '0,0.1', 'seeds': 2, 'bench': False,
                                 'results_dir': str(out)})
@@ -315,3 +318,15 @@ def test_the_prose_claims_an_order_only_where_significant():
     assert lines[0].startswith('- delta: test loss higher than vanilla') and 'lower' not in lines[1]
     assert 'not distinguishable here' in lines[1] and 'not distinguishable here' in lines[2]
     assert 'not matched (+2.65M)' in lines[2]
+
+
+def test_each_control_is_read_against_what_it_isolates():
+    rows = [dict(model='nsa', against='twin', differs='sparsity', n_seeds='3/3', diff='+0.0373', ci95_low='+0.0125',
+                 ci95_high='+0.0621', significant='True'),
+            dict(model='delta+allow_neg_eigval=True', against='delta', differs='beta in (0, 2)', n_seeds='3/3',
+                 diff='-0.0218', ci95_low='-0.0670', ci95_high='+0.0235', significant='False')]
+    lines = report.contrasts_prose(rows)
+    assert lines[0].startswith("- nsa (sparsity): test loss higher than twin's by +0.0373")
+    assert 'not distinguishable here from delta' in lines[1] and 'lower' not in lines[1]
+    names = {m for c in report.bakeoff_contrasts() for m in c[:2]}  # every name is a model or a control
+    assert names <= set(train_runner.bakeoff_config('full')[1]) | set(report.model.MODEL_TYPES)
