@@ -1,6 +1,6 @@
 """The shape of the house: the top-level modules import each other without a cycle, bench and train_runner
-stay apart, the committed report is exactly what the committed result files render to, and every relative
-link in the committed markdown leads somewhere."""
+stay apart, the committed report is exactly what the committed result files render to (and a result README's
+table what its tool prints), and every relative link in the committed markdown leads somewhere."""
 
 import ast
 import glob
@@ -91,6 +91,14 @@ def test_report_regenerates_byte_identically_from_the_committed_results(tmp_path
     report.report(str(out))
     with open(os.path.join(src, 'REPORT.md'), 'rb') as a, open(out / 'REPORT.md', 'rb') as b:
         assert a.read() == b.read(), "results/full/REPORT.md differs from what its files render to"
+
+
+def test_the_packing_readme_table_is_what_its_tool_prints():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'packing_table.py'),
+                          os.path.join(ROOT, 'results', 'mqar-packing')], capture_output=True, text=True, check=True)
+    table = '\n'.join(out.stdout.splitlines()[:6])
+    with open(os.path.join(ROOT, 'results', 'mqar-packing', 'README.md')) as f:
+        assert table in f.read(), "results/mqar-packing/README.md's table differs from tools/packing_table.py's"
 
 
 def test_every_relative_link_in_the_markdown_resolves():
