@@ -490,7 +490,6 @@ def train(config_file=None, overrides=None):
             if master:
                 t_eval = time.time()
                 losses = estimate_loss()
-                eval_s, n_evals = eval_s + time.time() - t_eval, n_evals + 1
                 if not all(math.isfinite(v) for v in losses.values()):
                     raise NonFiniteLoss(f"non-finite eval loss at iteration {iter_num}: {losses}; "
                                         f"the last good checkpoint is {ckpt_last}")
@@ -516,6 +515,9 @@ def train(config_file=None, overrides=None):
                     save(ckpt_last, losses, rng_states)
                     _fault_point('after_ckpt', iter_num)
                     RUN_STATE['ckpt_iter'] = iter_num
+                # an evaluation's whole cost, what the ETAs count: the selection splits, at a new best the
+                # report splits too (as long again for the LM), and the checkpoints
+                eval_s, n_evals = eval_s + time.time() - t_eval, n_evals + 1
             if task.early_stop_acc > 0:  # the master evaluated; every rank must stop together
                 stop = [master and losses.get('test_acc', 0.0) > task.early_stop_acc]
                 if ddp:
@@ -1410,8 +1412,11 @@ def _probe(run_cfg):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the sweep's runs (and a multi-GPU sweep's workers) get the probe's memory back
     n, ei = cfg['max_iters'], cfg['eval_interval']
-    eval_batches = 2 * cfg['eval_iters'] * (n // ei + 1 + (n % ei != 0))  # 2 splits; step 0, every ei, the last
-    return n * s['median_ms_per_iter'] / 1e3 + eval_batches * s['eval_s'] / (2 * 2 * PROBE_EVAL_ITERS)
+    n_evals = n // ei + 1 + (n % ei != 0)  # step 0, every ei, the last
+    # the probe's 2 evaluations, both new bests (the loss falls from step 0), at PROBE_EVAL_ITERS batches a split:
+    # a run's later evaluations that are not bests skip the report splits, so this errs long, never short
+    per_eval = s['eval_s'] / 2 * cfg['eval_iters'] / PROBE_EVAL_ITERS
+    return n * s['median_ms_per_iter'] / 1e3 + n_evals * per_eval
 
 
 class _SweepEta:
