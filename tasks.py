@@ -172,7 +172,7 @@ class LMTask:
     """Random windows of block_size tokens for training; a fixed evaluation set of eval_iters batches of
     eval_bs windows per split (the same for every run, model and seed). evaluate() measures the selection
     splits {'train', 'val'} (what picks checkpoints and hyperparameters); with a dataset that has a test split,
-    REPORT_SPLITS are measured only where train() asks (at a new best val loss): 'test', and 'heldout', the
+    REPORT_SPLITS are measured only where train() asks (once, on the chosen checkpoint): 'test', and 'heldout', the
     whole last 10% (val then test: nanoGPT's val set, for the comparison with nanoGPT only)."""
     examples = False
     SELECT_SPLITS = ('train', 'val')

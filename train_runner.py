@@ -407,17 +407,17 @@ def train(config_file=None, overrides=None):
         raw_model.train()
         return out
 
-    def measure_at_best(losses):
-        """What is recorded of a new best checkpoint, never compared with anything: the train loss there (the
-        overfitting gap), and, where the dataset has a test split, the test loss and the whole last 10%'s
-        (nanoGPT's val set). Only called after the val loss alone chose the checkpoint."""
-        at = {'train_loss_at_best': losses['train']}
-        if task.report_splits:
-            raw_model.eval()
-            out = task.evaluate(raw_model, autocast, f"test at iter {iter_num}", splits=task.report_splits)
-            raw_model.train()
-            at.update(test_loss=out['test'], heldout_loss=out['heldout'])
-        return at
+    def measure_report_splits():
+        """What is recorded of the chosen checkpoint, never compared with anything, where the dataset has a test
+        split: the test loss and the whole last 10%'s (nanoGPT's val set). Measured once, after training, on
+        ckpt_best.pt's weights (val alone chose it; a resumed run's best may be from an earlier segment): the
+        same numbers as measuring at each new best, without the evaluations of the bests that were overtaken."""
+        best = torch.load(ckpt_best, map_location=device, weights_only=False)
+        assert best['best_iter'] == best_iter, (best['best_iter'], best_iter)
+        raw_model.load_state_dict(best['model'])  # training is over: the weights are not stepped again
+        raw_model.eval()
+        out = task.evaluate(raw_model, autocast, f"test at iter {best_iter}", splits=task.report_splits)
+        return {'test_loss': out['test'], 'heldout_loss': out['heldout']}
 
     # --- records: config.json (resolved config + environment), wandb optional
     if master:
@@ -496,7 +496,7 @@ def train(config_file=None, overrides=None):
                 better = losses['val'] < best_val  # the selection: validation alone
                 if better:
                     best_val, best_iter = losses['val'], iter_num
-                    at_best = measure_at_best(losses)
+                    at_best = {'train_loss_at_best': losses['train']}  # the overfitting gap, recorded only
                 accs = {k: v for k, v in losses.items() if k not in ('train', 'val')}  # examples tasks only
                 if 'test_acc' in accs and not best_acc >= accs['test_acc']:
                     best_acc = accs['test_acc']
@@ -515,8 +515,7 @@ def train(config_file=None, overrides=None):
                     save(ckpt_last, losses, rng_states)
                     _fault_point('after_ckpt', iter_num)
                     RUN_STATE['ckpt_iter'] = iter_num
-                # an evaluation's whole cost, what the ETAs count: the selection splits, at a new best the
-                # report splits too (as long again for the LM), and the checkpoints
+                # an evaluation's whole cost, what the ETAs count: its splits and the checkpoints
                 eval_s, n_evals = eval_s + time.time() - t_eval, n_evals + 1
             if task.early_stop_acc > 0:  # the master evaluated; every rank must stop together
                 stop = [master and losses.get('test_acc', 0.0) > task.early_stop_acc]
@@ -590,6 +589,10 @@ def train(config_file=None, overrides=None):
                           + (f", mfu {mfu * 100:.1f}%" if mfu is not None else '') + f", eta {fmt_time(eta)}")
             window_t0, window_iters = now, 0
 
+    if task.report_splits and master and best_iter >= 0 and 'test_loss' not in at_best:
+        t_eval = time.time()
+        at_best.update(measure_report_splits())
+        eval_s += time.time() - t_eval
     # the first timed window of each segment includes compilation/autotuning; leave those out when there are others
     run = so_far()
     times = ([t for seg in run['window_times'] for t in seg[1:]]
@@ -1413,10 +1416,11 @@ def _probe(run_cfg):
             torch.cuda.empty_cache()  # the sweep's runs (and a multi-GPU sweep's workers) get the probe's memory back
     n, ei = cfg['max_iters'], cfg['eval_interval']
     n_evals = n // ei + 1 + (n % ei != 0)  # step 0, every ei, the last
-    # the probe's 2 evaluations, both new bests (the loss falls from step 0), at PROBE_EVAL_ITERS batches a split:
-    # a run's later evaluations that are not bests skip the report splits, so this errs long, never short
-    per_eval = s['eval_s'] / 2 * cfg['eval_iters'] / PROBE_EVAL_ITERS
-    return n * s['median_ms_per_iter'] / 1e3 + n_evals * per_eval
+    # the probe's evaluations at PROBE_EVAL_ITERS batches a split: 2, and with a test split the report splits
+    # once at the end (as many batches as one evaluation)
+    units = 2 + ('test_loss' in s)
+    per_eval = s['eval_s'] / units * cfg['eval_iters'] / PROBE_EVAL_ITERS
+    return n * s['median_ms_per_iter'] / 1e3 + (n_evals + units - 2) * per_eval
 
 
 class _SweepEta:

@@ -71,10 +71,13 @@ def test_resume_keeps_the_first_log_row_after_it(full, tmp_path, capsys):
 def test_a_kill_right_after_a_checkpoint_loses_no_eval_row(full, tmp_path):
     part = tmp_path / 'part'
     killed(part, 'after_ckpt:iter=4')
-    resume(part)
+    s = resume(part)
     got, want = rows(part), rows(full[0])
     assert [r for r in got if r['kind'] == 'eval'] == [r for r in want if r['kind'] == 'eval']
     assert got == want
+    # the report splits, measured once on the chosen checkpoint after the resumed segment: the same numbers
+    keys = ('best_iter', 'best_val_loss', 'train_loss_at_best', 'test_loss', 'heldout_loss')
+    assert {k: s[k] for k in keys} == {k: full[1][k] for k in keys}
 
 
 def test_a_kill_right_before_a_checkpoint_repeats_no_row(full, tmp_path):

@@ -69,9 +69,8 @@ def test_a_resumed_sweep_estimates_from_the_records_of_this_device(tmp_path):
 
 
 def test_the_probe_estimates_a_run_with_heavy_evaluations(prepared, tmp_path):
-    # evaluation takes most of this run (9 evals of 2 x 8 batches, and at each new best 2 x 8 more of the report
-    # splits and the checkpoints, against 40 small steps): the estimate must count all of it (without the report
-    # splits it read 0.5x, without evaluation a sixth)
+    # evaluation takes most of this run (9 evals of 2 x 8 batches and the checkpoints, then 2 x 8 batches of the
+    # report splits, against 40 small steps): the estimate must count all of it
     import time
     run = {**TINY, 'model_type': 'vanilla', 'max_iters': 40, 'eval_interval': 5, 'eval_iters': 8,
            'log_interval': 10, 'out_dir': str(tmp_path / 'run')}
