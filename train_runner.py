@@ -1333,6 +1333,12 @@ def _print_plan(plan, mine, todo, waiting, planner, shard_n):
         print(f"  left out: {w}")
 
 
+def _longest_first(todo, eta):
+    """todo with the runs estimated longest first (ties and unknowns in plan order): workers taking runs in this
+    order finish close together, where plan order can leave one long run training alone at the end."""
+    return sorted(todo, key=lambda x: -(eta.run(x[0]['name']) or 0.0))
+
+
 def _train_runs(todo, workers, eta, t0, cuda=True):
     """Train the (run, run_cfg) pairs of todo, one after another, or `workers` at a time as processes: one per
     GPU, or on CPU each with its share of the cores; yields ((run, cfg), summary)."""
@@ -1359,6 +1365,7 @@ def _train_runs(todo, workers, eta, t0, cuda=True):
     # the same as one after another (timings aside: on CPU each run has fewer threads and shares the memory bus)
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
+    todo = _longest_first(todo, eta)
     ctx = mp.get_context('spawn')
     slots = ctx.Queue()
     for g in range(workers):

@@ -39,6 +39,15 @@ def test_the_sweep_estimates_each_run_from_its_own_models_speed():
     assert train_runner._SweepEta().left(['vanilla']) is None  # nothing known: no number
 
 
+def test_parallel_runs_start_longest_first():
+    eta = train_runner._SweepEta()
+    eta.probe.update(vanilla=10.0, delta=30.0, nsa=20.0)
+    todo = [({'name': m, 'seed': s}, {}) for m in ('vanilla', 'delta', 'nsa', 'other') for s in (1, 2)]
+    order = [(r['name'], r['seed']) for r, _ in train_runner._longest_first(todo, eta)]
+    assert order == [('delta', 1), ('delta', 2), ('nsa', 1), ('nsa', 2), ('vanilla', 1), ('vanilla', 2),
+                     ('other', 1), ('other', 2)]  # 'other': no probe, the mean of nothing measured: last
+
+
 def test_a_resumed_sweep_estimates_from_the_records_of_this_device(tmp_path):
     """Finished runs of an earlier sweep on the same device are the estimate before any probe: runs trained in
     one piece only (a resumed run's segments each paid their own start-up), each record counted once however
