@@ -412,9 +412,10 @@ def train(config_file=None, overrides=None):
         split: the test loss and the whole last 10%'s (nanoGPT's val set). Measured once, after training, on
         ckpt_best.pt's weights (val alone chose it; a resumed run's best may be from an earlier segment): the
         same numbers as measuring at each new best, without the evaluations of the bests that were overtaken."""
-        best = torch.load(ckpt_best, map_location=device, weights_only=False)
-        assert best['best_iter'] == best_iter, (best['best_iter'], best_iter)
-        raw_model.load_state_dict(best['model'])  # training is over: the weights are not stepped again
+        if best_iter != iter_num:  # else the weights in memory are the best ones: nothing stepped them since
+            best = torch.load(ckpt_best, map_location='cpu', weights_only=False)  # its optimizer state stays off the GPU
+            assert best['best_iter'] == best_iter, (best['best_iter'], best_iter)
+            raw_model.load_state_dict(best['model'])  # training is over: the weights are not stepped again
         raw_model.eval()
         out = task.evaluate(raw_model, autocast, f"test at iter {best_iter}", splits=task.report_splits)
         return {'test_loss': out['test'], 'heldout_loss': out['heldout']}
@@ -1425,9 +1426,9 @@ def _probe(run_cfg):
     n_evals = n // ei + 1 + (n % ei != 0)  # step 0, every ei, the last
     # the probe's evaluations at PROBE_EVAL_ITERS batches a split: 2, and with a test split the report splits
     # once at the end (as many batches as one evaluation)
-    units = 2 + ('test_loss' in s)
-    per_eval = s['eval_s'] / units * cfg['eval_iters'] / PROBE_EVAL_ITERS
-    return n * s['median_ms_per_iter'] / 1e3 + (n_evals + units - 2) * per_eval
+    report = int('test_loss' in s)
+    per_eval = s['eval_s'] / (2 + report) * cfg['eval_iters'] / PROBE_EVAL_ITERS
+    return n * s['median_ms_per_iter'] / 1e3 + (n_evals + report) * per_eval
 
 
 class _SweepEta:
